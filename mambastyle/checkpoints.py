@@ -1,0 +1,197 @@
+"""Safe reading and writing of generator checkpoints.
+
+Generators load from rosinality-format files: a dict holding ``g_ema`` (the state dict)
+and optionally ``latent_avg``, as written by that code's ``train.py`` and
+``convert_weight.py`` (the published FFHQ checkpoints). pSp/e4e-style files (a
+``state_dict`` with ``decoder.``-prefixed keys) and bare state dicts are accepted too.
+Files written here add a ``config`` entry (plain types) so the architecture never has
+to be guessed.
+
+Everything goes through ``torch.load(..., weights_only=True)``: tensors, plain
+containers and numbers only. The single extra allowed type is ``argparse.Namespace``,
+which rosinality's training script stores as ``args`` and which carries attributes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.models.stylegan2 import (
+    Generator,
+    GeneratorConfig,
+    check_state_dict,
+    infer_generator_config,
+)
+
+PathOrFile = str | os.PathLike | BinaryIO
+
+
+def _name(src: PathOrFile) -> str:
+    return str(src) if isinstance(src, str | os.PathLike) else getattr(src, "name", "<stream>")
+
+
+def read_checkpoint(src: PathOrFile) -> Any:
+    """Loads a checkpoint with ``weights_only=True`` and turns every failure into a clear error.
+
+    Raises:
+        CheckpointError: missing file, not a checkpoint, or a pickle that references code.
+    """
+    name = _name(src)
+    if isinstance(src, str | os.PathLike):
+        path = Path(src)
+        if not path.is_file():
+            raise CheckpointError(f"{name}: no such checkpoint file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{name}: file is empty")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if found or "Unsupported global" in str(exc):
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{name}: refused to load: the file references Python code{what}, not just tensors "
+                "and plain containers, and could execute it when unpickled. Re-save it as a plain "
+                "state dict."
+            ) from None
+        operand = re.search(r"Unsupported operand \d+", str(exc))
+        reason = operand.group(0) if operand else "unreadable pickle"
+        raise CheckpointError(f"{name}: not a PyTorch checkpoint ({reason})") from None
+    except Exception as exc:  # any other parse failure means the bytes are not a checkpoint
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{name}: not a PyTorch checkpoint ({first})") from None
+
+
+def _generator_state_dict(ckpt: Any, name: str) -> dict[str, torch.Tensor]:
+    """Finds the generator's state dict inside the known checkpoint layouts."""
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{name}: expected a dict with a 'g_ema' entry, got {type(ckpt).__name__}")
+    if "g_ema" in ckpt:
+        sd = ckpt["g_ema"]
+    elif "state_dict" in ckpt and any(str(k).startswith("decoder.") for k in ckpt["state_dict"]):
+        sd = {k[len("decoder.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    elif "input.input" in ckpt:
+        sd = ckpt
+    else:
+        keys = ", ".join(map(str, list(ckpt)[:8])) or "none"
+        raise CheckpointError(
+            f"{name}: no generator found: expected a 'g_ema' entry (top-level keys: {keys})"
+        )
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{name}: the generator entry is not a state dict of tensors")
+    return dict(sd)
+
+
+def _latent_avg(value: Any, style_dim: int, name: str) -> torch.Tensor:
+    """Accepts a (D,) or (1, D) tensor; anything else is an error."""
+    if not isinstance(value, torch.Tensor) or value.numel() != style_dim:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise CheckpointError(f"{name}: latent_avg must be a ({style_dim},) tensor, got {shape}")
+    value = value.reshape(style_dim).float()
+    if not torch.isfinite(value).all():
+        raise CheckpointError(f"{name}: latent_avg contains non-finite values")
+    return value
+
+
+def load_generator(
+    src: PathOrFile,
+    *,
+    resolution: int | None = None,
+    latent_avg_samples: int = 10_000,
+    device: str | torch.device = "cpu",
+) -> Generator:
+    """Builds a generator from a checkpoint file.
+
+    Args:
+        src: path or binary file object of a rosinality-format (or our own) checkpoint.
+        resolution: when given, the checkpoint must be a generator of this resolution.
+        latent_avg_samples: size of the fixed-seed sample used to compute ``latent_avg``
+            when the checkpoint has none.
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: unreadable/unsafe file, no generator inside, architecture or key
+            mismatch, or a resolution other than the one asked for.
+    """
+    name = _name(src)
+    ckpt = read_checkpoint(src)
+    sd = _generator_state_dict(ckpt, name)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    stored = ckpt.get("config") if isinstance(ckpt, Mapping) else None
+    try:
+        if isinstance(stored, Mapping):
+            stored = dict(stored)
+            stored["blur_kernel"] = tuple(stored.get("blur_kernel", (1, 3, 3, 1)))
+            config = GeneratorConfig(**stored)
+        else:
+            config = infer_generator_config(sd)
+    except (TypeError, InvalidConfig) as exc:
+        raise CheckpointError(f"{name}: invalid generator config: {exc}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: {exc}") from None
+    if resolution is not None and resolution != config.resolution:
+        raise CheckpointError(
+            f"{name}: checkpoint is a {config.resolution}-px generator ({config.n_styles} styles), "
+            f"but {resolution} px was asked for"
+        )
+    model = Generator(config)
+    try:
+        check_state_dict(model, sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{name}: does not match a {config.resolution}-px generator: {exc}") from None
+    model.load_state_dict(sd, strict=True)
+    model.to(device).eval().requires_grad_(False)
+    if isinstance(ckpt, Mapping) and ckpt.get("latent_avg") is not None:
+        model.latent_avg.copy_(_latent_avg(ckpt["latent_avg"], config.style_dim, name))
+        model.latent_avg_source = "checkpoint"
+    else:
+        model.compute_latent_avg(latent_avg_samples)
+        model.latent_avg_source = f"computed({latent_avg_samples})"
+    return model
+
+
+def save_generator(model: Generator, dst: str | os.PathLike | BinaryIO) -> None:
+    """Writes ``{'g_ema', 'latent_avg', 'config'}``: readable by rosinality-format loaders too.
+
+    Paths are written atomically (temporary file, then rename).
+    """
+    payload = {
+        "g_ema": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": model.config.to_dict(),
+    }
+    if not torch.isnan(model.latent_avg).any():
+        payload["latent_avg"] = model.latent_avg.detach().cpu().clone()
+    if not isinstance(dst, str | os.PathLike):
+        torch.save(payload, dst)
+        return
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(src: str | os.PathLike | bytes) -> str:
+    """Hex sha256 of a file (or of bytes): the identity of a checkpoint in metadata."""
+    h = hashlib.sha256()
+    if isinstance(src, bytes):
+        h.update(src)
+        return h.hexdigest()
+    with open(src, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,187 @@
+"""The ``mambastyle`` console script: noun-verb subcommands over the library's functions.
+
+Results go to stdout, logs and errors to stderr; a failure exits non-zero with a
+one-line message (no traceback) for expected errors such as a bad params file or an
+unreadable checkpoint. Settings a flag leaves unset come from ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from mambastyle import __version__
+from mambastyle.errors import CheckpointError, InvalidConfig
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """An expected failure with a message for the user."""
+
+
+def _load(params_path: str):
+    from mambastyle.config import load_params
+
+    return load_params(params_path)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mambastyle.config import to_dict
+
+    data = to_dict(_load(args.params))
+    if args.format == "json":
+        print(json.dumps(data, indent=2))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False), end="")
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    _load(args.params)
+    print(f"{args.params}: OK")
+    return 0
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def _generator_from_args(args: argparse.Namespace):
+    """The generator named by --checkpoint, or the one params.yaml configures."""
+    from dataclasses import replace
+
+    from mambastyle.checkpoints import load_generator
+    from mambastyle.generate import resolve_generator
+
+    gp = _load(args.params).generator
+    if args.checkpoint is not None:
+        # An explicit checkpoint decides its own resolution unless --resolution asks for one.
+        return load_generator(
+            args.checkpoint,
+            resolution=args.resolution,
+            latent_avg_samples=gp.latent_avg_samples,
+            device=args.device,
+        )
+    arch = gp.architecture
+    if args.resolution is not None:
+        arch = replace(arch, resolution=args.resolution)
+    return resolve_generator(gp.checkpoint, arch, gp.init_seed, gp.latent_avg_samples, device=args.device)
+
+
+def cmd_generator_info(args: argparse.Namespace) -> int:
+    g = _generator_from_args(args)
+    cfg = g.config
+    info = {
+        "config": cfg.to_dict(),
+        "n_styles": cfg.n_styles,
+        "parameters": {
+            "mapping": sum(p.numel() for p in g.style.parameters()),
+            "total": sum(p.numel() for p in g.parameters()),
+        },
+        "channels": {str(2**i): cfg.channels(2**i) for i in range(2, cfg.log_size + 1)},
+        "latent_avg": getattr(g, "latent_avg_source", "unknown"),
+    }
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"resolution      {cfg.resolution} px ({cfg.n_styles} styles of {cfg.style_dim})")
+        print(f"mapping         {cfg.n_mlp} layers, {info['parameters']['mapping']:,} parameters")
+        print(f"parameters      {info['parameters']['total']:,}")
+        print("channels        " + " ".join(f"{r}:{c}" for r, c in info["channels"].items()))
+        print(f"latent_avg      {info['latent_avg']}")
+    return 0
+
+
+def cmd_generator_sample(args: argparse.Namespace) -> int:
+    from mambastyle.generate import render_samples, sample_grid
+    from mambastyle.visual import save_png
+
+    sp = _load(args.params).generator.sample
+    g = _generator_from_args(args)
+    seed = sp.seed if args.seed is None else args.seed
+    num = sp.num if args.num is None else args.num
+    psi = sp.truncation if args.truncation is None else args.truncation
+    noise_mode = sp.noise_mode if args.noise_mode is None else args.noise_mode
+    if num < 1:
+        raise CliError(f"--num must be >= 1, got {num}")
+    images = render_samples(g, seed=seed, num=num, truncation=psi, noise_mode=noise_mode)
+    path = save_png(sample_grid(images), args.out)
+    print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mambastyle",
+        description="Dataset-scale StyleGAN2 inversion (MambaStyle encoder) and bulk latent editing.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+
+    config = nouns.add_parser("config", help="inspect and validate params.yaml")
+    verbs = config.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("show", help="print the validated parameters")
+    _add_params(p)
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=cmd_config_show)
+    p = verbs.add_parser("validate", help="check params.yaml; the error names the offending key")
+    _add_params(p)
+    p.set_defaults(func=cmd_config_validate)
+
+    gen = nouns.add_parser("generator", help="the StyleGAN2 generator")
+    verbs = gen.add_subparsers(dest="verb", metavar="VERB", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_params(common)
+    common.add_argument(
+        "--checkpoint",
+        help="rosinality-format .pt (default: generator.checkpoint from params, or random init)",
+    )
+    common.add_argument("--resolution", type=int, help="require this resolution (default: from params)")
+    common.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+    p = verbs.add_parser("info", parents=[common], help="architecture, parameter counts, latent_avg source")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_generator_info)
+
+    p = verbs.add_parser("sample", parents=[common], help="render a grid of samples to a PNG")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--seed", type=int, help="z seed (default: generator.sample.seed)")
+    p.add_argument("--num", type=int, help="number of samples (default: generator.sample.num)")
+    p.add_argument("--truncation", type=float, help="psi in [0, 1] (default: generator.sample.truncation)")
+    p.add_argument(
+        "--noise-mode", choices=["const", "random", "none"], help="default: generator.sample.noise_mode"
+    )
+    p.set_defaults(func=cmd_generator_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except InvalidConfig as exc:  # includes ConfigError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, CliError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Typed, validated view of ``params.yaml``.
+
+Config flows one way: ``params.yaml`` -> these frozen dataclasses -> plain function
+arguments. Every key must be present (no hidden defaults: what a stage uses is written
+in the file, so ``dvc exp run -S key=value`` can change it), unknown keys are errors,
+and every error names the offending key, e.g.
+``params.yaml: generator.architecture.resolution: must be a power of two ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mambastyle.errors import InvalidConfig
+from mambastyle.models.stylegan2 import GeneratorConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(InvalidConfig):
+    """``params.yaml`` is malformed; ``key`` is the dotted path of the offending entry."""
+
+    def __init__(self, key: str, message: str, source: str = "params.yaml"):
+        self.source = source
+        super().__init__(key, message)
+        self.args = (f"{source}: {key}: {message}" if key else f"{source}: {message}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """Where stage data lives. ``root`` is a local directory or ``s3://bucket/prefix``.
+
+    Credentials never appear here: they come from the standard AWS chain.
+    """
+
+    root: str
+    endpoint_url: str | None
+    region: str | None
+    profile: str | None
+
+
+@dataclass(frozen=True)
+class RayParams:
+    """``address: null`` starts a local Ray instance; ``auto`` or ``ray://...`` joins a cluster."""
+
+    address: str | None
+    num_cpus: int | None
+    num_gpus: int | None
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """A grid of generator samples (the generator stage's picture)."""
+
+    seed: int
+    num: int
+    truncation: float
+    noise_mode: Literal["const", "random", "none"]
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num <= 256:
+            raise InvalidConfig("num", f"must be between 1 and 256, got {self.num}")
+
+
+@dataclass(frozen=True)
+class GeneratorParams:
+    """The StyleGAN2 generator: a rosinality-format checkpoint, or random init when null.
+
+    With a checkpoint, ``architecture.resolution`` must match it and the other
+    architecture fields are read from the file.
+    """
+
+    checkpoint: str | None
+    architecture: GeneratorConfig
+    init_seed: int
+    latent_avg_samples: int
+    sample: SampleParams
+
+    def __post_init__(self) -> None:
+        if self.latent_avg_samples < 1:
+            raise InvalidConfig("latent_avg_samples", f"must be >= 1, got {self.latent_avg_samples}")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    train: float
+    val: float
+    test: float
+
+    def __post_init__(self) -> None:
+        parts = (self.train, self.val, self.test)
+        if min(parts) < 0 or abs(sum(parts) - 1.0) > 1e-6:
+            raise InvalidConfig("", f"fractions must be >= 0 and sum to 1, got {parts}")
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    """Face alignment into WebDataset shards."""
+
+    source: str
+    output_size: int
+    multi_face: Literal["largest", "each", "reject"]
+    min_face_size: int
+    shard_max_samples: int
+    split: SplitParams
+
+    def __post_init__(self) -> None:
+        if self.output_size < 8 or self.output_size & (self.output_size - 1):
+            raise InvalidConfig("output_size", f"must be a power of two >= 8, got {self.output_size}")
+        if self.shard_max_samples < 1:
+            raise InvalidConfig("shard_max_samples", f"must be >= 1, got {self.shard_max_samples}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Encoder training (Ray Train)."""
+
+    encoder: str
+    steps: int
+    batch_size: int
+    lr: float
+    num_workers: int
+    use_gpu: bool
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise InvalidConfig(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise InvalidConfig("lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class InvertParams:
+    """Bulk inversion into a Parquet latent table (Ray Data)."""
+
+    batch_size: int
+    num_actors: int
+    use_gpu: bool
+    row_group_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_actors", "row_group_size"):
+            if getattr(self, name) < 1:
+                raise InvalidConfig(name, f"must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Bulk edits of selected rows of a latent table."""
+
+    where: str
+    strengths: tuple[float, ...]
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidConfig("batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``: one section per stage plus ``storage`` and ``ray``."""
+
+    storage: StorageParams
+    ray: RayParams
+    generator: GeneratorParams
+    prepare: PrepareParams
+    train: TrainParams
+    invert: InvertParams
+    edit: EditParams
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and converts lists/ints where lossless."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise InvalidConfig(key, "must not be null")
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except InvalidConfig as exc:
+                errors.append(exc.message)
+        raise InvalidConfig(key, " or ".join(dict.fromkeys(errors)))
+    if value is None:
+        raise InvalidConfig(key, f"must not be null (expected {_type_name(tp)})")
+    if origin is Literal:
+        if value not in args:
+            raise InvalidConfig(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise InvalidConfig(key, f"must be a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InvalidConfig(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidConfig(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidConfig(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise InvalidConfig(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type[T], data: Any, key: str) -> T:
+    """Builds dataclass ``cls`` from a mapping, requiring every field and no others."""
+    if not isinstance(data, Mapping):
+        raise InvalidConfig(key, f"must be a mapping, got {type(data).__name__} {data!r}")
+    prefix = f"{key}." if key else ""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected: {', '.join(names)})"
+            raise InvalidConfig(f"{prefix}{k}", f"unknown key{hint}")
+    for n in names:
+        if n not in data:
+            raise InvalidConfig(f"{prefix}{n}", "missing (every parameter must be set in the file)")
+    hints = get_type_hints(cls)
+    kwargs = {n: _coerce(hints[n], data[n], f"{prefix}{n}") for n in names}
+    try:
+        return cls(**kwargs)
+    except InvalidConfig as exc:
+        # An empty key means the error is about the object as a whole.
+        raise InvalidConfig(f"{prefix}{exc.key}" if exc.key else key, exc.message) from None
+
+
+def parse_params(data: Any, source: str = "params.yaml") -> Params:
+    """Validates an already-parsed params mapping."""
+    try:
+        return _build(Params, data, "")
+    except InvalidConfig as exc:
+        raise ConfigError(exc.key, exc.message, source) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Reads and validates a params file.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or a key is missing,
+            unknown, of the wrong type or out of range (the message names it).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read: {exc.strerror or exc}", str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"not valid YAML: {exc}", str(path)) from None
+    return parse_params(data, str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-Python (JSON/YAML-ready) form of a params object."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
