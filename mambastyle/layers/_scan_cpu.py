@@ -1,0 +1,115 @@
+"""Compiled CPU kernels for the selective scan (numba; compiled on first call, cached on disk).
+
+Only :mod:`mambastyle.layers.selective_scan` imports this module, and only when the
+``cpu`` backend first runs, so ``import mambastyle`` never pays for numba.
+
+Recurrence per batch b, channel d (group g = d // (D / G)) and state n:
+
+    a_t = exp(delta_t * A[d, n])                       (0 < a_t <= 1 for A <= 0)
+    h_t = a_t * h_{t-1} + delta_t * u_t * B[b, g, t, n]
+    y_t = sum_n C[b, g, t, n] * h_t
+
+The forward pass keeps only the state at the start of every chunk of ``T`` steps
+(``ckpt``); the backward pass recomputes each chunk's states from it, then runs the
+adjoint recurrence in reverse: dh_{t-1} = a_t * (dh_t + C_t * dy_t). Nothing of size
+(L, N) per channel is ever stored, so memory stays O(B * D * (L / T + 1) * N).
+B and C come in time-major layout (Bt, G, L, N) so the inner loop over n is contiguous.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def scan_fwd(u, delta, A, Bm, Cm, T, y, ckpt, last):  # pragma: no cover - compiled
+    """u, delta: (Bt, D, L); A: (D, N); Bm, Cm: (Bt, G, L, N) -> y (Bt, D, L),
+    ckpt (Bt, D, ceil(L / T), N) states entering each chunk, last (Bt, D, N)."""
+    n_batch, n_chan, length = u.shape
+    n_groups = Bm.shape[1]
+    n_state = A.shape[1]
+    per_group = n_chan // n_groups
+    for idx in nb.prange(n_batch * n_chan):
+        b = idx // n_chan
+        d = idx - b * n_chan
+        g = d // per_group
+        h = np.zeros(n_state, dtype=np.float32)
+        for t in range(length):
+            if t % T == 0:
+                ckpt[b, d, t // T, :] = h
+            dt = delta[b, d, t]
+            x = dt * u[b, d, t]
+            acc = np.float32(0.0)
+            for n in range(n_state):
+                hn = np.exp(dt * A[d, n]) * h[n] + x * Bm[b, g, t, n]
+                h[n] = hn
+                acc += Cm[b, g, t, n] * hn
+            y[b, d, t] = acc
+        last[b, d, :] = h
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def scan_bwd(dy, dlast, u, delta, A, Bm, Cm, ckpt, T, parts, du, ddelta, dA, dB, dC):  # pragma: no cover
+    """Gradients of :func:`scan_fwd`.
+
+    Work is split into tasks (b, g, part): each owns a slice of the group's channels and
+    accumulates dB/dC into its own (L, N) slab ``dB[b, g, part]``, so no two threads
+    write the same memory. The caller sums the slabs over ``part`` and dA over ``b``.
+    """
+    n_batch, n_chan, length = u.shape
+    n_groups = Bm.shape[1]
+    n_state = A.shape[1]
+    per_group = n_chan // n_groups
+    per_part = (per_group + parts - 1) // parts
+    n_chunks = ckpt.shape[2]
+    for task in nb.prange(n_batch * n_groups * parts):
+        b = task // (n_groups * parts)
+        rem = task - b * n_groups * parts
+        g = rem // parts
+        p = rem - g * parts
+        hs = np.empty((T + 1, n_state), dtype=np.float32)  # states within the chunk
+        aa = np.empty((T, n_state), dtype=np.float32)  # decays within the chunk
+        dh = np.empty(n_state, dtype=np.float32)
+        dA_acc = np.empty(n_state, dtype=np.float64)
+        d_start = g * per_group + p * per_part
+        d_stop = min(d_start + per_part, (g + 1) * per_group)
+        for d in range(d_start, d_stop):
+            for n in range(n_state):
+                dh[n] = dlast[b, d, n]
+                dA_acc[n] = 0.0
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * T
+                steps = min(T, length - t0)
+                for n in range(n_state):
+                    hs[0, n] = ckpt[b, d, c, n]
+                for i in range(steps):  # recompute the chunk's states
+                    t = t0 + i
+                    dt = delta[b, d, t]
+                    x = dt * u[b, d, t]
+                    for n in range(n_state):
+                        a = np.exp(dt * A[d, n])
+                        aa[i, n] = a
+                        hs[i + 1, n] = a * hs[i, n] + x * Bm[b, g, t, n]
+                for i in range(steps - 1, -1, -1):  # adjoint recurrence
+                    t = t0 + i
+                    dt = delta[b, d, t]
+                    ut = u[b, d, t]
+                    gy = dy[b, d, t]
+                    dd = np.float32(0.0)
+                    dx = np.float32(0.0)
+                    for n in range(n_state):
+                        dhn = dh[n] + Cm[b, g, t, n] * gy  # dL/dh_t
+                        dC[b, g, p, t, n] += gy * hs[i + 1, n]
+                        a = aa[i, n]
+                        hp = hs[i, n]
+                        bn = Bm[b, g, t, n]
+                        dd += dhn * (A[d, n] * a * hp + ut * bn)
+                        dA_acc[n] += dhn * dt * a * hp
+                        dB[b, g, p, t, n] += dhn * dt * ut
+                        dx += dhn * bn
+                        dh[n] = dhn * a  # dL/dh_{t-1} (before adding its own output term)
+                    du[b, d, t] = dx * dt
+                    ddelta[b, d, t] = dd
+            for n in range(n_state):
+                dA[b, d, n] = dA_acc[n]
