@@ -1,0 +1,111 @@
+"""Encoder registry: shapes, parameter counts, gradients, latent_avg offset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambastyle.errors import InvalidConfig
+from mambastyle.models.encoders import (
+    ENCODERS,
+    build_encoder,
+    encoder_config,
+    n_styles_for,
+    style_split,
+)
+
+TINY = ["mambastyle_tiny", "psp_tiny"]
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_published_sizes():
+    with torch.device("meta"):
+        mamba = build_encoder("mambastyle", 1024)
+        psp = build_encoder("psp", 1024)
+    assert mamba.n_styles == psp.n_styles == 18
+    assert 50e6 <= n_params(mamba) <= 60e6, n_params(mamba)
+    assert abs(n_params(psp) - 267.1e6) < 0.5e6, n_params(psp)
+    assert n_params(mamba) <= 0.25 * n_params(psp)
+
+
+def test_style_split_and_counts():
+    assert [n_styles_for(r) for r in (1024, 512, 256, 64, 8)] == [18, 16, 14, 10, 4]
+    assert style_split(18) == (4, 5, 9)
+    assert style_split(14) == (4, 5, 5)
+    assert style_split(8) == (4, 4, 0)
+    assert style_split(3) == (3, 0, 0)
+    assert all(sum(style_split(n)) == n for n in range(1, 30))
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("resolution", [8, 16, 32, 64, 128, 256, 512, 1024])
+def test_output_shapes_for_every_resolution(name, resolution):
+    enc = build_encoder(name, resolution, seed=0, input_size=64).eval()
+    with torch.no_grad():
+        w = enc(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert w.shape == (2, n_styles_for(resolution), 512)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_features_for_feature_space_refinement(name):
+    enc = build_encoder(name, 64, seed=0, input_size=64)
+    w, feats = enc(torch.randn(1, 3, 64, 64), return_features=True)
+    assert w.shape == (1, 10, 512)
+    assert feats.shape == (1, enc.config.fpn_dim, 16, 16)
+
+
+def _grad_coverage(enc, size):
+    enc.train()
+    w, feats = enc(torch.randn(2, 3, size, size), return_features=True)
+    ((w * torch.randn_like(w)).sum() + (feats * torch.randn_like(feats)).sum()).backward()
+    return [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+@pytest.mark.parametrize("name", [n for n in ENCODERS if n not in ("mambastyle", "psp")])
+def test_every_parameter_receives_a_gradient(name):
+    assert not _grad_coverage(build_encoder(name, 256, seed=1, input_size=64), 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mambastyle", "psp"])
+def test_every_parameter_of_full_size_encoders_receives_a_gradient(name):
+    # Full width, smaller input to keep it to seconds; the architecture is the same.
+    assert not _grad_coverage(build_encoder(name, 1024, seed=1, input_size=64), 64)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_codes_are_offsets_from_latent_avg(name):
+    enc = build_encoder(name, 32, seed=0, input_size=64).eval()
+    avg = torch.randn(512)
+    enc.set_latent_avg(avg)
+    for p in enc.parameters():  # a zero network predicts zero offsets
+        p.data.zero_()
+    with torch.no_grad():
+        w = enc(torch.randn(3, 3, 64, 64))
+    torch.testing.assert_close(w, avg.expand(3, enc.n_styles, 512))
+
+
+def test_seeded_builds_are_identical():
+    a = build_encoder("mambastyle_tiny", 64, seed=3, input_size=64).eval()
+    b = build_encoder("mambastyle_tiny", 64, seed=3, input_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_errors():
+    enc = build_encoder("mambastyle_tiny", 64, input_size=64)
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        enc(torch.randn(1, 3, 32, 32))
+    with pytest.raises(KeyError, match="unknown encoder 'nope'"):
+        build_encoder("nope")
+    with pytest.raises(InvalidConfig, match="input_size"):
+        encoder_config("mambastyle_tiny", 64, input_size=100)
+    with pytest.raises(InvalidConfig, match="bogus"):
+        encoder_config("mambastyle_tiny", 64, bogus=1)
+    with pytest.raises(InvalidConfig, match="resolution"):
+        n_styles_for(100)

@@ -1,0 +1,87 @@
+"""Cross-scan/merge, SS2D and the VSS block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambastyle.layers.selective_scan import available_backends
+from mambastyle.layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan
+
+
+def test_cross_scan_orders_of_a_known_tensor():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    xs = cross_scan(x)
+    assert xs.shape == (2, 4, 3, 20)
+    assert torch.equal(xs[0, 0, 0], torch.arange(20.0))  # row-major
+    # column-major: (h=0,w=0), (1,0), (2,0), (3,0), (0,1), ...
+    assert xs[0, 1, 0, :5].tolist() == [0.0, 5.0, 10.0, 15.0, 1.0]
+    assert torch.equal(xs[:, 2], xs[:, 0].flip(-1))
+    assert torch.equal(xs[:, 3], xs[:, 1].flip(-1))
+
+
+def test_cross_merge_of_cross_scan_sums_four_copies():
+    x = torch.randn(2, 3, 4, 5)
+    merged = cross_merge(cross_scan(x), 4, 5)
+    torch.testing.assert_close(merged, 4 * x.flatten(2))
+
+
+def test_cross_merge_places_each_direction_back_on_the_grid():
+    h, w = 3, 4
+    ys = torch.zeros(1, 4, 1, h * w)
+    ys[0, 1, 0, 1] = 1.0  # column-major position 1 = (row 1, col 0) = row-major index 4
+    ys[0, 2, 0, 0] = 10.0  # reversed row-major position 0 = last token
+    ys[0, 3, 0, 0] = 100.0  # reversed column-major position 0 = (row 2, col 3) = last token
+    merged = cross_merge(ys, h, w)[0, 0]
+    expected = torch.zeros(h * w)
+    expected[4] = 1.0
+    expected[-1] = 110.0
+    assert torch.equal(merged, expected)
+
+
+def test_cross_merge_is_the_adjoint_of_cross_scan():
+    x, y = torch.randn(2, 3, 5, 6), torch.randn(2, 4, 3, 30)
+    lhs = (cross_scan(x) * y).sum()
+    rhs = (x.flatten(2) * cross_merge(y, 5, 6)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-4)
+
+
+def test_ss2d_initialisation():
+    m = SS2D(32, d_state=8, expand=2.0, dt_min=1e-3, dt_max=0.1)
+    assert m.dt_rank == math.ceil(32 / 16)
+    assert torch.allclose(m.A_logs.exp()[0], torch.arange(1, 9.0))
+    assert torch.all(m.Ds == 1)
+    dt = F.softplus(m.dt_projs_bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
+def test_ss2d_backends_agree_forward_and_backward():
+    m = SS2D(16, d_state=4, expand=2.0)
+    x = torch.randn(2, 5, 7, 16, requires_grad=True)
+    out = {}
+    for backend in ("ref", "cpu"):
+        m.scan_backend = backend
+        m.zero_grad()
+        x.grad = None
+        y = m(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        out[backend] = (y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    torch.testing.assert_close(out["cpu"][0], out["ref"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["cpu"][1], out["ref"][1], rtol=1e-4, atol=1e-5)
+    for name, g in out["ref"][2].items():
+        torch.testing.assert_close(out["cpu"][2][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_vss_block_shapes_and_gradients():
+    block = VSSBlock(16, d_state=4)
+    x = torch.randn(2, 6, 6, 16, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    (y * torch.randn_like(y)).sum().backward()
+    missing = [n for n, p in block.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert x.grad.abs().sum() > 0
