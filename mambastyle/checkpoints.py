@@ -1,4 +1,4 @@
-"""Safe reading and writing of generator checkpoints.
+"""Safe reading and writing of generator and encoder checkpoints.
 
 Generators load from rosinality-format files: a dict holding ``g_ema`` (the state dict)
 and optionally ``latent_avg``, as written by that code's ``train.py`` and
@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.models.encoders import Encoder, EncoderConfig, build_encoder_from_config
 from mambastyle.models.stylegan2 import (
     Generator,
     GeneratorConfig,
@@ -172,6 +173,11 @@ def save_generator(model: Generator, dst: str | os.PathLike | BinaryIO) -> None:
     }
     if not torch.isnan(model.latent_avg).any():
         payload["latent_avg"] = model.latent_avg.detach().cpu().clone()
+    _atomic_save(payload, dst)
+
+
+def _atomic_save(payload: Any, dst: str | os.PathLike | BinaryIO) -> None:
+    """torch.save to a file object, or to a path via a temporary file and a rename."""
     if not isinstance(dst, str | os.PathLike):
         torch.save(payload, dst)
         return
@@ -195,3 +201,103 @@ def file_sha256(src: str | os.PathLike | bytes) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- encoders
+
+ENCODER_FORMAT = "mambastyle-encoder"
+ENCODER_FORMAT_VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+
+
+def unwrap_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strips DDP/DataParallel ``module.`` and torch.compile ``_orig_mod.`` prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value
+    return out
+
+
+def encoder_payload(
+    encoder: torch.nn.Module,
+    *,
+    generator: Mapping[str, Any] | None = None,
+    step: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """The dict an encoder checkpoint holds (plain types and tensors only).
+
+    Args:
+        encoder: the encoder, possibly wrapped (DDP, torch.compile): weights are saved unwrapped.
+        generator: identity of the generator it was trained against, e.g.
+            ``{"sha256": ..., "resolution": 1024, "n_styles": 18}``.
+        step: training step.
+        extra: more plain-typed entries (optimizer state, RNG state, params) for resuming.
+    """
+    inner = encoder
+    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):
+        inner = getattr(inner, "module", None) or inner._orig_mod
+    if not isinstance(inner, Encoder):
+        raise TypeError(f"expected an Encoder, got {type(inner).__name__}")
+    payload = {
+        "format": ENCODER_FORMAT,
+        "version": ENCODER_FORMAT_VERSION,
+        "config": inner.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap_state_dict(inner.state_dict()).items()},
+        "generator": dict(generator or {}),
+        "step": int(step),
+    }
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ValueError(f"extra entry {key!r} would overwrite a checkpoint field")
+        payload[key] = value
+    return payload
+
+
+def save_encoder(encoder: torch.nn.Module, dst: str | os.PathLike | BinaryIO, **kwargs) -> None:
+    """Writes :func:`encoder_payload` (atomically for paths); see there for the arguments."""
+    _atomic_save(encoder_payload(encoder, **kwargs), dst)
+
+
+def load_encoder(src: PathOrFile, *, scan_backend: str = "auto", device: str | torch.device = "cpu"):
+    """Rebuilds an encoder from its checkpoint alone (architecture from the stored config).
+
+    Returns:
+        (encoder in eval mode, the checkpoint dict without its state dict).
+
+    Raises:
+        CheckpointError: unreadable/unsafe file, not an encoder checkpoint, unknown format
+            version, invalid config, or weights that do not fit the config.
+    """
+    name = _name(src)
+    ckpt = read_checkpoint(src)
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != ENCODER_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{name}: not a mambastyle encoder checkpoint (format: {found!r})")
+    if ckpt.get("version") != ENCODER_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{name}: encoder checkpoint version {ckpt.get('version')!r} is not supported "
+            f"(this mambastyle reads version {ENCODER_FORMAT_VERSION})"
+        )
+    try:
+        config = EncoderConfig.from_dict(dict(ckpt["config"]))
+    except (KeyError, TypeError, InvalidConfig) as exc:
+        raise CheckpointError(f"{name}: invalid encoder config: {exc}") from None
+    encoder = build_encoder_from_config(config, scan_backend=scan_backend)
+    sd = unwrap_state_dict(ckpt.get("state_dict") or {})
+    try:
+        check_state_dict(encoder, sd)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{name}: weights do not match the stored {config.arch} config: {exc}"
+        ) from None
+    encoder.load_state_dict(sd, strict=True)
+    encoder.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return encoder, meta

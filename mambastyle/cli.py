@@ -118,6 +118,71 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- encoder
+
+
+def _encoder_info(name: str, resolution: int) -> dict:
+    import torch
+
+    from mambastyle.layers.selective_scan import available_backends, resolve_backend
+    from mambastyle.models.encoders import ENCODERS, build_encoder
+
+    if name not in ENCODERS:
+        raise CliError(f"unknown encoder {name!r}; registered: {', '.join(sorted(ENCODERS))}")
+    with torch.device("meta"):  # parameter counts without allocating weights
+        enc = build_encoder(name, resolution)
+    groups: dict[str, int] = {}
+    for pname, p in enc.named_parameters():
+        top = pname.split(".")[0]
+        groups[top] = groups.get(top, 0) + p.numel()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = enc.config
+    return {
+        "name": name,
+        "description": ENCODERS[name].description,
+        "arch": cfg.arch,
+        "generator_resolution": resolution,
+        "n_styles": cfg.n_styles,
+        "input_size": cfg.input_size,
+        "parameters": sum(groups.values()),
+        "parameters_by_module": groups,
+        "scan_backend": resolve_backend("auto", device) if cfg.arch == "mambastyle" else None,
+        "scan_backends_available": available_backends(device),
+        "device": device,
+        "config": cfg.to_dict(),
+    }
+
+
+def cmd_encoder_list(args: argparse.Namespace) -> int:
+    from mambastyle.models.encoders import ENCODERS
+
+    rows = [_encoder_info(name, args.resolution) for name in ENCODERS]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':18} {'parameters':>12} {'styles':>6}  description")
+    for r in rows:
+        print(f"{r['name']:18} {r['parameters']:12,} {r['n_styles']:6}  {r['description']}")
+    return 0
+
+
+def cmd_encoder_info(args: argparse.Namespace) -> int:
+    info = _encoder_info(args.name, args.resolution)
+    if args.format == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']}: {info['description']}")
+    print(f"generator       {info['generator_resolution']} px -> {info['n_styles']} styles of 512")
+    print(f"input           (B, 3, {info['input_size']}, {info['input_size']}) in [-1, 1]")
+    print(f"parameters      {info['parameters']:,}")
+    for mod, n in info["parameters_by_module"].items():
+        print(f"  {mod:14}{n:12,}")
+    if info["scan_backend"]:
+        print(f"scan backend    {info['scan_backend']} on {info['device']} "
+              f"(available: {', '.join(info['scan_backends_available'])})")  # fmt: skip
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -167,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-mode", choices=["const", "random", "none"], help="default: generator.sample.noise_mode"
     )
     p.set_defaults(func=cmd_generator_sample)
+
+    enc = nouns.add_parser("encoder", help="image -> W+ encoders")
+    verbs = enc.add_subparsers(dest="verb", metavar="VERB", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--resolution",
+        type=int,
+        default=1024,
+        help="generator resolution, sets n_styles (default: %(default)s)",
+    )
+    common.add_argument("--format", choices=["text", "json"], default="text")
+    p = verbs.add_parser("list", parents=[common], help="registered encoders with parameter counts")
+    p.set_defaults(func=cmd_encoder_list)
+    p = verbs.add_parser("info", parents=[common], help="one encoder: sizes, parameters, scan backend here")
+    p.add_argument("name", help="registered encoder name (see `mambastyle encoder list`)")
+    p.set_defaults(func=cmd_encoder_info)
     return parser
 
 

@@ -223,3 +223,75 @@ def test_file_sha256(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     assert file_sha256(tmp_path / "f") == file_sha256(b"abc")
     assert file_sha256(b"abc").startswith("ba7816bf")
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def _tiny_encoder(seed=0):
+    from mambastyle.models.encoders import build_encoder
+
+    enc = build_encoder("mambastyle_tiny", 64, seed=seed, input_size=64)
+    enc.set_latent_avg(torch.randn(512))
+    return enc
+
+
+def test_encoder_checkpoint_round_trips_from_the_file_alone(tmp_path):
+    from mambastyle.checkpoints import load_encoder, save_encoder
+
+    enc = _tiny_encoder().eval()
+    gen = {"sha256": "ab" * 32, "resolution": 64, "n_styles": 10}
+    save_encoder(enc, tmp_path / "enc.pt", generator=gen, step=12, extra={"rng": torch.get_rng_state()})
+    loaded, meta = load_encoder(tmp_path / "enc.pt")
+    assert meta["generator"] == gen and meta["step"] == 12 and "rng" in meta
+    assert loaded.config == enc.config
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), enc(x))
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for DistributedDataParallel: the model lives in `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_encoder_checkpoint_is_saved_unwrapped(tmp_path):
+    from mambastyle.checkpoints import encoder_payload, load_encoder, save_encoder, unwrap_state_dict
+
+    enc = _tiny_encoder()
+    payload = encoder_payload(_Wrapper(enc))
+    assert not any(k.startswith("module.") for k in payload["state_dict"])
+    assert unwrap_state_dict({"_orig_mod.module.a.weight": 1}) == {"a.weight": 1}
+    # a checkpoint whose keys still carry wrapper prefixes loads too
+    payload["state_dict"] = {f"module.{k}": v for k, v in payload["state_dict"].items()}
+    torch.save(payload, tmp_path / "wrapped.pt")
+    loaded, _ = load_encoder(tmp_path / "wrapped.pt")
+    assert torch.equal(loaded.latent_avg, enc.latent_avg)
+    with pytest.raises(ValueError, match="overwrite"):
+        save_encoder(enc, tmp_path / "x.pt", extra={"config": {}})
+
+
+def test_bad_encoder_checkpoints(tmp_path):
+    from mambastyle.checkpoints import encoder_payload, load_encoder
+
+    rosinality_file(tmp_path / "gen.pt", build_generator(TINY), training_state=False)
+    with pytest.raises(CheckpointError, match="not a mambastyle encoder checkpoint"):
+        load_encoder(tmp_path / "gen.pt")
+    payload = encoder_payload(_tiny_encoder())
+    torch.save({**payload, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(CheckpointError, match="version 99 is not supported"):
+        load_encoder(tmp_path / "v99.pt")
+    torch.save({**payload, "config": {**payload["config"], "fpn_dim": 32}}, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        load_encoder(tmp_path / "mismatch.pt")
+    torch.save({**payload, "config": {**payload["config"], "arch": "resnet"}}, tmp_path / "arch.pt")
+    with pytest.raises(CheckpointError, match="invalid encoder config"):
+        load_encoder(tmp_path / "arch.pt")
+    marker = tmp_path / "pwned"
+    torch.save({**payload, "evil": _Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_encoder(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -129,3 +129,20 @@ def test_config_show_round_trips(params, capsys):
     assert main(["config", "show", "--params", str(params), "--format", "json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["generator"]["architecture"]["resolution"] == 64
+
+
+def test_encoder_list_and_info(capsys):
+    from mambastyle.models.encoders import ENCODERS, build_encoder
+
+    assert main(["encoder", "list", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(ENCODERS)
+    assert main(["encoder", "info", "mambastyle_tiny", "--resolution", "256", "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_styles"] == 14 and info["input_size"] == 256
+    assert info["parameters"] == sum(p.numel() for p in build_encoder("mambastyle_tiny", 256).parameters())
+    assert info["scan_backend"] in info["scan_backends_available"]
+    assert main(["encoder", "info", "mambastyle", "--resolution", "1024"]) == 0
+    assert "parameters      55," in capsys.readouterr().out
+    assert main(["encoder", "info", "nope"]) == 1
+    assert "unknown encoder 'nope'" in capsys.readouterr().err
