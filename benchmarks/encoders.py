@@ -1,0 +1,77 @@
+"""Encoder parameters and CPU latency per 256x256 image: MambaStyle vs the pSp baseline.
+
+Both built for a 1024-px generator (18 styles), random weights, eval mode, same threads,
+measured in the same run at batch 1 and 8. Prints per-image latency, the ratio
+psp / mambastyle (> 1 means MambaStyle is faster) and the parameter ratio. The small and
+tiny variants are listed for reference.
+
+Usage: .venv/bin/python benchmarks/encoders.py [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mambastyle.layers.selective_scan import resolve_backend
+from mambastyle.models.encoders import build_encoder
+
+
+@torch.no_grad()
+def latency(enc, batch: int, repeats: int) -> float:
+    """Median seconds per image."""
+    x = torch.rand(batch, 3, 256, 256) * 2 - 1
+    enc(x)  # warm-up (and kernel compilation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        enc(x)
+        times.append((time.perf_counter() - t0) / batch)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, "
+        f"scan backend {resolve_backend('auto', 'cpu')}"
+    )
+    names = ["mambastyle", "psp", "mambastyle_small", "mambastyle_tiny"]
+    results: dict[str, dict] = {}
+    for name in names:
+        enc = build_encoder(name, 1024, seed=0).eval()
+        params = sum(p.numel() for p in enc.parameters())
+        results[name] = {"parameters": params}
+        for batch in (1, 8):
+            results[name][f"ms_per_image_b{batch}"] = latency(enc, batch, args.repeats) * 1e3
+        del enc
+        r = results[name]
+        print(
+            f"{name:18} {params / 1e6:8.2f}M params   b1 {r['ms_per_image_b1']:8.1f} ms/img   b8 {r['ms_per_image_b8']:8.1f} ms/img"
+        )
+    m, p = results["mambastyle"], results["psp"]
+    summary = {
+        "speedup_b1": p["ms_per_image_b1"] / m["ms_per_image_b1"],
+        "speedup_b8": p["ms_per_image_b8"] / m["ms_per_image_b8"],
+        "param_ratio": m["parameters"] / p["parameters"],
+    }
+    print(
+        f"\nmambastyle vs psp: {summary['speedup_b1']:.2f}x faster at batch 1, {summary['speedup_b8']:.2f}x at "
+        f"batch 8; {100 * summary['param_ratio']:.1f}% of the parameters (target: >= 2x and <= 25%)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"encoders": results, "summary": summary}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
