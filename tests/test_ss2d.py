@@ -85,3 +85,48 @@ def test_vss_block_shapes_and_gradients():
     missing = [n for n, p in block.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
+@pytest.mark.parametrize("h,w", [(9, 13), (16, 4), (1, 70)])
+def test_fused_ss2d_scan_matches_cross_scan_reference(h, w):
+    from mambastyle.layers.ss2d import ss2d_scan
+
+    b, d, n, length = 2, 6, 5, h * w
+    inputs = {
+        "x": torch.randn(b, length, d, dtype=torch.float64),
+        "dts": torch.randn(4, d, b, length, dtype=torch.float64) * 2,
+        "A": -torch.rand(4, d, n, dtype=torch.float64) * 8,
+        "B": torch.randn(b, 4, n, length, dtype=torch.float64),
+        "C": torch.randn(b, 4, n, length, dtype=torch.float64),
+        "D": torch.randn(4, d, dtype=torch.float64),
+        "dt_bias": torch.randn(4, d, dtype=torch.float64),
+    }
+    weight = torch.randn(b, length, d, dtype=torch.float64)
+    results = {}
+    for backend, dtype in (("ref", torch.float64), ("cpu", torch.float32)):
+        xs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+        y = ss2d_scan(**xs, h=h, w=w, backend=backend)
+        (y.double() * weight).sum().backward()
+        results[backend] = (y.detach().double(), {k: v.grad.double() for k, v in xs.items()})
+    ref_y, ref_g = results["ref"]
+    got_y, got_g = results["cpu"]
+    assert ((got_y - ref_y).abs().max() / ref_y.abs().max()) < 1e-5
+    for k in inputs:
+        err = ((got_g[k] - ref_g[k]).abs().max() / ref_g[k].abs().max()).item()
+        assert err < 1e-4, (k, err)
+
+
+@pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
+def test_fast_softplus_and_sigmoid():
+    import numpy as np
+
+    from mambastyle.layers._scan_cpu import fast_sigmoid, fast_softplus
+
+    v = np.linspace(-60, 60, 12001).astype(np.float32)
+    sp = np.array([fast_softplus(np.float32(x)) for x in v], dtype=np.float64)
+    want = F.softplus(torch.from_numpy(v).double()).numpy()
+    assert np.max(np.abs(sp - want) / np.maximum(want, 1e-30)) < 1e-6
+    sg = np.array([fast_sigmoid(np.float32(x)) for x in v], dtype=np.float64)
+    want = torch.sigmoid(torch.from_numpy(v).double()).numpy()
+    assert np.max(np.abs(sg - want) / want) < 1e-6

@@ -165,3 +165,167 @@ def scan_bwd(dy, dlast, u, delta, A, Bm, Cm, ckpt, T, parts, du, ddelta, dA, dB,
                     ddelta[b, d, t] = dd
             for n in range(n_state):
                 dA[b, d, n] = dA_acc[n]
+
+
+# --------------------------------------------------------------------------- fused SS2D scan
+#
+# The four SS2D directions read the same (H, W) grid in four orders. Instead of
+# materialising four permuted copies of every input (cross-scan) and folding four outputs
+# back (cross-merge), these kernels keep everything in row-major token order and visit
+# position ``_pos(k, t)`` at step t of direction k. Step sizes arrive raw (before
+# ``softplus(. + bias)``), which is applied in a vectorised pass per channel and direction.
+
+
+@nb.njit(inline="always")
+def _pos(k, t, h, w, length):  # pragma: no cover - compiled
+    """Row-major token index visited at step t of direction k (0 rows, 1 columns, 2/3 reversed)."""
+    if k >= 2:
+        t = length - 1 - t
+    if k == 1 or k == 3:
+        return (t % h) * w + t // h
+    return t
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def fast_softplus(v):  # pragma: no cover - compiled
+    """log(1 + exp(v)) = max(v, 0) + log1p(exp(-|v|)); log1p by its atanh series (|s| <= 1/3)."""
+    e = fast_exp(-abs(v))  # (0, 1]
+    s = e / (np.float32(2.0) + e)  # log1p(e) = 2 atanh(s)
+    s2 = s * s
+    p = np.float32(1.0 / 13.0)
+    p = p * s2 + np.float32(1.0 / 11.0)
+    p = p * s2 + np.float32(1.0 / 9.0)
+    p = p * s2 + np.float32(1.0 / 7.0)
+    p = p * s2 + np.float32(1.0 / 5.0)
+    p = p * s2 + np.float32(1.0 / 3.0)
+    p = p * s2 + np.float32(1.0)
+    return max(v, np.float32(0.0)) + np.float32(2.0) * s * p
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def fast_sigmoid(v):  # pragma: no cover - compiled
+    return np.float32(1.0) / (np.float32(1.0) + fast_exp(-v))
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - compiled
+    """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; dts (K, D, Bt, L)
+    raw step sizes; bias (K, D); A (K, D, N); Bm, Cm (Bt, K, L, N) -> y (Bt, L, D), the sum
+    over the four directions (zero-initialised by the caller), and ckpt (Bt, K, D,
+    ceil(L / T), N), the states entering each chunk of T steps."""
+    n_batch, length, n_chan = x.shape
+    n_dir = dts.shape[0]
+    n_state = A.shape[2]
+    blocks = (n_chan + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    for task in nb.prange(n_batch * blocks):
+        b = task // blocks
+        d0 = (task - b * blocks) * CHANNEL_BLOCK
+        nd = min(CHANNEL_BLOCK, n_chan - d0)
+        hs = np.empty((CHANNEL_BLOCK, n_state), dtype=np.float32)
+        dl = np.empty((CHANNEL_BLOCK, length), dtype=np.float32)  # softplus(dts + bias)
+        # The block's inputs and outputs, gathered once into channel-major buffers so the
+        # four traversals read and write cache-resident rows instead of strided tokens.
+        xl = np.empty((CHANNEL_BLOCK, length), dtype=np.float32)
+        yl = np.zeros((CHANNEL_BLOCK, length), dtype=np.float32)
+        for p in range(length):
+            for j in range(nd):
+                xl[j, p] = x[b, p, d0 + j]
+        for k in range(n_dir):
+            for j in range(nd):
+                bj = bias[k, d0 + j]
+                for p in range(length):
+                    dl[j, p] = fast_softplus(dts[k, d0 + j, b, p] + bj)
+            hs[:] = 0.0
+            for t in range(length):
+                p = _pos(k, t, h, w, length)
+                if t % T == 0:
+                    for j in range(nd):
+                        ckpt[b, k, d0 + j, t // T, :] = hs[j]
+                for j in range(nd):
+                    d = d0 + j
+                    dt = dl[j, p]
+                    xv = dt * xl[j, p]
+                    acc = np.float32(0.0)
+                    for n in range(n_state):
+                        hn = fast_exp(dt * A[k, d, n]) * hs[j, n] + xv * Bm[b, k, p, n]
+                        hs[j, n] = hn
+                        acc += Cm[b, k, p, n] * hn
+                    yl[j, p] += acc
+        for p in range(length):
+            for j in range(nd):
+                y[b, p, d0 + j] = yl[j, p]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
+def ss2d_bwd(dy, x, dts, bias, A, Bm, Cm, ckpt, h, w, T, parts, dx, ddts, dA, dB, dC):  # pragma: no cover
+    """Gradients of :func:`ss2d_fwd` (same layouts).
+
+    Tasks (b, part) own a slice of channels for all directions, so ``dx`` sums over
+    directions without races; dB/dC go to per-task slabs (Bt, K, parts, L, N) that the
+    caller sums. ``ddts`` is w.r.t. the raw step sizes (softplus' derivative included).
+    """
+    n_batch, length, n_chan = x.shape
+    n_dir = dts.shape[0]
+    n_state = A.shape[2]
+    per_part = (n_chan + parts - 1) // parts
+    n_chunks = ckpt.shape[3]
+    for task in nb.prange(n_batch * parts):
+        b = task // parts
+        p_idx = task - b * parts
+        hs = np.empty((T + 1, n_state), dtype=np.float32)
+        aa = np.empty((T, n_state), dtype=np.float32)
+        dh = np.empty(n_state, dtype=np.float32)
+        dA_acc = np.empty(n_state, dtype=np.float64)
+        dl = np.empty(length, dtype=np.float32)
+        xl = np.empty(length, dtype=np.float32)  # this channel's x, dy and dx, contiguous
+        gl = np.empty(length, dtype=np.float32)
+        dxl = np.empty(length, dtype=np.float32)
+        for d in range(p_idx * per_part, min((p_idx + 1) * per_part, n_chan)):
+            for p in range(length):
+                xl[p] = x[b, p, d]
+                gl[p] = dy[b, p, d]
+                dxl[p] = 0.0
+            for k in range(n_dir):
+                bk = bias[k, d]
+                for p in range(length):
+                    dl[p] = fast_softplus(dts[k, d, b, p] + bk)
+                for n in range(n_state):
+                    dh[n] = 0.0
+                    dA_acc[n] = 0.0
+                for c in range(n_chunks - 1, -1, -1):
+                    t0 = c * T
+                    steps = min(T, length - t0)
+                    for n in range(n_state):
+                        hs[0, n] = ckpt[b, k, d, c, n]
+                    for i in range(steps):  # recompute the chunk's states
+                        p = _pos(k, t0 + i, h, w, length)
+                        dt = dl[p]
+                        xv = dt * xl[p]
+                        for n in range(n_state):
+                            a = fast_exp(dt * A[k, d, n])
+                            aa[i, n] = a
+                            hs[i + 1, n] = a * hs[i, n] + xv * Bm[b, k, p, n]
+                    for i in range(steps - 1, -1, -1):  # adjoint recurrence
+                        p = _pos(k, t0 + i, h, w, length)
+                        dt = dl[p]
+                        xp = xl[p]
+                        gy = gl[p]
+                        dd = np.float32(0.0)
+                        dxx = np.float32(0.0)
+                        for n in range(n_state):
+                            dhn = dh[n] + Cm[b, k, p, n] * gy
+                            dC[b, k, p_idx, p, n] += gy * hs[i + 1, n]
+                            a = aa[i, n]
+                            hp = hs[i, n]
+                            bn = Bm[b, k, p, n]
+                            dd += dhn * (A[k, d, n] * a * hp + xp * bn)
+                            dA_acc[n] += dhn * dt * a * hp
+                            dB[b, k, p_idx, p, n] += dhn * dt * xp
+                            dxx += dhn * bn
+                            dh[n] = dhn * a
+                        dxl[p] += dxx * dt
+                        ddts[k, d, b, p] = dd * fast_sigmoid(dts[k, d, b, p] + bias[k, d])
+                for n in range(n_state):
+                    dA[b, k, d, n] = dA_acc[n]
+            for p in range(length):
+                dx[b, p, d] = dxl[p]

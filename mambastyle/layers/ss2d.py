@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.layers.selective_scan import Backend, selective_scan
+from mambastyle.layers.selective_scan import CHUNK, Backend, resolve_backend, selective_scan
 
 K_DIRECTIONS = 4
 
@@ -38,6 +38,116 @@ def cross_merge(ys: torch.Tensor, h: int, w: int) -> torch.Tensor:
     ys = ys[:, :2] + ys[:, 2:].flip(-1)  # (B, 2, C, L) in row- and column-major order
     cols = ys[:, 1].reshape(b, c, w, h).transpose(2, 3).reshape(b, c, length)
     return ys[:, 0] + cols
+
+
+def direction_order(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, 4, C, L) per-direction tensors in row-major token order -> each in its direction's
+    scan order (what :func:`cross_scan` does to a single shared tensor)."""
+    b, k, c, length = t.shape
+    rows = t[:, 0]
+    cols = t[:, 1].reshape(b, c, h, w).transpose(2, 3).reshape(b, c, length)
+    rev_rows = t[:, 2].flip(-1)
+    rev_cols = t[:, 3].reshape(b, c, h, w).transpose(2, 3).reshape(b, c, length).flip(-1)
+    return torch.stack([rows, cols, rev_rows, rev_cols], dim=1)
+
+
+def ss2d_scan(
+    x: torch.Tensor,
+    dts: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    h: int,
+    w: int,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """The four-direction selective scan of SS2D, summed over directions.
+
+    Args:
+        x: (B, L, d) inputs, tokens in row-major order (L = h * w), channels last.
+        dts: (4, d, B, L) raw step sizes per direction (softplus(dts + dt_bias) is applied).
+        A: (4, d, N); B, C: (B, 4, N, L); D, dt_bias: (4, d).
+        backend: ``cpu`` runs the fused kernels (no permuted copies); the others scan
+            cross-scanned copies with :func:`selective_scan` and cross-merge the outputs.
+
+    Returns:
+        (B, L, d): sum over directions of each direction's scan output (+ D * x).
+    """
+    b, length, d = x.shape
+    k = K_DIRECTIONS
+    skip = x * D.sum(0)  # every direction adds D_k * x
+    if resolve_backend(backend, x.device) == "cpu":
+        args = (x.float(), dts.float(), dt_bias.float(), A.float(), B.float(), C.float())
+        return _SS2DScanCPU.apply(*args, h, w) + skip
+    xs = cross_scan(x.transpose(1, 2).reshape(b, d, h, w))  # (B, 4, d, L)
+    ys = selective_scan(
+        xs.reshape(b, k * d, length),
+        direction_order(dts.permute(2, 0, 1, 3), h, w).reshape(b, k * d, length),
+        A.reshape(k * d, -1),
+        direction_order(B, h, w),
+        direction_order(C, h, w),
+        delta_bias=dt_bias.reshape(-1),
+        delta_softplus=True,
+        backend=backend,
+    )
+    return cross_merge(ys.view(b, k, d, length), h, w).transpose(1, 2) + skip
+
+
+class _SS2DScanCPU(torch.autograd.Function):
+    """Fused four-direction scan on the compiled CPU kernels (float32), with its own backward."""
+
+    @staticmethod
+    def forward(ctx, x, dts, bias, A, B, C, h, w):
+        from mambastyle.layers.selective_scan import _cpu_kernels, _sync_threads
+
+        kern = _cpu_kernels()
+        _sync_threads()
+        b, length, d = x.shape
+        k, n = A.shape[0], A.shape[2]
+        x_c, dts_c, bias_c, A_c = (t.detach().contiguous() for t in (x, dts, bias, A))
+        Bm = B.detach().transpose(-1, -2).contiguous()  # (B, K, L, N)
+        Cm = C.detach().transpose(-1, -2).contiguous()
+        # Chunk states are only needed for the backward pass.
+        chunk = CHUNK if any(ctx.needs_input_grad) else length
+        y = x.new_empty(b, length, d)
+        ckpt = x.new_empty(b, k, d, math.ceil(length / chunk), n)
+        kern.ss2d_fwd(x_c.numpy(), dts_c.numpy(), bias_c.numpy(), A_c.numpy(), Bm.numpy(), Cm.numpy(),
+                      h, w, chunk, y.numpy(), ckpt.numpy())  # fmt: skip
+        ctx.save_for_backward(x_c, dts_c, bias_c, A_c, Bm, Cm, ckpt)
+        ctx.hw = (h, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from mambastyle.layers.selective_scan import _cpu_kernels, _sync_threads
+
+        kern = _cpu_kernels()
+        _sync_threads()
+        x, dts, bias, A, Bm, Cm, ckpt = ctx.saved_tensors
+        h, w = ctx.hw
+        b, length, d = x.shape
+        k, n = A.shape[0], A.shape[2]
+        parts = max(1, min(d, 2 * torch.get_num_threads() // b))
+        dx, ddts = torch.empty_like(x), torch.empty_like(dts)
+        dA = x.new_empty(b, k, d, n)
+        dB = x.new_zeros(b, k, parts, length, n)
+        dC = x.new_zeros(b, k, parts, length, n)
+        kern.ss2d_bwd(dy.float().contiguous().numpy(), x.numpy(), dts.numpy(), bias.numpy(), A.numpy(),
+                      Bm.numpy(), Cm.numpy(), ckpt.numpy(), h, w, CHUNK, parts, dx.numpy(), ddts.numpy(),
+                      dA.numpy(), dB.numpy(), dC.numpy())  # fmt: skip
+        dbias = ddts.sum((2, 3))
+        return (
+            dx,
+            ddts,
+            dbias,
+            dA.sum(0),
+            dB.sum(2).transpose(-1, -2),
+            dC.sum(2).transpose(-1, -2),
+            None,
+            None,
+        )
 
 
 class SS2D(nn.Module):
@@ -97,24 +207,26 @@ class SS2D(nn.Module):
         x = x.permute(0, 3, 1, 2)  # (B, d, H, W)
         if self.conv2d is not None:
             x = self.conv2d(x)
-        x = F.silu(x)
-        xs = cross_scan(x)  # (B, K, d, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)  # (B, K, R + 2N, L)
+        x = F.silu(x).permute(0, 2, 3, 1).reshape(b, h * w, d)  # (B, L, d), row-major tokens
+        # Projections are per token, so they are computed once in row-major order; the
+        # scan visits the tokens in each direction's order.
+        x_dbl = torch.einsum("bld,kcd->bkcl", x, self.x_proj_weight)  # (B, K, R + 2N, L)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)  # (B, K, d, L)
-        ys = selective_scan(
-            xs.reshape(b, k * d, h * w),
-            dts.reshape(b, k * d, h * w),
-            -torch.exp(self.A_logs.float()),  # (K * d, N)
-            bs.contiguous(),  # (B, K, N, L): one group per direction
+        dts = torch.matmul(self.dt_projs_weight, dts.permute(1, 2, 0, 3).reshape(k, r, b * h * w))
+        dts = dts.view(k, d, b, h * w)  # (K, d, B, L)
+        y = ss2d_scan(
+            x,
+            dts,
+            -torch.exp(self.A_logs.float()).view(k, d, n),
+            bs.contiguous(),  # (B, K, N, L)
             cs.contiguous(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.reshape(-1).float(),
-            delta_softplus=True,
+            self.Ds.float().view(k, d),
+            self.dt_projs_bias.float(),
+            h,
+            w,
             backend=self.scan_backend,
-        )  # (B, K * d, L)
-        y = cross_merge(ys.view(b, k, d, h * w), h, w)  # (B, d, L)
-        y = self.out_norm(y.transpose(1, 2).reshape(b, h, w, d))
+        )  # (B, L, d), summed over directions
+        y = self.out_norm(y.view(b, h, w, d))
         return self.out_proj(y * F.silu(z))
 
 
