@@ -109,3 +109,11 @@ def test_errors():
         encoder_config("mambastyle_tiny", 64, bogus=1)
     with pytest.raises(InvalidConfig, match="resolution"):
         n_styles_for(100)
+
+
+def test_subsample_shortcut_equals_one_by_one_max_pool():
+    from mambastyle.models.encoders import Subsample
+
+    x = torch.randn(2, 3, 9, 8)
+    for stride in (1, 2, 3):
+        assert torch.equal(Subsample(stride)(x), torch.nn.MaxPool2d(1, stride)(x))

@@ -112,13 +112,24 @@ class SEModule(nn.Module):
         return x * torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
 
 
+class Subsample(nn.Module):
+    """Keeps every ``stride``-th pixel: the identity shortcut of a strided unit (a 1x1 max-pool)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stride == 1 else x[:, :, :: self.stride, :: self.stride]
+
+
 class BottleneckIRSE(nn.Module):
     """ArcFace's improved residual unit with SE: BN-conv-PReLU-conv(stride)-BN-SE + shortcut."""
 
     def __init__(self, in_channels: int, depth: int, stride: int):
         super().__init__()
         if in_channels == depth:
-            self.shortcut_layer = nn.MaxPool2d(1, stride)
+            self.shortcut_layer = Subsample(stride)
         else:
             self.shortcut_layer = nn.Sequential(
                 nn.Conv2d(in_channels, depth, 1, stride, bias=False), nn.BatchNorm2d(depth)
