@@ -31,6 +31,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generator_forward.py
+	$(BIN)/python benchmarks/selective_scan.py
+	$(BIN)/python benchmarks/encoders.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks
