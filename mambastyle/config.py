@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from mambastyle.errors import InvalidConfig
+from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.models.stylegan2 import GeneratorConfig
 
 T = TypeVar("T")
@@ -91,8 +91,7 @@ class GeneratorParams:
     sample: SampleParams
 
     def __post_init__(self) -> None:
-        if self.latent_avg_samples < 1:
-            raise InvalidConfig("latent_avg_samples", f"must be >= 1, got {self.latent_avg_samples}")
+        check_at_least(self, 1, "latent_avg_samples")
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,7 @@ class PrepareParams:
     def __post_init__(self) -> None:
         if self.output_size < 8 or self.output_size & (self.output_size - 1):
             raise InvalidConfig("output_size", f"must be a power of two >= 8, got {self.output_size}")
-        if self.shard_max_samples < 1:
-            raise InvalidConfig("shard_max_samples", f"must be >= 1, got {self.shard_max_samples}")
+        check_at_least(self, 1, "shard_max_samples", "min_face_size")
 
 
 @dataclass(frozen=True)
@@ -138,9 +136,7 @@ class TrainParams:
     seed: int
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_workers"):
-            if getattr(self, name) < 1:
-                raise InvalidConfig(name, f"must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "steps", "batch_size", "num_workers")
         if self.lr <= 0:
             raise InvalidConfig("lr", f"must be > 0, got {self.lr}")
 
@@ -155,9 +151,7 @@ class InvertParams:
     row_group_size: int
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_actors", "row_group_size"):
-            if getattr(self, name) < 1:
-                raise InvalidConfig(name, f"must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "batch_size", "num_actors", "row_group_size")
 
 
 @dataclass(frozen=True)
@@ -169,8 +163,7 @@ class EditParams:
     batch_size: int
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise InvalidConfig("batch_size", f"must be >= 1, got {self.batch_size}")
+        check_at_least(self, 1, "batch_size")
 
 
 @dataclass(frozen=True)

@@ -18,3 +18,11 @@ class InvalidConfig(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def check_at_least(obj: object, minimum: float, *names: str) -> None:
+    """Raises InvalidConfig for the first attribute of ``obj`` in ``names`` below ``minimum``."""
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise InvalidConfig(name, f"must be >= {minimum}, got {value}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.errors import InvalidConfig
+from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
 from mambastyle.models.stylegan2 import EqualLinear
@@ -70,8 +69,7 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("mambastyle", "psp"):
             raise InvalidConfig("arch", f"must be 'mambastyle' or 'psp', got {self.arch!r}")
-        if self.n_styles < 1:
-            raise InvalidConfig("n_styles", f"must be >= 1, got {self.n_styles}")
+        check_at_least(self, 1, "n_styles", "style_dim", "fpn_dim", "d_state")
         if self.input_size < 32 or self.input_size & (self.input_size - 1):
             raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
         if len(self.widths) != 4 or len(self.units) != 4 or min(self.units) < 1 or min(self.widths) < 1:
@@ -325,27 +323,27 @@ class PSPEncoder(Encoder):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A registered encoder: its class and architecture defaults (n_styles comes from the generator)."""
+    """A registered encoder: architecture defaults (n_styles comes from the generator)."""
 
     name: str
-    cls: type[Encoder]
     defaults: dict = field(default_factory=dict)
     description: str = ""
 
 
 ENCODERS: dict[str, EncoderSpec] = {}
+ARCHITECTURES: dict[str, type[Encoder]] = {"mambastyle": MambaStyleEncoder, "psp": PSPEncoder}
 
 
-def register(name: str, cls: type[Encoder], description: str, **defaults) -> None:
-    ENCODERS[name] = EncoderSpec(name, cls, defaults, description)
+def register(name: str, description: str, **defaults) -> None:
+    """Registers a named configuration; ``defaults['arch']`` picks the architecture."""
+    if defaults.get("arch") not in ARCHITECTURES:
+        raise ValueError(f"encoder {name!r}: arch must be one of {sorted(ARCHITECTURES)}")
+    ENCODERS[name] = EncoderSpec(name, defaults, description)
 
 
-register(
-    "mambastyle", MambaStyleEncoder, "IR-SE34 + FPN + VSS blocks (published configuration)", arch="mambastyle"
-)
+register("mambastyle", "IR-SE34 + FPN + VSS blocks (published configuration)", arch="mambastyle")
 register(
     "mambastyle_small",
-    MambaStyleEncoder,
     "half-width MambaStyle for CPU training",
     arch="mambastyle",
     widths=(32, 64, 128, 256),
@@ -356,7 +354,6 @@ register(
 )
 register(
     "mambastyle_tiny",
-    MambaStyleEncoder,
     "narrow MambaStyle for the CPU demo and tests",
     arch="mambastyle",
     widths=(16, 32, 64, 128),
@@ -366,12 +363,9 @@ register(
     head_pools=((8, 4, 4), (8, 3, 3), (16, 2, 2)),
     patch_pool=6,
 )
-register(
-    "psp", PSPEncoder, "pSp baseline: IR-SE50 + FPN + GradualStyleBlocks", arch="psp", units=(3, 4, 14, 3)
-)
+register("psp", "pSp baseline: IR-SE50 + FPN + GradualStyleBlocks", arch="psp", units=(3, 4, 14, 3))
 register(
     "psp_tiny",
-    PSPEncoder,
     "narrow pSp baseline for tests",
     arch="psp",
     widths=(16, 32, 64, 128),
@@ -389,8 +383,7 @@ def encoder_config(name: str, resolution: int = 1024, **overrides) -> EncoderCon
 
 
 def build_encoder_from_config(config: EncoderConfig, scan_backend: Backend = "auto") -> Encoder:
-    cls: Callable[..., Encoder] = MambaStyleEncoder if config.arch == "mambastyle" else PSPEncoder
-    return cls(config, scan_backend=scan_backend)
+    return ARCHITECTURES[config.arch](config, scan_backend=scan_backend)
 
 
 def build_encoder(

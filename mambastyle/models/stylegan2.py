@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.errors import CheckpointError, InvalidConfig, check_at_least
 from mambastyle.layers import fused_leaky_relu, make_kernel, upfirdn2d
 
 NoiseMode = Literal["const", "random", "none"]
@@ -54,9 +54,7 @@ class GeneratorConfig:
                 "resolution",
                 f"must be a power of two between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {r}",
             )
-        for name in ("style_dim", "n_mlp", "channel_multiplier", "channel_max"):
-            if getattr(self, name) < 1:
-                raise InvalidConfig(name, f"must be >= 1, got {getattr(self, name)}")
+        check_at_least(self, 1, "style_dim", "n_mlp", "channel_multiplier", "channel_max")
         if self.lr_mlp <= 0:
             raise InvalidConfig("lr_mlp", f"must be > 0, got {self.lr_mlp}")
         object.__setattr__(self, "blur_kernel", tuple(int(k) for k in self.blur_kernel))
