@@ -1,0 +1,1 @@
+"""Formats and I/O for images and shards (no Ray, no DVC)."""

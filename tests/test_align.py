@@ -1,0 +1,149 @@
+"""Face detection and FFHQ alignment on real photographs that ship with installed packages."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image, ImageOps
+
+from mambastyle.data.align import (
+    _POSE_LANDMARKS,
+    _POSE_MODEL,
+    align_face,
+    detect_faces,
+    estimate_pose,
+    ffhq_quad,
+    predictor_path,
+    quad_transform,
+)
+
+SIZE = 256
+
+
+def grace_hopper() -> Image.Image:
+    path = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    return Image.open(path).convert("RGB")
+
+
+def astronaut() -> Image.Image:
+    return Image.fromarray(skimage.data.astronaut())
+
+
+def aligned_landmarks(img: Image.Image):
+    """Detect, align to SIZE, and re-detect: (landmarks in the aligned crop, mapped originals)."""
+    faces = detect_faces(np.asarray(img))
+    assert len(faces) == 1, f"expected one face, found {len(faces)}"
+    out, quad = align_face(img, faces[0].landmarks, SIZE)
+    assert out.size == (SIZE, SIZE) and out.mode == "RGB"
+    again = detect_faces(np.asarray(out))
+    assert again, "no face found in the aligned crop"
+    return again[0].landmarks, quad_transform(quad, SIZE)(faces[0].landmarks)
+
+
+def test_landmark_model_is_found_by_path():
+    assert predictor_path().name == "shape_predictor_68_face_landmarks.dat"
+    assert predictor_path().stat().st_size > 50_000_000
+
+
+@pytest.mark.parametrize("make", [grace_hopper, astronaut])
+def test_aligned_crop_places_the_face_where_the_quad_says(make):
+    redetected, mapped = aligned_landmarks(make())
+    # re-detected landmarks land within a few pixels of where the transform maps them
+    assert np.abs(redetected - mapped).mean() < 4.0
+    eyes = redetected[36:48].mean(0)
+    mouth = (redetected[48] + redetected[54]) / 2
+    # FFHQ geometry: eyes horizontal near the centre line, a bit above the middle
+    assert abs(eyes[0] - SIZE / 2) < 0.04 * SIZE
+    assert 0.40 * SIZE < eyes[1] < 0.52 * SIZE
+    assert mouth[1] > eyes[1] + 0.15 * SIZE
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda im: im.rotate(15, resample=Image.Resampling.BICUBIC, expand=True),
+        lambda im: im.rotate(-20, resample=Image.Resampling.BICUBIC, expand=True),
+        lambda im: im.resize((im.width * 3 // 5, im.height * 3 // 5), Image.Resampling.LANCZOS),
+        lambda im: im.resize((im.width * 2, im.height * 2), Image.Resampling.LANCZOS),
+    ],
+    ids=["rot+15", "rot-20", "scale0.6", "scale2"],
+)
+def test_alignment_is_stable_under_rotation_and_scale(transform):
+    _, base = aligned_landmarks(grace_hopper())
+    _, moved = aligned_landmarks(transform(grace_hopper()))
+    # The same face lands in the same place of the aligned crop. Inner landmarks (brows,
+    # eyes, nose, mouth) only: dlib's jaw line wanders with the detection box.
+    inner = slice(17, 68)
+    assert np.abs(base[inner] - moved[inner]).mean() < 0.02 * SIZE
+
+
+def test_alignment_of_a_mirrored_photo_is_the_mirror_image():
+    base, _ = aligned_landmarks(grace_hopper())
+    flipped, _ = aligned_landmarks(ImageOps.mirror(grace_hopper()))
+    eyes_l, eyes_r = base[36:42].mean(0), base[42:48].mean(0)
+    f_eyes_l, f_eyes_r = flipped[36:42].mean(0), flipped[42:48].mean(0)
+    # the mirrored photo's left eye is the original's right eye, reflected about the centre
+    assert np.abs(f_eyes_l - [SIZE - eyes_r[0], eyes_r[1]]).max() < 0.03 * SIZE
+    assert np.abs(f_eyes_r - [SIZE - eyes_l[0], eyes_l[1]]).max() < 0.03 * SIZE
+
+
+def test_no_face_in_photos_without_people():
+    assert detect_faces(skimage.data.chelsea()) == []  # a cat
+    assert detect_faces(skimage.data.coffee()) == []
+
+
+def test_face_at_the_border_is_padded_not_cropped():
+    img = grace_hopper()
+    face = detect_faces(np.asarray(img))[0]
+    left, top, right, bottom = face.box
+    cut = img.crop((left - 10, top - 40, img.width, img.height))  # face touches the left edge
+    faces = detect_faces(np.asarray(cut))
+    assert faces
+    out, quad = align_face(cut, faces[0].landmarks, 128)
+    assert out.size == (128, 128)
+    arr = np.asarray(out)
+    assert quad[:, 0].min() < 0  # the quad leaves the image: the padding path ran
+    assert arr.std() > 10 and np.isfinite(arr).all()
+
+
+def test_quad_is_an_oriented_square():
+    lm = detect_faces(np.asarray(astronaut()))[0].landmarks
+    q = ffhq_quad(lm)
+    sides = [np.linalg.norm(q[(i + 1) % 4] - q[i]) for i in range(4)]
+    assert max(sides) - min(sides) < 1e-9 * max(sides)
+    assert abs(np.dot(q[1] - q[0], q[3] - q[0])) < 1e-6 * sides[0] ** 2
+    with pytest.raises(ValueError, match="68, 2"):
+        ffhq_quad(lm[:5])
+
+
+def _rotation(yaw, pitch, roll):
+    y, p, r = (math.radians(v) for v in (yaw, -pitch, roll))
+    rx = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    rz = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+@pytest.mark.parametrize("angles", [(0, 0, 0), (25, 0, 0), (0, 15, 0), (0, 0, -30), (-20, 10, 12)])
+def test_pose_of_a_projected_model_face_is_recovered(angles):
+    pts = (_rotation(*angles) @ _POSE_MODEL.T).T[:, :2] * 0.3  # weak perspective, y up
+    lm = np.zeros((68, 2))
+    lm[list(_POSE_LANDMARKS)] = pts * [1, -1] + [320, 240]  # image coordinates, y down
+    np.testing.assert_allclose(estimate_pose(lm), angles, atol=1e-6)
+
+
+def test_pose_on_photos_follows_rotation_and_mirroring():
+    lm = detect_faces(np.asarray(grace_hopper()))[0].landmarks
+    yaw, pitch, roll = estimate_pose(lm)
+    assert abs(yaw) < 15 and abs(roll) < 15  # a near-frontal portrait
+    rotated = detect_faces(
+        np.asarray(grace_hopper().rotate(20, resample=Image.Resampling.BICUBIC, expand=True))
+    )
+    assert abs(estimate_pose(rotated[0].landmarks)[2] - (roll + 20)) < 5
+    mirrored = detect_faces(np.asarray(ImageOps.mirror(grace_hopper())))
+    assert abs(estimate_pose(mirrored[0].landmarks)[2] + roll) < 5
