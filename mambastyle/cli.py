@@ -183,6 +183,60 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- data
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from mambastyle.data.prepare import inputs_from_source, prepare
+    from mambastyle.storage import resolve
+
+    params = _load(args.params)
+    p, st = params.prepare, params.storage
+    options = st.options()
+    config = p.config()
+    if args.size is not None:
+        config = replace(config, output_size=args.size)
+    if args.multi_face is not None:
+        config = replace(config, multi_face=args.multi_face)
+    try:
+        refs = inputs_from_source(args.input or p.source, options)
+        out = resolve(args.output or st.root, options)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
+        manifest = prepare(refs, out, config, workers=args.workers or p.workers,
+                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    c = manifest["counts"]
+    print(
+        f"{c['inputs']} inputs = {c['written']} written + {c['quarantined']} quarantined; "
+        f"{c['samples']} samples in {len(manifest['shards'])} shards -> {out.join('shards').uri}"
+    )
+    for reason, n in c["quarantine_reasons"].items():
+        print(f"  quarantined {reason}: {n}")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from mambastyle.data.prepare import verify
+    from mambastyle.storage import resolve
+
+    out = resolve(args.uri, _load(args.params).storage.options())
+    try:
+        problems = verify(out)
+    except (FileNotFoundError, OSError) as exc:
+        raise CliError(f"{out.uri}: cannot read the manifest: {exc}") from None
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise CliError(f"{len(problems)} shard(s) do not match the manifest")
+    print(f"{out.join('shards').uri}: all shards match the manifest")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -232,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-mode", choices=["const", "random", "none"], help="default: generator.sample.noise_mode"
     )
     p.set_defaults(func=cmd_generator_sample)
+
+    data = nouns.add_parser("data", help="prepare and check datasets of aligned faces")
+    verbs = data.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("prepare", help="align faces from photos into WebDataset shards")
+    _add_params(p)
+    p.add_argument("--input", help="demo, a folder or s3://bucket/prefix (default: prepare.source)")
+    p.add_argument("--output", help="root for shards/ (default: storage.root)")
+    p.add_argument("--size", type=int, help="aligned crop side (default: prepare.output_size)")
+    p.add_argument("--multi-face", choices=["largest", "each", "reject"], help="default: prepare.multi_face")
+    p.add_argument("--workers", type=int, help="local processes (default: prepare.workers)")
+    p.set_defaults(func=cmd_data_prepare)
+    p = verbs.add_parser("verify", help="re-hash shards against their manifest")
+    _add_params(p)
+    p.add_argument("uri", help="the root that holds shards/ (local or s3://)")
+    p.set_defaults(func=cmd_data_verify)
 
     enc = nouns.add_parser("encoder", help="image -> W+ encoders")
     verbs = enc.add_subparsers(dest="verb", metavar="VERB", required=True)

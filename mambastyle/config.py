@@ -52,6 +52,12 @@ class StorageParams:
     region: str | None
     profile: str | None
 
+    def options(self):
+        """The storage module's options (S3 endpoint, region, profile)."""
+        from mambastyle.storage import StorageOptions
+
+        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region, profile=self.profile)
+
 
 @dataclass(frozen=True)
 class RayParams:
@@ -108,19 +114,43 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class PrepareParams:
-    """Face alignment into WebDataset shards."""
+    """Face alignment of raw photos into WebDataset shards under ``{storage.root}/shards``."""
 
-    source: str
+    source: str  # demo | a folder | s3://bucket/prefix
     output_size: int
     multi_face: Literal["largest", "each", "reject"]
     min_face_size: int
+    min_score: float
+    upsample: int
+    max_pixels: int
     shard_max_samples: int
+    shard_max_bytes: int
     split: SplitParams
+    workers: int
 
     def __post_init__(self) -> None:
         if self.output_size < 8 or self.output_size & (self.output_size - 1):
             raise InvalidConfig("output_size", f"must be a power of two >= 8, got {self.output_size}")
-        check_at_least(self, 1, "shard_max_samples", "min_face_size")
+        check_at_least(
+            self, 1, "shard_max_samples", "shard_max_bytes", "min_face_size", "max_pixels", "workers"
+        )
+        check_at_least(self, 0, "upsample")
+
+    def config(self):
+        """The prepare core's configuration (everything that shapes its output)."""
+        from mambastyle.data.prepare import PrepareConfig
+
+        return PrepareConfig(
+            output_size=self.output_size,
+            multi_face=self.multi_face,
+            min_face_size=self.min_face_size,
+            min_score=self.min_score,
+            upsample=self.upsample,
+            max_pixels=self.max_pixels,
+            shard_max_samples=self.shard_max_samples,
+            shard_max_bytes=self.shard_max_bytes,
+            split=(self.split.train, self.split.val, self.split.test),
+        )
 
 
 @dataclass(frozen=True)

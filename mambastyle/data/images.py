@@ -1,0 +1,68 @@
+"""Decoding untrusted image bytes into RGB, with a reason code for every failure."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class InputRejected(Exception):
+    """An input that cannot become a sample; ``reason`` is a stable code for quarantine records."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit and float images are rescaled, alpha is dropped onto white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decodes ``data`` into an RGB image with EXIF orientation applied.
+
+    Returns:
+        (RGB image, original (width, height) as stored in the file).
+
+    Raises:
+        InputRejected: ``empty_file``, ``not_an_image``, ``too_large`` (more than
+            ``max_pixels``, checked before decoding the pixels) or ``decode_error``
+            (truncated or corrupt data).
+    """
+    if not data:
+        raise InputRejected("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise InputRejected("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
+            img.load()
+    except InputRejected:
+        raise
+    except UnidentifiedImageError:
+        raise InputRejected("not_an_image", "not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputRejected("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt streams
+        raise InputRejected("decode_error", str(exc) or type(exc).__name__) from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # a malformed EXIF block must not lose the image
+        warnings.warn(f"ignoring unreadable EXIF orientation: {exc}", stacklevel=2)
+    return _to_rgb(img), (width, height)

@@ -1,0 +1,365 @@
+"""The prepare stage's core: photos -> aligned faces -> WebDataset shards + manifest + quarantine.
+
+Contracts (see DESIGN.md): shards ``{root}/shards/{split}/{split}-{index:06d}.tar`` whose
+samples are ``{key}.png`` + ``{key}.json`` (adjacent); ``{root}/shards/quarantine.jsonl``
+with one line per rejected input; ``{root}/shards/manifest.json`` written last (the
+commit point). Keys are stable (derived from the source path), the split is a stable
+hash of the key, and tar members carry fixed metadata, so a re-run produces
+byte-identical shards and manifest. inputs = written + quarantined, always.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from mambastyle import __version__
+from mambastyle.data.align import align_face, detect_faces, estimate_pose
+from mambastyle.data.images import InputRejected, decode_image
+from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve, write_bytes
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that determines the stage's output (hashed into the manifest)."""
+
+    output_size: int = 256
+    multi_face: Literal["largest", "each", "reject"] = "largest"
+    min_face_size: int = 32
+    min_score: float = 0.5  # HOG detector score; false positives on face-like patterns score lower
+    upsample: int = 0
+    max_pixels: int = 64_000_000
+    shard_max_samples: int = 1000
+    shard_max_bytes: int = 1 << 30
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def params_hash(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One input: a stable key, the URI it is reported under, and where its bytes are
+    (an object in storage, or bytes held in memory). Picklable, for worker processes."""
+
+    key: str
+    uri: str
+    loc: Location | None = field(default=None, repr=False)
+    data: bytes | None = field(default=None, repr=False)
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        if self.loc is None:
+            raise ValueError(f"input {self.uri} has neither a location nor data")
+        return read_bytes(self.loc)
+
+
+@dataclass
+class Sample:
+    key: str
+    split: str
+    png: bytes
+    meta: dict
+
+
+@dataclass
+class Outcome:
+    """What became of one input: its samples, or the reason it was quarantined."""
+
+    uri: str
+    samples: list[Sample] = field(default_factory=list)
+    reason: str | None = None
+    message: str | None = None
+
+
+# --------------------------------------------------------------------------- keys, splits
+
+
+def make_key(relative: str) -> str:
+    """A stable key without dots: a readable slug of the path plus a short hash of it."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", relative).strip("_")[-48:] or "input"
+    return f"{slug}_{hashlib.sha256(relative.encode()).hexdigest()[:10]}"
+
+
+def split_of(key: str, fractions: tuple[float, float, float]) -> str:
+    """train/val/test by a stable hash of the key."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
+    if u < fractions[0]:
+        return "train"
+    return "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def list_inputs(source: Location) -> list[InputRef]:
+    """Every file below ``source`` (recursive, sorted): a folder or an S3 prefix."""
+    files = list_files(source)
+    if not files:
+        raise FileNotFoundError(f"no input files under {source.uri}")
+    base = source.path.rstrip("/") + "/"
+    refs = []
+    for path in files:
+        rel = path[len(base) :] if path.startswith(base) else path.rsplit("/", 1)[-1]
+        uri = source.uri.rstrip("/") + "/" + rel if path != source.path else source.uri
+        refs.append(InputRef(make_key(rel), uri, loc=Location(source.fs, path, uri)))
+    return refs
+
+
+def inputs_from_source(source: str, options: StorageOptions | None = None) -> list[InputRef]:
+    """``demo`` (the embedded demo set), a local folder, or an S3 prefix -> inputs."""
+    if source == "demo":
+        from mambastyle.data.demo import demo_inputs
+
+        return demo_inputs()
+    return list_inputs(resolve(source, options))
+
+
+# --------------------------------------------------------------------------- per input
+
+
+def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
+    """Decode, detect, align one input. Never raises for bad data: failures are outcomes."""
+    try:
+        try:
+            data = ref.read()
+        except OSError as exc:
+            raise InputRejected("read_error", str(exc)) from None
+        img, original_size = decode_image(data, config.max_pixels)
+        faces = [
+            f for f in detect_faces(np.asarray(img), upsample=config.upsample) if f.score >= config.min_score
+        ]
+        if not faces:
+            raise InputRejected("no_face", f"no face detected with score >= {config.min_score}")
+        big = [f for f in faces if f.size >= config.min_face_size]
+        if not big:
+            raise InputRejected("too_small", f"largest face {faces[0].size:.0f}px < {config.min_face_size}px")
+        if config.multi_face == "reject" and len(big) > 1:
+            raise InputRejected("multiple_faces", f"{len(big)} faces and the policy is 'reject'")
+        chosen = big if config.multi_face == "each" else big[:1]
+        samples = []
+        for i, face in enumerate(chosen):
+            key = ref.key if config.multi_face != "each" else f"{ref.key}_f{i}"
+            split = split_of(key, config.split)
+            aligned, quad = align_face(img, face.landmarks, config.output_size)
+            buf = io.BytesIO()
+            aligned.save(buf, format="PNG", optimize=False)
+            yaw, pitch, roll = estimate_pose(face.landmarks)
+            meta = {
+                "key": key,
+                "source": ref.uri,
+                "face_index": i,
+                "faces_found": len(faces),
+                "original_size": list(original_size),
+                "oriented_size": list(img.size),
+                "landmarks": np.round(face.landmarks, 2).tolist(),
+                "quad": np.round(quad, 3).tolist(),
+                "box": list(face.box),
+                "detector_score": round(face.score, 5),
+                "yaw": round(yaw, 3),
+                "pitch": round(pitch, 3),
+                "roll": round(roll, 3),
+                "split": split,
+                "size": config.output_size,
+            }
+            samples.append(Sample(key, split, buf.getvalue(), meta))
+        return Outcome(ref.uri, samples)
+    except InputRejected as exc:
+        return Outcome(ref.uri, reason=exc.reason, message=exc.message)
+    except Exception as exc:  # an unexpected failure on one input must not stop the batch
+        log.exception("unexpected error on %s", ref.uri)
+        return Outcome(ref.uri, reason="internal_error", message=f"{type(exc).__name__}: {exc}")
+
+
+def _process_star(args):
+    return process_input(*args)
+
+
+def run_inputs(refs: list[InputRef], config: PrepareConfig, workers: int = 1) -> Iterator[Outcome]:
+    """Outcomes in input order, computed by ``workers`` processes (1 = in this process)."""
+    if workers <= 1:
+        for ref in refs:
+            yield process_input(ref, config)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_process_star, [(r, config) for r in refs], chunksize=4)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build_shard(samples: Iterable[Sample]) -> bytes:
+    """A deterministic tar: per sample ``{key}.png`` then ``{key}.json``, fixed member metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            _tar_member(tar, f"{s.key}.png", s.png)
+            _tar_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+    return buf.getvalue()
+
+
+def _chunks(samples: list[Sample], max_samples: int, max_bytes: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    size = 0
+    for s in samples:
+        s_bytes = len(s.png) + 2048  # png + json + tar headers, roughly
+        if chunk and (len(chunk) >= max_samples or size + s_bytes > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(s)
+        size += s_bytes
+    if chunk:
+        yield chunk
+
+
+def prepare(
+    refs: list[InputRef],
+    out: Location,
+    config: PrepareConfig,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Runs the stage over ``refs`` and publishes shards, quarantine and manifest under ``out/shards``.
+
+    Returns the manifest (also written, last, to ``out/shards/manifest.json``).
+    """
+    keys = [r.key for r in refs]
+    if len(set(keys)) != len(keys):
+        dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise ValueError(f"input keys collide: {dupes}")
+    samples: list[Sample] = []
+    quarantine: list[dict] = []
+    for i, outcome in enumerate(run_inputs(refs, config, workers), start=1):
+        if outcome.reason:
+            quarantine.append({"source": outcome.uri, "reason": outcome.reason, "message": outcome.message})
+        samples.extend(outcome.samples)
+        if progress:
+            progress(i, len(refs))
+    quarantined = len(quarantine)
+    inputs_written = len(refs) - quarantined
+
+    shards_root = out.join("shards")
+    shard_entries = []
+    for split in SPLITS:
+        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
+        for index, chunk in enumerate(_chunks(part, config.shard_max_samples, config.shard_max_bytes)):
+            data = build_shard(chunk)
+            loc = shards_root.join(split, f"{split}-{index:06d}.tar")
+            write_bytes(loc, data)
+            shard_entries.append(
+                {
+                    "uri": loc.uri,
+                    "path": f"{split}/{split}-{index:06d}.tar",
+                    "split": split,
+                    "samples": len(chunk),
+                    "bytes": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
+    quarantine.sort(key=lambda q: q["source"])
+    write_bytes(
+        shards_root.join("quarantine.jsonl"),
+        "".join(json.dumps(q, sort_keys=True) + "\n" for q in quarantine).encode(),
+    )
+    reasons: dict[str, int] = {}
+    for q in quarantine:
+        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "mambastyle": __version__,
+        "params": dataclasses.asdict(config),
+        "params_hash": config.params_hash(),
+        "counts": {
+            "inputs": len(refs),
+            "written": inputs_written,
+            "quarantined": quarantined,
+            "samples": len(samples),
+            "quarantine_reasons": dict(sorted(reasons.items())),
+        },
+        "splits": {
+            split: {
+                "shards": sum(1 for e in shard_entries if e["split"] == split),
+                "samples": sum(e["samples"] for e in shard_entries if e["split"] == split),
+                "bytes": sum(e["bytes"] for e in shard_entries if e["split"] == split),
+            }
+            for split in SPLITS
+        },
+        "shards": shard_entries,
+    }
+    if manifest["counts"]["inputs"] != manifest["counts"]["written"] + manifest["counts"]["quarantined"]:
+        raise AssertionError("counts do not add up")  # pragma: no cover - guarded by construction
+    write_bytes(
+        shards_root.join("manifest.json"), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    )
+    # Shards a previous run left behind that this manifest does not list are no longer valid.
+    listed = {shards_root.join(e["path"]).path for e in shard_entries}
+    for path in list_files(shards_root):
+        if path.endswith(".tar") and path not in listed:
+            delete(Location(out.fs, path, path))
+    return manifest
+
+
+def verify(out: Location) -> list[str]:
+    """Re-hashes every shard the manifest lists; returns the problems found (empty = all good)."""
+    shards_root = out.join("shards")
+    manifest = json.loads(read_bytes(shards_root.join("manifest.json")))
+    problems = []
+    for entry in manifest["shards"]:
+        loc = shards_root.join(entry["path"])
+        try:
+            data = read_bytes(loc)
+        except (FileNotFoundError, OSError) as exc:
+            problems.append(f"{entry['path']}: missing ({exc})")
+            continue
+        if len(data) != entry["bytes"]:
+            problems.append(f"{entry['path']}: {len(data)} bytes, manifest says {entry['bytes']}")
+        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            problems.append(f"{entry['path']}: sha256 mismatch")
+    return problems
+
+
+def shard_urls(out: Location, split: str | None = None) -> list[str]:
+    """URIs of the shards the manifest under ``out`` lists (optionally one split), in order."""
+    manifest = json.loads(read_bytes(out.join("shards", "manifest.json")))
+    return [e["uri"] for e in manifest["shards"] if split is None or e["split"] == split]
+
+
+def register_webdataset_s3(options: StorageOptions | None = None) -> None:
+    """Lets ``webdataset`` open ``s3://`` URLs through the storage module's filesystem.
+
+    webdataset has no S3 handler of its own; this registers one that reads with the same
+    pyarrow filesystem (endpoint, region, AWS-chain credentials) as every stage.
+    """
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function)
+
+    def open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs):
+        if "r" not in mode:
+            raise ValueError("the s3 handler only reads")
+        loc = resolve(url, options)
+        return loc.fs.open_input_stream(loc.path)
+
+    gopen.gopen_schemes["s3"] = open_s3

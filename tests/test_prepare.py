@@ -1,0 +1,170 @@
+"""The prepare stage on the demo corpus: outcomes per input, counts, determinism, shards, S3."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from mambastyle.data.demo import demo_files, demo_inputs
+from mambastyle.data.prepare import (
+    PrepareConfig,
+    inputs_from_source,
+    make_key,
+    prepare,
+    register_webdataset_s3,
+    shard_urls,
+    split_of,
+    verify,
+)
+from mambastyle.storage import StorageOptions, resolve, write_bytes
+
+CONFIG = PrepareConfig(output_size=32, min_face_size=80, shard_max_samples=8)
+
+EXPECTED_QUARANTINE = {
+    "demo://bad/empty.jpg": "empty_file",
+    "demo://bad/truncated.jpg": "decode_error",
+    "demo://bad/notes.txt": "not_an_image",
+    "demo://bad/bomb.png": "too_large",
+    "demo://bad/cat.jpg": "no_face",
+    "demo://bad/coffee.jpg": "no_face",
+    "demo://bad/small_face.jpg": "too_small",
+}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep")
+    manifest = prepare(demo_inputs(), resolve(str(out)), CONFIG, workers=2)
+    return out, manifest
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_input_has_its_documented_outcome(demo_run):
+    out, manifest = demo_run
+    c = manifest["counts"]
+    assert c["inputs"] == len(demo_files()) == c["written"] + c["quarantined"]
+    quarantine = {q["source"]: q["reason"] for q in read_jsonl(out / "shards" / "quarantine.jsonl")}
+    assert quarantine == EXPECTED_QUARANTINE
+    assert c["quarantine_reasons"] == {
+        r: list(EXPECTED_QUARANTINE.values()).count(r) for r in set(EXPECTED_QUARANTINE.values())
+    }
+    # every other input (variations, RGBA, CMYK, 16-bit, gray, EXIF-rotated, two people): one sample
+    assert c["samples"] == c["written"] == len(demo_files()) - len(EXPECTED_QUARANTINE)
+    assert sum(s["samples"] for s in manifest["shards"]) == c["samples"]
+    assert sum(v["samples"] for v in manifest["splits"].values()) == c["samples"]
+
+
+def test_shards_are_webdataset_readable_with_metadata(demo_run):
+    out, manifest = demo_run
+    urls = [str(out / "shards" / e["path"]) for e in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == manifest["counts"]["samples"]
+    sources = {}
+    for s in samples:
+        assert s["png"].size == (32, 32) and s["png"].mode == "RGB"
+        meta = s["json"]
+        assert meta["key"] == s["__key__"] and "." not in s["__key__"]
+        assert meta["split"] == split_of(meta["key"], CONFIG.split)
+        assert len(meta["landmarks"]) == 68 and len(meta["quad"]) == 4
+        assert {"yaw", "pitch", "roll", "detector_score", "original_size", "source"} <= set(meta)
+        sources[meta["source"]] = meta
+    exif = sources["demo://grace_hopper/exif_rotated.jpg"]
+    assert exif["oriented_size"] == exif["original_size"][::-1]  # EXIF orientation honoured
+    # members of a sample are adjacent in the tar
+    for url in urls:
+        names = tarfile.open(url).getnames()
+        assert [n.rsplit(".", 1)[0] for n in names[0::2]] == [n.rsplit(".", 1)[0] for n in names[1::2]]
+
+
+def test_rerun_is_byte_identical_and_drops_stale_shards(demo_run, tmp_path):
+    out, manifest = demo_run
+    second = tmp_path / "again"
+    (second / "shards" / "train").mkdir(parents=True)
+    (second / "shards" / "train" / "train-000099.tar").write_bytes(b"left over from an older run")
+    again = prepare(demo_inputs(), resolve(str(second)), CONFIG, workers=1)
+    strip = lambda m: [{k: v for k, v in e.items() if k != "uri"} for e in m["shards"]]  # noqa: E731
+    assert strip(again) == strip(manifest) and again["counts"] == manifest["counts"]
+    for e in manifest["shards"]:
+        assert (second / "shards" / e["path"]).read_bytes() == (out / "shards" / e["path"]).read_bytes()
+    assert not (second / "shards" / "train" / "train-000099.tar").exists()
+    # same location again: the manifest file itself is byte-identical
+    before = (second / "shards" / "manifest.json").read_bytes()
+    prepare(demo_inputs(), resolve(str(second)), CONFIG, workers=1)
+    assert (second / "shards" / "manifest.json").read_bytes() == before
+
+
+def test_multi_face_policies():
+    refs = [r for r in demo_inputs() if r.uri == "demo://group/two_people.jpg"]
+    from mambastyle.data.prepare import process_input
+
+    assert len(process_input(refs[0], CONFIG).samples) == 1
+    each = process_input(refs[0], dataclasses.replace(CONFIG, multi_face="each")).samples
+    assert [s.key for s in each] == [f"{refs[0].key}_f0", f"{refs[0].key}_f1"]
+    rejected = process_input(refs[0], dataclasses.replace(CONFIG, multi_face="reject"))
+    assert rejected.reason == "multiple_faces" and not rejected.samples
+
+
+def test_verify_finds_a_corrupted_shard(demo_run, tmp_path):
+    import shutil
+
+    out, manifest = demo_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert verify(resolve(str(copy))) == []
+    victim = copy / "shards" / manifest["shards"][0]["path"]
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (copy / "shards" / manifest["shards"][-1]["path"]).unlink()
+    problems = verify(resolve(str(copy)))
+    assert len(problems) == 2
+    assert "sha256 mismatch" in problems[0] and "missing" in problems[1]
+
+
+def test_keys_are_stable_and_dot_free():
+    assert make_key("a/b.c.jpg") == make_key("a/b.c.jpg")
+    assert "." not in make_key("x/y.tar.gz") and make_key("a/b.jpg") != make_key("a/b.png")
+
+
+def test_folder_source_and_s3_output_end_to_end(s3, tmp_path):
+    endpoint, bucket = s3
+    files = demo_files()
+    chosen = ["grace_hopper/original.jpg", "astronaut/flip.png", "bad/notes.txt", "bad/cat.jpg"]
+    for name in chosen:
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(files[name])
+    opts = StorageOptions(endpoint_url=endpoint)
+    refs = inputs_from_source(str(tmp_path / "photos"), opts)
+    assert len(refs) == 4
+    out = resolve(f"s3://{bucket}/run1", opts)
+    manifest = prepare(refs, out, CONFIG)
+    assert manifest["counts"] == {**manifest["counts"], "inputs": 4, "written": 2, "quarantined": 2}
+    assert all(e["uri"].startswith(f"s3://{bucket}/run1/shards/") for e in manifest["shards"])
+    assert verify(out) == []
+    # read the shards back from S3 with webdataset, through the storage module's filesystem
+    register_webdataset_s3(opts)
+    urls = shard_urls(out)
+    assert urls == [e["uri"] for e in manifest["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == 2
+    assert all(Image.open(io.BytesIO(s["png"])).size == (32, 32) for s in samples)
+    # an S3 prefix works as a source too
+    for name in chosen[:2]:
+        write_bytes(resolve(f"s3://{bucket}/inbox/{name}", opts), files[name])
+    s3_refs = inputs_from_source(f"s3://{bucket}/inbox", opts)
+    assert [r.uri for r in s3_refs] == [f"s3://{bucket}/inbox/{n}" for n in sorted(chosen[:2])]
+    assert prepare(s3_refs, resolve(f"s3://{bucket}/run2", opts), CONFIG)["counts"]["written"] == 2
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no input files"):
+        inputs_from_source(str(tmp_path / "nothing"))
