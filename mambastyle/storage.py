@@ -108,9 +108,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, loc.path)
+        os.replace(tmp, loc.path)  # readers see the old object or the whole new one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -47,6 +47,7 @@ class PrepareConfig:
     max_pixels: int = 64_000_000
     shard_max_samples: int = 1000
     shard_max_bytes: int = 1 << 30
+    png_compress_level: int = 1  # zlib level of the aligned PNGs: 1 is ~4x faster than 6, ~10% larger
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def params_hash(self) -> str:
@@ -158,7 +159,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
             split = split_of(key, config.split)
             aligned, quad = align_face(img, face.landmarks, config.output_size)
             buf = io.BytesIO()
-            aligned.save(buf, format="PNG", optimize=False)
+            aligned.save(buf, format="PNG", compress_level=config.png_compress_level)
             yaw, pitch, roll = estimate_pose(face.landmarks)
             meta = {
                 "key": key,

@@ -1,0 +1,90 @@
+"""prepare stage throughput against baselines measured in the same run.
+
+1. Images/s of the stage's per-image work (decode, detect, landmarks, align, PNG) on one
+   core vs bare dlib detect + landmarks on the same decoded images (target ratio >= 0.8).
+2. Scaling of the whole stage from 1 to 2 worker processes.
+3. Shard writing (deterministic tar + atomic publish) MB/s vs a plain write of the same
+   bytes (target ratio >= 0.7).
+
+Inputs: the demo corpus's good photos, repeated. Usage:
+    .venv/bin/python benchmarks/prepare.py [--repeat 4] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from mambastyle.data.align import _dlib_models, predictor_path
+from mambastyle.data.demo import demo_inputs
+from mambastyle.data.images import decode_image
+from mambastyle.data.prepare import PrepareConfig, build_shard, prepare, process_input
+from mambastyle.storage import resolve, write_bytes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=4, help="copies of the demo photos")
+    parser.add_argument("--size", type=int, default=256, help="aligned output size")
+    args = parser.parse_args()
+    config = PrepareConfig(output_size=args.size, min_face_size=80)
+    good = [r for r in demo_inputs() if not r.uri.startswith("demo://bad/")]
+    refs = [dataclasses.replace(r, key=f"{r.key}_{i}") for i in range(args.repeat) for r in good]
+    detector, predictor = _dlib_models(str(predictor_path()))
+    images = [np.asarray(decode_image(r.read(), config.max_pixels)[0]) for r in good]
+
+    # 1. one core: bare dlib vs the stage's per-image work
+    t0 = time.perf_counter()
+    for _ in range(args.repeat):
+        for img in images:
+            for rect in detector.run(img, 0, 0.0)[0]:
+                predictor(img, rect)
+    bare = len(refs) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    samples = []
+    for r in refs:
+        samples.extend(process_input(r, config).samples)
+    stage = len(refs) / (time.perf_counter() - t0)
+    print(f"{len(refs)} photos, output {args.size}px, 1 core")
+    print(f"  bare dlib detect+landmarks: {bare:6.1f} img/s")
+    print(f"  stage per-image work:       {stage:6.1f} img/s   ratio {stage / bare:.2f} (target >= 0.8)")
+
+    # 2. scaling over worker processes (whole stage, shards included)
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = {}
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            prepare(refs, resolve(os.path.join(tmp, f"w{workers}")), config, workers=workers)
+            rates[workers] = len(refs) / (time.perf_counter() - t0)
+        print(f"  whole stage: 1 worker {rates[1]:.1f} img/s, 2 workers {rates[2]:.1f} img/s "
+              f"(x{rates[2] / rates[1]:.2f})")  # fmt: skip
+
+        # 3. shard writing vs a plain write of the same bytes
+        payload = b"".join(s.png for s in samples)
+        reps = 5
+        shard_t, copy_t = [], []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            data = build_shard(samples)
+            write_bytes(resolve(os.path.join(tmp, f"shard-{i}.tar")), data)
+            shard_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with open(os.path.join(tmp, f"plain-{i}.bin"), "wb") as f:
+                f.write(payload)
+            copy_t.append(time.perf_counter() - t0)
+        mb = len(payload) / 1e6
+        shard_rate, copy_rate = mb / statistics.median(shard_t), mb / statistics.median(copy_t)
+        print(f"  shard writing {shard_rate:7.1f} MB/s vs plain write {copy_rate:7.1f} MB/s   "
+              f"ratio {shard_rate / copy_rate:.2f} (target >= 0.7)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
