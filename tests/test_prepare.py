@@ -168,3 +168,26 @@ def test_folder_source_and_s3_output_end_to_end(s3, tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no input files"):
         inputs_from_source(str(tmp_path / "nothing"))
+
+
+@pytest.mark.slow
+def test_ray_data_reads_the_shards_from_s3(s3, tmp_path):
+    import ray
+
+    endpoint, bucket = s3
+    opts = StorageOptions(endpoint_url=endpoint)
+    refs = [
+        r
+        for r in demo_inputs()
+        if r.uri in ("demo://grace_hopper/original.jpg", "demo://astronaut/original.jpg")
+    ]
+    out = resolve(f"s3://{bucket}/ray", opts)
+    manifest = prepare(refs, out, CONFIG)
+    ray.init(num_cpus=1, include_dashboard=False, address="local", log_to_driver=False)
+    try:
+        rows = ray.data.read_webdataset(shard_urls(out), filesystem=out.fs).take_all()
+    finally:
+        ray.shutdown()
+    assert len(rows) == manifest["counts"]["samples"] == 2
+    assert sorted(r["__key__"] for r in rows) == sorted(r.key for r in refs)
+    assert all(r["png"].shape == (32, 32, 3) for r in rows)
