@@ -58,3 +58,135 @@ def test_credentials_are_not_in_reprs(s3):
     endpoint, bucket = s3
     loc = resolve(f"s3://{bucket}/p", StorageOptions(endpoint_url=endpoint))
     assert "testing" not in repr(loc) and "testing" not in str(loc.fs)
+
+
+class FlakyProxy:
+    """An HTTP proxy on 127.0.0.1 in front of the S3 server that fails chosen requests.
+
+    ``fail`` decides per request (method, path) whether to answer 500 or drop the
+    connection instead of forwarding; bodies are forwarded byte for byte (chunked framing
+    included, as S3 clients send aws-chunked payloads).
+    """
+
+    def __init__(self, upstream: str):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        host, port = urlparse(upstream).hostname, urlparse(upstream).port
+        self.fail = lambda method, path: None  # -> None | "500" | "drop"
+        self.failures: list[tuple[str, str, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _body(self) -> tuple[bytes, bool]:
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    n = int(self.headers.get("Content-Length") or 0)
+                    return (self.rfile.read(n) if n else b""), False
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    if int(line.strip().split(b";")[0], 16) == 0:
+                        while True:
+                            trailer = self.rfile.readline()
+                            raw += trailer
+                            if not trailer.strip():
+                                return raw, True
+                    raw += self.rfile.read(int(line.strip().split(b";")[0], 16) + 2)
+
+            def _any(self):
+                body, chunked = self._body()
+                action = proxy.fail(self.command, self.path)
+                if action:
+                    proxy.failures.append((self.command, self.path, action))
+                    if action == "drop":
+                        self.close_connection = True
+                        self.connection.close()
+                        return
+                    self.send_response(500)
+                    msg = b"<Error><Code>InternalError</Code><Message>injected</Message></Error>"
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+                conn.send(body)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection") and not (
+                        k.lower() == "content-length" and self.command != "HEAD"
+                    ):
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def flaky(s3):
+    endpoint, bucket = s3
+    proxy = FlakyProxy(endpoint)
+    yield proxy, endpoint, bucket
+    proxy.close()
+
+
+def _is_upload(method, path):
+    return method == "PUT" or (method == "POST" and "uploadId=" in path)
+
+
+@pytest.mark.parametrize("mode", ["500", "drop"])
+def test_failed_upload_is_retried_and_never_visible_half_done(flaky, mode):
+    proxy, endpoint, bucket = flaky
+    direct = boto3.client("s3", endpoint_url=endpoint)
+    visible_during_failure = []
+
+    def fail_first_upload(method, path):
+        if _is_upload(method, path) and not proxy.failures:
+            keys = [o["Key"] for o in direct.list_objects_v2(Bucket=bucket).get("Contents", [])]
+            visible_during_failure.append("shards/a.tar" in keys)
+            return mode
+        return None
+
+    proxy.fail = fail_first_upload
+    loc = resolve(f"s3://{bucket}/shards/a.tar", StorageOptions(endpoint_url=proxy.endpoint))
+    payload = bytes(range(256)) * 4000
+    write_bytes(loc, payload)
+    assert len(proxy.failures) == 1 and visible_during_failure == [False]
+    assert direct.get_object(Bucket=bucket, Key="shards/a.tar")["Body"].read() == payload
+
+
+def test_upload_that_keeps_failing_raises_and_leaves_nothing(flaky):
+    proxy, endpoint, bucket = flaky
+    proxy.fail = lambda method, path: "500" if _is_upload(method, path) else None
+    loc = resolve(f"s3://{bucket}/shards/b.tar", StorageOptions(endpoint_url=proxy.endpoint, retries=2))
+    with pytest.raises(OSError):
+        write_bytes(loc, b"x" * 10000)
+    assert len(proxy.failures) >= 2  # retried before giving up
+    direct = boto3.client("s3", endpoint_url=endpoint)
+    assert "Contents" not in direct.list_objects_v2(Bucket=bucket, Prefix="shards/")
