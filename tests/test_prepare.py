@@ -191,3 +191,28 @@ def test_ray_data_reads_the_shards_from_s3(s3, tmp_path):
     assert len(rows) == manifest["counts"]["samples"] == 2
     assert sorted(r["__key__"] for r in rows) == sorted(r.key for r in refs)
     assert all(r["png"].shape == (32, 32, 3) for r in rows)
+
+
+def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tmp_path, monkeypatch):
+    import mambastyle.data.prepare as prep
+
+    out, manifest = demo_run
+    target = tmp_path / "interrupted"
+    prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)  # a committed earlier run
+    real_write = prep.write_bytes
+    written = []
+
+    def crash_after_first_shard(loc, data):
+        if loc.path.endswith(".tar") and written:
+            raise KeyboardInterrupt("simulated kill")
+        written.append(loc.path)
+        real_write(loc, data)
+
+    monkeypatch.setattr(prep, "write_bytes", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
+    assert not (target / "shards" / "manifest.json").exists()  # nothing half-done is committed
+    monkeypatch.setattr(prep, "write_bytes", real_write)
+    again = prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in manifest["shards"]]
+    assert verify(resolve(str(target))) == []

@@ -262,6 +262,9 @@ def prepare(
     inputs_written = len(refs) - quarantined
 
     shards_root = out.join("shards")
+    # Withdraw the previous commit point before touching any shard it lists: readers trust
+    # only a manifest, so while shards are being replaced there is none.
+    delete(shards_root.join("manifest.json"))
     shard_entries = []
     for split in SPLITS:
         part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
