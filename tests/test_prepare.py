@@ -216,3 +216,48 @@ def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tm
     again = prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in manifest["shards"]]
     assert verify(resolve(str(target))) == []
+
+
+def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
+    import numpy as np
+
+    from mambastyle.data.align import detect_faces
+    from mambastyle.data.demo import photos
+    from mambastyle.data.prepare import process_input
+
+    root = tmp_path / "ffhq"
+    entries = {}
+    for index, (_name, img) in enumerate(sorted(photos().items())):
+        rel = f"in-the-wild-images/00000/{index:05d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        img.save(root / rel)
+        face = detect_faces(np.asarray(img))[0]
+        entries[str(index)] = {
+            "category": "training",
+            "in_the_wild": {
+                "file_path": rel,
+                "face_landmarks": face.landmarks.tolist(),
+                "face_rect": list(face.box),
+            },
+        }
+    entries["2"] = {
+        "category": "validation",
+        "in_the_wild": {**entries["0"]["in_the_wild"], "file_path": "gone.png"},
+    }
+    entries["3"] = {"category": "training"}  # no in-the-wild record: not an input
+    (root / "ffhq-dataset-v2.json").write_text(json.dumps(entries))
+
+    refs = inputs_from_source(str(root / "ffhq-dataset-v2.json"))
+    assert [r.key for r in refs] == ["ffhq_0", "ffhq_1", "ffhq_2"]
+    manifest = prepare(refs, resolve(str(tmp_path / "out")), CONFIG)
+    assert manifest["counts"] == {**manifest["counts"], "inputs": 3, "written": 2, "quarantined": 1}
+    assert manifest["counts"]["quarantine_reasons"] == {"read_error": 1}
+    # supplied landmarks give the same crop as detecting them
+    given = process_input(refs[0], CONFIG).samples[0]
+    detected = process_input(dataclasses.replace(refs[0], landmarks=None, box=None), CONFIG).samples[0]
+    assert given.png == detected.png
+    assert given.meta["detector_score"] is None and given.meta["ffhq_index"] == "0"
+    with pytest.raises(ValueError, match="expected 68 landmarks"):
+        bad = {"0": {"in_the_wild": {"file_path": "x.png", "face_landmarks": [[0, 0]] * 5}}}
+        (root / "bad.json").write_text(json.dumps(bad))
+        inputs_from_source(str(root / "bad.json"))

@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import logging
+import math
+import posixpath
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from mambastyle import __version__
-from mambastyle.data.align import align_face, detect_faces, estimate_pose
+from mambastyle.data.align import Face, align_face, detect_faces, estimate_pose
 from mambastyle.data.images import InputRejected, decode_image
 from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve, write_bytes
 
@@ -64,6 +66,11 @@ class InputRef:
     uri: str
     loc: Location | None = field(default=None, repr=False)
     data: bytes | None = field(default=None, repr=False)
+    # Known face (e.g. from FFHQ's metadata): (68, 2) landmarks and the face box; the
+    # detector is skipped for such inputs.
+    landmarks: tuple[tuple[float, float], ...] | None = field(default=None, repr=False)
+    box: tuple[int, int, int, int] | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # more provenance for the sample's JSON
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -122,12 +129,45 @@ def list_inputs(source: Location) -> list[InputRef]:
     return refs
 
 
+def ffhq_inputs(metadata: Location) -> list[InputRef]:
+    """Inputs from FFHQ's metadata JSON (``ffhq-dataset-v2.json``): each entry's in-the-wild
+    image (``in_the_wild.file_path``, relative to the JSON's folder) with its 68 landmarks
+    and face box, so no detector runs. Entries without in-the-wild data are skipped."""
+    entries = json.loads(read_bytes(metadata))
+    if not isinstance(entries, dict):
+        raise ValueError(f"{metadata.uri}: expected FFHQ metadata (an object keyed by image index)")
+    base = posixpath.dirname(metadata.path)
+    base_uri = metadata.uri.rsplit("/", 1)[0]
+    refs = []
+    for index in sorted(entries, key=lambda k: (len(k), k)):
+        wild = entries[index].get("in_the_wild") if isinstance(entries[index], dict) else None
+        if not wild:
+            continue
+        try:
+            rel = str(wild["file_path"])
+            landmarks = tuple((float(x), float(y)) for x, y in wild["face_landmarks"])
+            box = tuple(int(round(float(v))) for v in wild["face_rect"]) if wild.get("face_rect") else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{metadata.uri}: entry {index}: malformed in_the_wild record ({exc})") from None
+        if len(landmarks) != 68:
+            raise ValueError(f"{metadata.uri}: entry {index}: expected 68 landmarks, got {len(landmarks)}")
+        loc = Location(metadata.fs, posixpath.join(base, rel), f"{base_uri}/{rel}")
+        extra = (("ffhq_index", str(index)), ("ffhq_category", str(entries[index].get("category", ""))))
+        refs.append(InputRef(f"ffhq_{index}", loc.uri, loc=loc, landmarks=landmarks, box=box, extra=extra))
+    if not refs:
+        raise FileNotFoundError(f"{metadata.uri}: no entries with in-the-wild images")
+    return refs
+
+
 def inputs_from_source(source: str, options: StorageOptions | None = None) -> list[InputRef]:
-    """``demo`` (the embedded demo set), a local folder, or an S3 prefix -> inputs."""
+    """``demo`` (the embedded demo set), an FFHQ metadata ``.json``, a local folder, or an
+    S3 prefix -> inputs."""
     if source == "demo":
         from mambastyle.data.demo import demo_inputs
 
         return demo_inputs()
+    if source.endswith(".json"):
+        return ffhq_inputs(resolve(source, options))
     return list_inputs(resolve(source, options))
 
 
@@ -142,9 +182,14 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
         except OSError as exc:
             raise InputRejected("read_error", str(exc)) from None
         img, original_size = decode_image(data, config.max_pixels)
-        faces = [
-            f for f in detect_faces(np.asarray(img), upsample=config.upsample) if f.score >= config.min_score
-        ]
+        if ref.landmarks is not None:  # a known face: no detection
+            lm = np.asarray(ref.landmarks, dtype=np.float64)
+            lo, hi = lm.min(0), lm.max(0)
+            box = ref.box or (int(lo[0]), int(lo[1]), int(np.ceil(hi[0])), int(np.ceil(hi[1])))
+            faces = [Face(box, float("nan"), lm)]
+        else:
+            found = detect_faces(np.asarray(img), upsample=config.upsample)
+            faces = [f for f in found if f.score >= config.min_score]
         if not faces:
             raise InputRejected("no_face", f"no face detected with score >= {config.min_score}")
         big = [f for f in faces if f.size >= config.min_face_size]
@@ -171,12 +216,13 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
                 "landmarks": np.round(face.landmarks, 2).tolist(),
                 "quad": np.round(quad, 3).tolist(),
                 "box": list(face.box),
-                "detector_score": round(face.score, 5),
+                "detector_score": None if math.isnan(face.score) else round(face.score, 5),
                 "yaw": round(yaw, 3),
                 "pitch": round(pitch, 3),
                 "roll": round(roll, 3),
                 "split": split,
                 "size": config.output_size,
+                **dict(ref.extra),
             }
             samples.append(Sample(key, split, buf.getvalue(), meta))
         return Outcome(ref.uri, samples)
