@@ -207,8 +207,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         out = resolve(args.output or st.root, options)
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    if p.executor == "ray":
+        from mambastyle.runtime import connect_ray
+
+        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
-        manifest = prepare(refs, out, config, workers=args.workers or p.workers,
+        manifest = prepare(refs, out, config, workers=args.workers or p.workers, executor=p.executor,
                            progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
     c = manifest["counts"]
     print(

@@ -127,6 +127,7 @@ class PrepareParams:
     shard_max_bytes: int
     split: SplitParams
     workers: int
+    executor: Literal["processes", "ray"]
 
     def __post_init__(self) -> None:
         if self.output_size < 8 or self.output_size & (self.output_size - 1):

@@ -261,3 +261,28 @@ def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
         bad = {"0": {"in_the_wild": {"file_path": "x.png", "face_landmarks": [[0, 0]] * 5}}}
         (root / "bad.json").write_text(json.dumps(bad))
         inputs_from_source(str(root / "bad.json"))
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_two_node_cluster_gives_the_same_shards(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    refs = [
+        r
+        for r in demo_inputs()
+        if "/original" in r.uri or "/flip" in r.uri or r.uri.startswith("demo://bad/")
+    ]
+    local = prepare(refs, resolve(str(tmp_path / "local")), CONFIG, workers=1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        distributed = prepare(refs, resolve(str(tmp_path / "ray")), CONFIG, executor="ray")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert distributed["counts"] == local["counts"]
+    assert [e["sha256"] for e in distributed["shards"]] == [e["sha256"] for e in local["shards"]]

@@ -237,14 +237,46 @@ def _process_star(args):
     return process_input(*args)
 
 
-def run_inputs(refs: list[InputRef], config: PrepareConfig, workers: int = 1) -> Iterator[Outcome]:
-    """Outcomes in input order, computed by ``workers`` processes (1 = in this process)."""
+Executor = Literal["processes", "ray"]
+
+
+def run_inputs(
+    refs: list[InputRef], config: PrepareConfig, workers: int = 1, executor: Executor = "processes"
+) -> Iterator[Outcome]:
+    """Outcomes in input order.
+
+    ``processes``: ``workers`` local processes (1 = in this process). ``ray``: one Ray task
+    per input on the cluster the caller has connected to (``ray.init``), two per cluster
+    CPU in flight; inputs must be readable from every node (S3, shared storage, or
+    in-memory bytes). Failed tasks (a lost node) are retried by Ray.
+    """
+    if executor == "ray":
+        yield from _run_inputs_ray(refs, config)
+        return
     if workers <= 1:
         for ref in refs:
             yield process_input(ref, config)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         yield from pool.map(_process_star, [(r, config) for r in refs], chunksize=4)
+
+
+def _run_inputs_ray(refs: list[InputRef], config: PrepareConfig) -> Iterator[Outcome]:
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("executor 'ray' needs a connected Ray (ray.init) first")
+    task = ray.remote(num_cpus=1, max_retries=3)(process_input)
+    config_ref = ray.put(config)
+    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: dict[int, object] = {}
+    next_submit = 0
+    for i in range(len(refs)):
+        # Keep a bounded window of tasks running; results are yielded in input order.
+        while next_submit < len(refs) and next_submit < i + in_flight:
+            pending[next_submit] = task.remote(refs[next_submit], config_ref)
+            next_submit += 1
+        yield ray.get(pending.pop(i))
 
 
 # --------------------------------------------------------------------------- shards
@@ -287,6 +319,7 @@ def prepare(
     config: PrepareConfig,
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor = "processes",
 ) -> dict:
     """Runs the stage over ``refs`` and publishes shards, quarantine and manifest under ``out/shards``.
 
@@ -298,7 +331,7 @@ def prepare(
         raise ValueError(f"input keys collide: {dupes}")
     samples: list[Sample] = []
     quarantine: list[dict] = []
-    for i, outcome in enumerate(run_inputs(refs, config, workers), start=1):
+    for i, outcome in enumerate(run_inputs(refs, config, workers, executor), start=1):
         if outcome.reason:
             quarantine.append({"source": outcome.uri, "reason": outcome.reason, "message": outcome.message})
         samples.extend(outcome.samples)
