@@ -150,23 +150,8 @@ def test_encoder_list_and_info(capsys):
 
 def test_data_prepare_and_verify(params, tmp_path, capsys):
     out = tmp_path / "root"
-    assert (
-        main(
-            [
-                "data",
-                "prepare",
-                "--params",
-                str(params),
-                "--output",
-                str(out),
-                "--size",
-                "32",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    prep = ["data", "prepare", "--params", str(params), "--output", str(out), "--size", "32"]
+    assert main([*prep, "--workers", "1"]) == 0
     text = capsys.readouterr().out
     assert "29 inputs = 22 written + 7 quarantined" in text and "quarantined no_face: 2" in text
     assert main(["data", "verify", "--params", str(params), str(out)]) == 0
@@ -174,18 +159,5 @@ def test_data_prepare_and_verify(params, tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-10])
     assert main(["data", "verify", "--params", str(params), str(out)]) == 1
     assert "1 shard(s) do not match" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "data",
-                "prepare",
-                "--params",
-                str(params),
-                "--input",
-                str(tmp_path / "none"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 1
-    )
+    assert main([*prep, "--input", str(tmp_path / "none")]) == 1
+    assert "no input files" in capsys.readouterr().err
