@@ -353,7 +353,6 @@ def prepare(
             write_bytes(loc, data)
             shard_entries.append(
                 {
-                    "uri": loc.uri,
                     "path": f"{split}/{split}-{index:06d}.tar",
                     "split": split,
                     "samples": len(chunk),
@@ -426,7 +425,8 @@ def verify(out: Location) -> list[str]:
 def shard_urls(out: Location, split: str | None = None) -> list[str]:
     """URIs of the shards the manifest under ``out`` lists (optionally one split), in order."""
     manifest = json.loads(read_bytes(out.join("shards", "manifest.json")))
-    return [e["uri"] for e in manifest["shards"] if split is None or e["split"] == split]
+    shards = out.join("shards")
+    return [shards.join(e["path"]).uri for e in manifest["shards"] if split is None or e["split"] == split]
 
 
 def register_webdataset_s3(options: StorageOptions | None = None) -> None:
