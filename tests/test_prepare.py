@@ -285,3 +285,30 @@ def test_ray_executor_on_a_two_node_cluster_gives_the_same_shards(tmp_path):
         cluster.shutdown()
     assert distributed["counts"] == local["counts"]
     assert [e["sha256"] for e in distributed["shards"]] == [e["sha256"] for e in local["shards"]]
+
+
+def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp_path, monkeypatch):
+    import mambastyle.data.prepare as prep
+
+    out, manifest = demo_run
+    monkeypatch.setattr(prep, "UNIT_INPUTS", 8)
+    real = prep.process_input
+    calls = []
+
+    def killed_at_20(ref, config):
+        if len(calls) == 20:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(ref.key)
+        return real(ref, config)
+
+    monkeypatch.setattr(prep, "process_input", killed_at_20)
+    target = resolve(str(tmp_path / "resumed"))
+    with pytest.raises(KeyboardInterrupt):
+        prepare(demo_inputs(), target, CONFIG, workers=1)
+    assert not (tmp_path / "resumed" / "shards" / "manifest.json").exists()
+    assert len(list((tmp_path / "resumed" / "shards" / "_work").glob("unit-*.tar"))) == 2  # 16 inputs saved
+    calls.clear()
+    again = prepare(demo_inputs(), target, CONFIG, workers=1)
+    assert len(calls) == len(demo_files()) - 16  # only the unfinished units ran again
+    assert again == manifest  # and the result is byte-for-byte what an uninterrupted run gives
+    assert not list((tmp_path / "resumed" / "shards").glob("_work/*"))  # work files removed after the commit

@@ -289,14 +289,66 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def build_shard(samples: Iterable[Sample]) -> bytes:
-    """A deterministic tar: per sample ``{key}.png`` then ``{key}.json``, fixed member metadata."""
+def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            _tar_member(tar, f"{s.key}.png", s.png)
-            _tar_member(tar, f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode())
+        for name, data in members:
+            _tar_member(tar, name, data)
     return buf.getvalue()
+
+
+def _sample_members(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
+    for s in samples:
+        yield f"{s.key}.png", s.png
+        yield f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode()
+
+
+def build_shard(samples: Iterable[Sample]) -> bytes:
+    """A deterministic tar: per sample ``{key}.png`` then ``{key}.json``, fixed member metadata."""
+    return _tar_bytes(_sample_members(samples))
+
+
+# --------------------------------------------------------------------------- resumable work
+#
+# Outcomes are saved in units of UNIT_INPUTS inputs under shards/_work/ while the stage runs,
+# so a re-run after an interruption reloads finished units instead of recomputing them. A
+# unit's file name carries a hash of the params and of its inputs' keys and URIs. The work
+# files are removed once the manifest is committed.
+
+UNIT_INPUTS = 64
+
+
+def _unit_name(index: int, refs: list[InputRef], config: PrepareConfig) -> str:
+    h = hashlib.sha256(config.params_hash().encode())
+    for r in refs:
+        h.update(f"\0{r.key}\0{r.uri}".encode())
+    return f"unit-{index:06d}-{h.hexdigest()[:16]}.tar"
+
+
+def _save_unit(loc: Location, outcomes: list[Outcome]) -> None:
+    index = [
+        {"uri": o.uri, "reason": o.reason, "message": o.message, "samples": [s.key for s in o.samples]}
+        for o in outcomes
+    ]
+    samples = [s for o in outcomes for s in o.samples]
+    write_bytes(loc, _tar_bytes([("_outcomes.json", json.dumps(index).encode()), *_sample_members(samples)]))
+
+
+def _load_unit(loc: Location) -> list[Outcome] | None:
+    """The outcomes saved in a unit file, or None when it is missing or unreadable."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(loc))) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        outcomes = []
+        for entry in json.loads(files["_outcomes.json"]):
+            samples = []
+            for key in entry["samples"]:
+                meta = json.loads(files[f"{key}.json"])
+                samples.append(Sample(key, meta["split"], files[f"{key}.png"], meta))
+            outcomes.append(Outcome(entry["uri"], samples, entry["reason"], entry["message"]))
+        return outcomes
+    except (FileNotFoundError, OSError, KeyError, ValueError, tarfile.TarError):
+        return None
 
 
 def _chunks(samples: list[Sample], max_samples: int, max_bytes: int) -> Iterator[list[Sample]]:
@@ -329,18 +381,39 @@ def prepare(
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"input keys collide: {dupes}")
+    shards_root = out.join("shards")
+    work = shards_root.join("_work")
+    units = [refs[i : i + UNIT_INPUTS] for i in range(0, len(refs), UNIT_INPUTS)]
+    unit_locs = [work.join(_unit_name(i, unit, config)) for i, unit in enumerate(units)]
+    saved = [_load_unit(loc) for loc in unit_locs]
+    todo = [r for unit, done in zip(units, saved, strict=True) if done is None for r in unit]
+    reused = len(refs) - len(todo)
+    if reused:
+        log.info("resuming: %d of %d inputs reloaded from %s", reused, len(refs), work.uri)
+    fresh = run_inputs(todo, config, workers, executor)
     samples: list[Sample] = []
     quarantine: list[dict] = []
-    for i, outcome in enumerate(run_inputs(refs, config, workers, executor), start=1):
-        if outcome.reason:
-            quarantine.append({"source": outcome.uri, "reason": outcome.reason, "message": outcome.message})
-        samples.extend(outcome.samples)
+    done = 0
+    for unit, loc, outcomes in zip(units, unit_locs, saved, strict=True):
+        if outcomes is None:
+            outcomes = []
+            for _ in unit:
+                outcomes.append(next(fresh))
+                if progress:
+                    progress(done + len(outcomes), len(refs))
+            _save_unit(loc, outcomes)
+        for outcome in outcomes:
+            if outcome.reason:
+                quarantine.append(
+                    {"source": outcome.uri, "reason": outcome.reason, "message": outcome.message}
+                )
+            samples.extend(outcome.samples)
+        done += len(unit)
         if progress:
-            progress(i, len(refs))
+            progress(done, len(refs))
     quarantined = len(quarantine)
     inputs_written = len(refs) - quarantined
 
-    shards_root = out.join("shards")
     # Withdraw the previous commit point before touching any shard it lists: readers trust
     # only a manifest, so while shards are being replaced there is none.
     delete(shards_root.join("manifest.json"))
@@ -395,7 +468,8 @@ def prepare(
     write_bytes(
         shards_root.join("manifest.json"), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     )
-    # Shards a previous run left behind that this manifest does not list are no longer valid.
+    # Shards a previous run left behind that this manifest does not list are no longer valid,
+    # and the work files (under _work/) have served their purpose.
     listed = {shards_root.join(e["path"]).path for e in shard_entries}
     for path in list_files(shards_root):
         if path.endswith(".tar") and path not in listed:
