@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/generator_forward.py
 	$(BIN)/python benchmarks/selective_scan.py
 	$(BIN)/python benchmarks/encoders.py
+	$(BIN)/python benchmarks/prepare.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks
