@@ -96,8 +96,12 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
     raise ValueError(f"unsupported storage URI {uri!r}: use a local path, file://... or s3://bucket/prefix")
 
 
-def write_bytes(loc: Location, data: bytes) -> None:
-    """Writes ``data`` as one whole object at ``loc`` (atomic: never visible half-written)."""
+def write_bytes(loc: Location, data: bytes, durable: bool = True) -> None:
+    """Writes ``data`` as one whole object at ``loc`` (atomic: never visible half-written).
+
+    Local files are fsynced (file and directory) unless ``durable=False``, so that a
+    manifest that survives a power loss never points at shards that did not.
+    """
     if loc.is_s3:
         with loc.fs.open_output_stream(loc.path) as f:  # visible only once the upload completes
             f.write(data)
@@ -108,7 +112,16 @@ def write_bytes(loc: Location, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, loc.path)  # readers see the old object or the whole new one
+        if durable:  # make the rename itself survive a crash
+            fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

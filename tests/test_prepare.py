@@ -250,16 +250,22 @@ def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
     assert [r.key for r in refs] == ["ffhq_0", "ffhq_1", "ffhq_2"]
     manifest = prepare(refs, resolve(str(tmp_path / "out")), CONFIG)
     assert manifest["counts"] == {**manifest["counts"], "inputs": 3, "written": 2, "quarantined": 1}
-    assert manifest["counts"]["quarantine_reasons"] == {"read_error": 1}
+    assert manifest["counts"]["quarantine_reasons"] == {"missing": 1}
     # supplied landmarks give the same crop as detecting them
     given = process_input(refs[0], CONFIG).samples[0]
     detected = process_input(dataclasses.replace(refs[0], landmarks=None, box=None), CONFIG).samples[0]
     assert given.png == detected.png
     assert given.meta["detector_score"] is None and given.meta["ffhq_index"] == "0"
-    with pytest.raises(ValueError, match="expected 68 landmarks"):
-        bad = {"0": {"in_the_wild": {"file_path": "x.png", "face_landmarks": [[0, 0]] * 5}}}
-        (root / "bad.json").write_text(json.dumps(bad))
-        inputs_from_source(str(root / "bad.json"))
+    # a malformed record is quarantined (bad_metadata), it does not stop the run
+    bad = {"0": {"in_the_wild": {"file_path": "x.png", "face_landmarks": [[0, 0]] * 5}}, "1": entries["0"]}
+    (root / "bad.json").write_text(json.dumps(bad))
+    refs = inputs_from_source(str(root / "bad.json"))
+    counts = prepare(refs, resolve(str(tmp_path / "out2")), CONFIG)["counts"]
+    assert (
+        counts["inputs"] == 2
+        and counts["written"] == 1
+        and counts["quarantine_reasons"] == {"bad_metadata": 1}
+    )
 
 
 @pytest.mark.slow
@@ -312,3 +318,35 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
     assert len(calls) == len(demo_files()) - 16  # only the unfinished units ran again
     assert again == manifest  # and the result is byte-for-byte what an uninterrupted run gives
     assert not list((tmp_path / "resumed" / "shards").glob("_work/*"))  # work files removed after the commit
+
+
+def test_each_face_of_a_photo_lands_in_the_photos_split():
+    from mambastyle.data.prepare import process_input
+
+    ref = next(r for r in demo_inputs() if r.uri == "demo://group/two_people.jpg")
+    samples = process_input(ref, dataclasses.replace(CONFIG, multi_face="each")).samples
+    assert len(samples) == 2
+    assert {s.split for s in samples} == {split_of(ref.key, CONFIG.split)}
+
+
+def test_storage_errors_stop_the_stage_instead_of_quarantining(tmp_path, monkeypatch):
+    from mambastyle.data.prepare import InputRef, process_input
+
+    missing = InputRef("m", str(tmp_path / "gone.jpg"), loc=resolve(str(tmp_path / "gone.jpg")))
+    assert process_input(missing, CONFIG).reason == "missing"  # a missing input is the input's fault
+
+    def storage_down(self):
+        raise OSError("AWS Error SLOW_DOWN after 5 attempts")
+
+    monkeypatch.setattr(InputRef, "read", storage_down)
+    with pytest.raises(OSError, match="SLOW_DOWN"):  # the environment's fault: no silent quarantine
+        process_input(missing, CONFIG)
+
+
+def test_decoding_refuses_formats_outside_the_allow_list():
+    from mambastyle.data.images import InputRejected, decode_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InputRejected) as exc:
+        decode_image(eps, 10_000_000)
+    assert exc.value.reason == "not_an_image"

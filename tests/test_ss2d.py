@@ -130,3 +130,24 @@ def test_fast_softplus_and_sigmoid():
     sg = np.array([fast_sigmoid(np.float32(x)) for x in v], dtype=np.float64)
     want = torch.sigmoid(torch.from_numpy(v).double()).numpy()
     assert np.max(np.abs(sg - want) / want) < 1e-6
+
+
+def test_ss2d_scan_rejects_inconsistent_shapes():
+    from mambastyle.layers.ss2d import ss2d_scan
+
+    b, d, n, h, w = 1, 4, 3, 5, 6
+    args = {
+        "x": torch.randn(b, h * w, d),
+        "dts": torch.randn(4, d, b, h * w),
+        "A": -torch.rand(4, d, n),
+        "B": torch.randn(b, 4, n, h * w),
+        "C": torch.randn(b, 4, n, h * w),
+        "D": torch.ones(4, d),
+        "dt_bias": torch.zeros(4, d),
+    }
+    for backend in ["ref", *(["cpu"] if "cpu" in available_backends("cpu") else [])]:
+        with pytest.raises(ValueError, match="L != h"):
+            ss2d_scan(**args, h=h, w=w + 1, backend=backend)
+        with pytest.raises(ValueError, match=r"B \(1, 4, 3, 29\)"):
+            ss2d_scan(**{**args, "B": args["B"][..., :-1]}, h=h, w=w, backend=backend)
+        assert ss2d_scan(**args, h=h, w=w, backend=backend).shape == (b, h * w, d)

@@ -8,6 +8,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# Raster formats decoded from untrusted bytes (no EPS/PDF-style formats that call external
+# interpreters).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM", "TGA")
+
 
 class InputRejected(Exception):
     """An input that cannot become a sample; ``reason`` is a stable code for quarantine records."""
@@ -40,15 +44,16 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
 
     Raises:
         InputRejected: ``empty_file``, ``not_an_image``, ``too_large`` (more than
-            ``max_pixels``, checked before decoding the pixels) or ``decode_error``
-            (truncated or corrupt data).
+            ``max_pixels``, checked before decoding the pixels; Pillow's own limit,
+            ``Image.MAX_IMAGE_PIXELS``, also applies) or ``decode_error`` (truncated or
+            corrupt data, or a mode with no RGB conversion).
     """
     if not data:
         raise InputRejected("empty_file", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width * height > max_pixels:
                 raise InputRejected("too_large", f"{width}x{height} exceeds {max_pixels} pixels")
@@ -65,4 +70,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a malformed EXIF block must not lose the image
         warnings.warn(f"ignoring unreadable EXIF orientation: {exc}", stacklevel=2)
-    return _to_rgb(img), (width, height)
+    try:
+        return _to_rgb(img), (width, height)
+    except (OSError, ValueError) as exc:  # modes without an RGB conversion, broken palettes
+        raise InputRejected("decode_error", f"cannot convert mode {img.mode} to RGB: {exc}") from None

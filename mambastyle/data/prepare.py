@@ -11,6 +11,7 @@ byte-identical shards and manifest. inputs = written + quarantined, always.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -18,16 +19,18 @@ import logging
 import math
 import posixpath
 import re
+import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from mambastyle import __version__
-from mambastyle.data.align import Face, align_face, detect_faces, estimate_pose
+from mambastyle.data.align import AlignmentUnavailable, Face, align_face, detect_faces, estimate_pose
 from mambastyle.data.images import InputRejected, decode_image
 from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve, write_bytes
 
@@ -71,6 +74,7 @@ class InputRef:
     landmarks: tuple[tuple[float, float], ...] | None = field(default=None, repr=False)
     box: tuple[int, int, int, int] | None = None
     extra: tuple[tuple[str, str], ...] = ()  # more provenance for the sample's JSON
+    error: tuple[str, str] | None = None  # (reason, message): known bad before reading
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -143,16 +147,20 @@ def ffhq_inputs(metadata: Location) -> list[InputRef]:
         wild = entries[index].get("in_the_wild") if isinstance(entries[index], dict) else None
         if not wild:
             continue
+        extra = (("ffhq_index", str(index)), ("ffhq_category", str(entries[index].get("category", ""))))
         try:
             rel = str(wild["file_path"])
             landmarks = tuple((float(x), float(y)) for x, y in wild["face_landmarks"])
             box = tuple(int(round(float(v))) for v in wild["face_rect"]) if wild.get("face_rect") else None
+            if len(landmarks) != 68:
+                raise ValueError(f"expected 68 landmarks, got {len(landmarks)}")
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{metadata.uri}: entry {index}: malformed in_the_wild record ({exc})") from None
-        if len(landmarks) != 68:
-            raise ValueError(f"{metadata.uri}: entry {index}: expected 68 landmarks, got {len(landmarks)}")
+            # A malformed record is an input that cannot be used: quarantined, not fatal.
+            uri = f"{metadata.uri}#{index}"
+            error = ("bad_metadata", f"malformed in_the_wild record: {exc}")
+            refs.append(InputRef(f"ffhq_{index}", uri, extra=extra, error=error))
+            continue
         loc = Location(metadata.fs, posixpath.join(base, rel), f"{base_uri}/{rel}")
-        extra = (("ffhq_index", str(index)), ("ffhq_category", str(entries[index].get("category", ""))))
         refs.append(InputRef(f"ffhq_{index}", loc.uri, loc=loc, landmarks=landmarks, box=box, extra=extra))
     if not refs:
         raise FileNotFoundError(f"{metadata.uri}: no entries with in-the-wild images")
@@ -177,10 +185,12 @@ def inputs_from_source(source: str, options: StorageOptions | None = None) -> li
 def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
     """Decode, detect, align one input. Never raises for bad data: failures are outcomes."""
     try:
+        if ref.error is not None:
+            raise InputRejected(*ref.error)
         try:
             data = ref.read()
-        except OSError as exc:
-            raise InputRejected("read_error", str(exc)) from None
+        except FileNotFoundError as exc:
+            raise InputRejected("missing", str(exc)) from None
         img, original_size = decode_image(data, config.max_pixels)
         if ref.landmarks is not None:  # a known face: no detection
             lm = np.asarray(ref.landmarks, dtype=np.float64)
@@ -201,7 +211,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
         samples = []
         for i, face in enumerate(chosen):
             key = ref.key if config.multi_face != "each" else f"{ref.key}_f{i}"
-            split = split_of(key, config.split)
+            split = split_of(ref.key, config.split)  # all faces of a photo in one split
             aligned, quad = align_face(img, face.landmarks, config.output_size)
             buf = io.BytesIO()
             aligned.save(buf, format="PNG", compress_level=config.png_compress_level)
@@ -228,6 +238,10 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
         return Outcome(ref.uri, samples)
     except InputRejected as exc:
         return Outcome(ref.uri, reason=exc.reason, message=exc.message)
+    except (AlignmentUnavailable, MemoryError, OSError):
+        # The environment, not the input: storage errors that outlived the client's retries,
+        # a missing model, memory. Quarantining would drop inputs silently; stop instead.
+        raise
     except Exception as exc:  # an unexpected failure on one input must not stop the batch
         log.exception("unexpected error on %s", ref.uri)
         return Outcome(ref.uri, reason="internal_error", message=f"{type(exc).__name__}: {exc}")
@@ -318,10 +332,22 @@ def build_shard(samples: Iterable[Sample]) -> bytes:
 UNIT_INPUTS = 64
 
 
+@functools.cache
+def _code_hash() -> str:
+    """Hash of the code that computes outcomes, so saved work from other code is not reused."""
+    from mambastyle.data import align, images
+
+    h = hashlib.sha256(__version__.encode())
+    for module in (align, images, sys.modules[__name__]):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def _unit_name(index: int, refs: list[InputRef], config: PrepareConfig) -> str:
     h = hashlib.sha256(config.params_hash().encode())
+    h.update(_code_hash().encode())
     for r in refs:
-        h.update(f"\0{r.key}\0{r.uri}".encode())
+        h.update(f"\0{r.key}\0{r.uri}\0{r.landmarks}\0{r.box}\0{r.error}".encode())
     return f"unit-{index:06d}-{h.hexdigest()[:16]}.tar"
 
 
@@ -347,8 +373,8 @@ def _load_unit(loc: Location) -> list[Outcome] | None:
                 samples.append(Sample(key, meta["split"], files[f"{key}.png"], meta))
             outcomes.append(Outcome(entry["uri"], samples, entry["reason"], entry["message"]))
         return outcomes
-    except (FileNotFoundError, OSError, KeyError, ValueError, tarfile.TarError):
-        return None
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, tarfile.TarError):
+        return None  # missing or unusable: the unit is recomputed
 
 
 def _chunks(samples: list[Sample], max_samples: int, max_bytes: int) -> Iterator[list[Sample]]:
@@ -386,6 +412,9 @@ def prepare(
     units = [refs[i : i + UNIT_INPUTS] for i in range(0, len(refs), UNIT_INPUTS)]
     unit_locs = [work.join(_unit_name(i, unit, config)) for i, unit in enumerate(units)]
     saved = [_load_unit(loc) for loc in unit_locs]
+    for i, (unit, outcomes) in enumerate(zip(units, saved, strict=True)):
+        if outcomes is not None and [o.uri for o in outcomes] != [r.uri for r in unit]:
+            saved[i] = None  # a unit file that does not describe exactly these inputs
     todo = [r for unit, done in zip(units, saved, strict=True) if done is None for r in unit]
     reused = len(refs) - len(todo)
     if reused:
@@ -472,7 +501,8 @@ def prepare(
     # and the work files (under _work/) have served their purpose.
     listed = {shards_root.join(e["path"]).path for e in shard_entries}
     for path in list_files(shards_root):
-        if path.endswith(".tar") and path not in listed:
+        stale_tmp = posixpath.basename(path).startswith(".") and ".tmp-" in path  # left by a kill
+        if (path.endswith(".tar") and path not in listed) or stale_tmp:
             delete(Location(out.fs, path, path))
     return manifest
 

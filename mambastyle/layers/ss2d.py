@@ -77,6 +77,16 @@ def ss2d_scan(
     """
     b, length, d = x.shape
     k = K_DIRECTIONS
+    n = A.shape[-1] if A.dim() == 3 else -1
+    expected = {"dts": (k, d, b, length), "A": (k, d, n), "B": (b, k, n, length), "C": (b, k, n, length),
+                "D": (k, d), "dt_bias": (k, d)}  # fmt: skip
+    got = {"dts": dts, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias}
+    bad = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in expected.items()
+           if tuple(got[name].shape) != shape]  # fmt: skip
+    if length != h * w or length == 0 or n < 1 or bad:
+        raise ValueError(
+            f"ss2d_scan: x {tuple(x.shape)} on a {h}x{w} grid; " + "; ".join(bad or ["L != h * w"])
+        )
     skip = x * D.sum(0)  # every direction adds D_k * x
     if resolve_backend(backend, x.device) == "cpu":
         args = (x.float(), dts.float(), dt_bias.float(), A.float(), B.float(), C.float())
