@@ -300,9 +300,10 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
     monkeypatch.setattr(prep, "UNIT_INPUTS", 8)
     real = prep.process_input
     calls = []
+    kill_at = [20]
 
     def killed_at_20(ref, config):
-        if len(calls) == 20:
+        if kill_at and len(calls) == kill_at[0]:
             raise KeyboardInterrupt("simulated kill")
         calls.append(ref.key)
         return real(ref, config)
@@ -314,10 +315,23 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
     assert not (tmp_path / "resumed" / "shards" / "manifest.json").exists()
     assert len(list((tmp_path / "resumed" / "shards" / "_work").glob("unit-*.tar"))) == 2  # 16 inputs saved
     calls.clear()
+    kill_at.clear()
     again = prepare(demo_inputs(), target, CONFIG, workers=1)
     assert len(calls) == len(demo_files()) - 16  # only the unfinished units ran again
     assert again == manifest  # and the result is byte-for-byte what an uninterrupted run gives
     assert not list((tmp_path / "resumed" / "shards").glob("_work/*"))  # work files removed after the commit
+
+    # a saved unit that is unreadable is recomputed, not trusted
+    calls.clear()
+    kill_at.append(20)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(demo_inputs(), resolve(str(tmp_path / "second")), CONFIG, workers=1)
+    first_unit = sorted((tmp_path / "second" / "shards" / "_work").glob("unit-*.tar"))[0]
+    first_unit.write_bytes(b"not a tar")
+    calls.clear()
+    kill_at.clear()
+    assert prepare(demo_inputs(), resolve(str(tmp_path / "second")), CONFIG, workers=1) == manifest
+    assert len(calls) == len(demo_files()) - 8
 
 
 def test_each_face_of_a_photo_lands_in_the_photos_split():

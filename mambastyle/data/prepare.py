@@ -32,7 +32,16 @@ import numpy as np
 from mambastyle import __version__
 from mambastyle.data.align import AlignmentUnavailable, Face, align_face, detect_faces, estimate_pose
 from mambastyle.data.images import InputRejected, decode_image
-from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve, write_bytes
+from mambastyle.storage import (
+    Location,
+    StorageOptions,
+    delete,
+    exists,
+    list_files,
+    read_bytes,
+    resolve,
+    write_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -377,18 +386,40 @@ def _load_unit(loc: Location) -> list[Outcome] | None:
         return None  # missing or unusable: the unit is recomputed
 
 
-def _chunks(samples: list[Sample], max_samples: int, max_bytes: int) -> Iterator[list[Sample]]:
-    chunk: list[Sample] = []
-    size = 0
-    for s in samples:
-        s_bytes = len(s.png) + 2048  # png + json + tar headers, roughly
-        if chunk and (len(chunk) >= max_samples or size + s_bytes > max_bytes):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(s)
-        size += s_bytes
-    if chunk:
-        yield chunk
+class _ShardWriter:
+    """Packs samples into ``{split}/{split}-{index:06d}.tar`` shards as they arrive (in order),
+    publishing each shard when the next sample would exceed its sample or byte limit."""
+
+    def __init__(self, shards_root: Location, config: PrepareConfig):
+        self.root, self.config = shards_root, config
+        self.pending: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+        self.size: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.index: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.entries: list[dict] = []
+
+    def add(self, sample: Sample) -> None:
+        split, nbytes = sample.split, len(sample.png) + 2048  # png + json + tar headers, roughly
+        full = len(self.pending[split]) >= self.config.shard_max_samples
+        if self.pending[split] and (full or self.size[split] + nbytes > self.config.shard_max_bytes):
+            self._flush(split)
+        self.pending[split].append(sample)
+        self.size[split] += nbytes
+
+    def _flush(self, split: str) -> None:
+        data = build_shard(self.pending[split])
+        path = f"{split}/{split}-{self.index[split]:06d}.tar"
+        write_bytes(self.root.join(path), data)
+        self.entries.append({"path": path, "split": split, "samples": len(self.pending[split]),
+                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+        self.pending[split], self.size[split] = [], 0
+        self.index[split] += 1
+
+    def close(self) -> list[dict]:
+        """Publishes the last partial shard of each split; returns the entries in split order."""
+        for split in SPLITS:
+            if self.pending[split]:
+                self._flush(split)
+        return sorted(self.entries, key=lambda e: (SPLITS.index(e["split"]), e["path"]))
 
 
 def prepare(
@@ -407,61 +438,52 @@ def prepare(
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise ValueError(f"input keys collide: {dupes}")
+    # Inputs run in key order, which is also the order of samples within a split's shards,
+    # so shards are written as soon as they fill and only one per split is held in memory.
+    refs = sorted(refs, key=lambda r: r.key)
     shards_root = out.join("shards")
     work = shards_root.join("_work")
     units = [refs[i : i + UNIT_INPUTS] for i in range(0, len(refs), UNIT_INPUTS)]
     unit_locs = [work.join(_unit_name(i, unit, config)) for i, unit in enumerate(units)]
-    saved = [_load_unit(loc) for loc in unit_locs]
-    for i, (unit, outcomes) in enumerate(zip(units, saved, strict=True)):
-        if outcomes is not None and [o.uri for o in outcomes] != [r.uri for r in unit]:
-            saved[i] = None  # a unit file that does not describe exactly these inputs
-    todo = [r for unit, done in zip(units, saved, strict=True) if done is None for r in unit]
-    reused = len(refs) - len(todo)
-    if reused:
-        log.info("resuming: %d of %d inputs reloaded from %s", reused, len(refs), work.uri)
+    saved = [exists(loc) for loc in unit_locs]
+    todo = [r for unit, is_saved in zip(units, saved, strict=True) if not is_saved for r in unit]
+    if len(todo) < len(refs):
+        log.info("resuming: %d of %d inputs saved in %s", len(refs) - len(todo), len(refs), work.uri)
     fresh = run_inputs(todo, config, workers, executor)
-    samples: list[Sample] = []
+    # Withdraw the previous commit point before touching any shard it lists: readers trust
+    # only a manifest, so while shards are being replaced there is none.
+    delete(shards_root.join("manifest.json"))
+    writer = _ShardWriter(shards_root, config)
     quarantine: list[dict] = []
     done = 0
-    for unit, loc, outcomes in zip(units, unit_locs, saved, strict=True):
+    for unit, loc, is_saved in zip(units, unit_locs, saved, strict=True):
+        outcomes = _load_unit(loc) if is_saved else None
+        if outcomes is not None and [o.uri for o in outcomes] != [r.uri for r in unit]:
+            outcomes = None  # a unit file that does not describe exactly these inputs
         if outcomes is None:
-            outcomes = []
-            for _ in unit:
-                outcomes.append(next(fresh))
-                if progress:
-                    progress(done + len(outcomes), len(refs))
+            if is_saved:  # saved but unusable: recompute this unit on its own
+                outcomes = list(run_inputs(unit, config, workers, executor))
+            else:
+                outcomes = []
+                for _ in unit:
+                    outcomes.append(next(fresh))
+                    if progress:
+                        progress(done + len(outcomes), len(refs))
             _save_unit(loc, outcomes)
         for outcome in outcomes:
             if outcome.reason:
                 quarantine.append(
                     {"source": outcome.uri, "reason": outcome.reason, "message": outcome.message}
                 )
-            samples.extend(outcome.samples)
+            for sample in outcome.samples:
+                writer.add(sample)
         done += len(unit)
         if progress:
             progress(done, len(refs))
+    shard_entries = writer.close()
+    n_samples = sum(e["samples"] for e in shard_entries)
     quarantined = len(quarantine)
     inputs_written = len(refs) - quarantined
-
-    # Withdraw the previous commit point before touching any shard it lists: readers trust
-    # only a manifest, so while shards are being replaced there is none.
-    delete(shards_root.join("manifest.json"))
-    shard_entries = []
-    for split in SPLITS:
-        part = sorted((s for s in samples if s.split == split), key=lambda s: s.key)
-        for index, chunk in enumerate(_chunks(part, config.shard_max_samples, config.shard_max_bytes)):
-            data = build_shard(chunk)
-            loc = shards_root.join(split, f"{split}-{index:06d}.tar")
-            write_bytes(loc, data)
-            shard_entries.append(
-                {
-                    "path": f"{split}/{split}-{index:06d}.tar",
-                    "split": split,
-                    "samples": len(chunk),
-                    "bytes": len(data),
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                }
-            )
     quarantine.sort(key=lambda q: q["source"])
     write_bytes(
         shards_root.join("quarantine.jsonl"),
@@ -479,7 +501,7 @@ def prepare(
             "inputs": len(refs),
             "written": inputs_written,
             "quarantined": quarantined,
-            "samples": len(samples),
+            "samples": n_samples,
             "quarantine_reasons": dict(sorted(reasons.items())),
         },
         "splits": {
