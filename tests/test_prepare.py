@@ -364,3 +364,26 @@ def test_decoding_refuses_formats_outside_the_allow_list():
     with pytest.raises(InputRejected) as exc:
         decode_image(eps, 10_000_000)
     assert exc.value.reason == "not_an_image"
+
+
+def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp_path, monkeypatch):
+    import os
+
+    import mambastyle.data.prepare as prep
+
+    real = prep.process_input
+
+    def segfault_on_the_cat(ref, config):
+        if ref.uri == "demo://bad/cat.jpg" and os.getpid() != parent:
+            os._exit(139)  # what a segfault or the OOM killer looks like from outside
+        return real(ref, config)
+
+    parent = os.getpid()
+    monkeypatch.setattr(prep, "process_input", segfault_on_the_cat)  # forked workers inherit it
+    manifest = prepare(demo_inputs(), resolve(str(tmp_path / "out")), CONFIG, workers=2)
+    c = manifest["counts"]
+    assert c["inputs"] == c["written"] + c["quarantined"] == len(demo_files())
+    quarantine = {
+        q["source"]: q["reason"] for q in read_jsonl(tmp_path / "out" / "shards" / "quarantine.jsonl")
+    }
+    assert quarantine == {**EXPECTED_QUARANTINE, "demo://bad/cat.jpg": "worker_crash"}

@@ -23,6 +23,7 @@ import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -260,6 +261,23 @@ def _process_star(args):
     return process_input(*args)
 
 
+def _crashed(ref: InputRef) -> Outcome:
+    return Outcome(
+        ref.uri,
+        reason="worker_crash",
+        message="the worker process died on this input (crash or out of memory)",
+    )
+
+
+def _isolated(ref: InputRef, config: PrepareConfig) -> Outcome:
+    """Runs one input in a process of its own, so that a crash is pinned on that input."""
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        try:
+            return pool.submit(_process_star, (ref, config)).result()
+        except BrokenProcessPool:
+            return _crashed(ref)
+
+
 Executor = Literal["processes", "ray"]
 
 
@@ -299,7 +317,10 @@ def _run_inputs_ray(refs: list[InputRef], config: PrepareConfig) -> Iterator[Out
         while next_submit < len(refs) and next_submit < i + in_flight:
             pending[next_submit] = task.remote(refs[next_submit], config_ref)
             next_submit += 1
-        yield ray.get(pending.pop(i))
+        try:
+            yield ray.get(pending.pop(i))
+        except ray.exceptions.WorkerCrashedError:  # still dying after Ray's retries
+            yield _crashed(refs[i])
 
 
 # --------------------------------------------------------------------------- shards
@@ -466,7 +487,16 @@ def prepare(
             else:
                 outcomes = []
                 for _ in unit:
-                    outcomes.append(next(fresh))
+                    try:
+                        outcomes.append(next(fresh))
+                    except BrokenProcessPool:
+                        # A worker died (crash, out of memory) and took the pool with it. Run
+                        # the rest of this unit one input per process to find the culprit, then
+                        # restart the pool for the inputs after this unit.
+                        outcomes.extend(_isolated(r, config) for r in unit[len(outcomes) :])
+                        later = [r for r in todo if r.key > unit[-1].key]
+                        fresh = run_inputs(later, config, workers, executor)
+                        break
                     if progress:
                         progress(done + len(outcomes), len(refs))
             _save_unit(loc, outcomes)
