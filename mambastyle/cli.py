@@ -189,31 +189,21 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from tqdm import tqdm
-
-    from mambastyle.data.prepare import inputs_from_source, prepare
-    from mambastyle.storage import resolve
+    from mambastyle.data.prepare import run_from_source
 
     params = _load(args.params)
     p, st = params.prepare, params.storage
-    options = st.options()
     config = p.config()
     if args.size is not None:
         config = replace(config, output_size=args.size)
     if args.multi_face is not None:
         config = replace(config, multi_face=args.multi_face)
     try:
-        refs = inputs_from_source(args.input or p.source, options)
-        out = resolve(args.output or st.root, options)
+        manifest, out = run_from_source(args.input or p.source, args.output or st.root, config, st.options(),
+                                        args.workers or p.workers, p.executor, params.ray.address,
+                                        params.ray.num_cpus)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    if p.executor == "ray":
-        from mambastyle.runtime import connect_ray
-
-        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
-        manifest = prepare(refs, out, config, workers=args.workers or p.workers, executor=p.executor,
-                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
     c = manifest["counts"]
     print(
         f"{c['inputs']} inputs = {c['written']} written + {c['quarantined']} quarantined; "

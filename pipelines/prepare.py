@@ -15,31 +15,19 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mambastyle.config import PrepareParams, RayParams, StorageParams, load_params
-from mambastyle.data.prepare import inputs_from_source, prepare
+from mambastyle.data.prepare import run_from_source
 from mambastyle.errors import InvalidConfig
-from mambastyle.runtime import connect_ray
-from mambastyle.storage import read_bytes, resolve
+from mambastyle.storage import read_bytes
 
 log = logging.getLogger("pipelines.prepare")
 
 
-def run(
-    params: PrepareParams, storage: StorageParams, local_out: Path, ray_params: RayParams | None = None
-) -> dict:
+def run(params: PrepareParams, storage: StorageParams, ray: RayParams, local_out: Path) -> dict:
     """Runs the stage; returns the manifest."""
     t0 = time.perf_counter()
-    if params.executor == "ray":
-        rp = ray_params or RayParams(address=None, num_cpus=None, num_gpus=None)
-        connect_ray(rp.address, rp.num_cpus, rp.num_gpus)
-    options = storage.options()
-    refs = inputs_from_source(params.source, options)
-    out = resolve(storage.root, options)
-    with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
-        manifest = prepare(refs, out, params.config(), workers=params.workers, executor=params.executor,
-                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    manifest, out = run_from_source(params.source, storage.root, params.config(), storage.options(),
+                                    params.workers, params.executor, ray.address, ray.num_cpus)  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     shards = out.join("shards")
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))
@@ -61,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         params = load_params(args.params)
-        manifest = run(params.prepare, params.storage, Path(args.out), params.ray)
+        manifest = run(params.prepare, params.storage, params.ray, Path(args.out))
     except (InvalidConfig, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 1

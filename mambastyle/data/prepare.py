@@ -559,6 +559,35 @@ def prepare(
     return manifest
 
 
+def run_from_source(
+    source: str,
+    root: str,
+    config: PrepareConfig,
+    options: StorageOptions | None = None,
+    workers: int = 1,
+    executor: Executor = "processes",
+    ray_address: str | None = None,
+    ray_cpus: int | None = None,
+) -> tuple[dict, Location]:
+    """The whole stage from a source URI to shards under ``root``, with a progress bar on stderr.
+
+    For ``executor='ray'`` it first connects to Ray (``ray_address``: None = a local
+    instance). Returns (manifest, the resolved root).
+    """
+    from tqdm import tqdm
+
+    refs = inputs_from_source(source, options)
+    out = resolve(root, options)
+    if executor == "ray":
+        from mambastyle.runtime import connect_ray
+
+        connect_ray(ray_address, ray_cpus)
+    with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
+        manifest = prepare(refs, out, config, workers=workers, executor=executor,
+                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    return manifest, out
+
+
 def verify(out: Location) -> list[str]:
     """Re-hashes every shard the manifest lists; returns the problems found (empty = all good)."""
     shards_root = out.join("shards")
