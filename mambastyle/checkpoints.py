@@ -301,3 +301,20 @@ def load_encoder(src: PathOrFile, *, scan_backend: str = "auto", device: str | t
     encoder.to(device).eval()
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return encoder, meta
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes, values) in name order.
+
+    The identity of a generator independent of the file it came from: two loads of the
+    same weights (or the same seeded random init) agree; any changed weight does not.
+    """
+    h = hashlib.sha256()
+    for name, value in sorted(unwrap_state_dict(module.state_dict()).items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    latent_avg = getattr(module, "latent_avg", None)
+    if isinstance(latent_avg, torch.Tensor):  # non-persistent in the generator, but part of its identity
+        h.update(b"latent_avg|" + latent_avg.detach().cpu().double().numpy().tobytes())
+    return h.hexdigest()

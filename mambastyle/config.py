@@ -155,21 +155,110 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    """Encoder training (Ray Train)."""
+class SyntheticParams:
+    """Generator samples used as training pairs (their W+ is the ground truth)."""
 
-    encoder: str
-    steps: int
-    batch_size: int
+    truncation: float  # psi towards latent_avg (1 = none)
+    mixing: float  # probability of style mixing two w at a random layer
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.truncation <= 1.0:
+            raise InvalidConfig("truncation", f"must be in (0, 1], got {self.truncation}")
+        if not 0.0 <= self.mixing <= 1.0:
+            raise InvalidConfig("mixing", f"must be in [0, 1], got {self.mixing}")
+
+
+@dataclass(frozen=True)
+class OptimizerParams:
+    """AdamW with linear warm-up then cosine decay, global gradient-norm clipping."""
+
     lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float  # the LR decays to lr * min_lr_ratio at the last step
+    grad_clip: float  # max global gradient norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise InvalidConfig("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise InvalidConfig("betas", f"needs two values in [0, 1), got {list(self.betas)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise InvalidConfig("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check_at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Weight of each loss term (0 switches a term off)."""
+
+    l2: float  # pixel MSE against the (resized) target
+    lpips: float  # LPIPS (AlexNet) perceptual distance
+    id: float  # 1 - ArcFace cosine similarity
+    w_norm: float  # ||w+ - latent_avg|| regulariser
+    latent: float  # MSE to the true W+ on synthetic steps (latent recovery)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "l2", "lpips", "id", "w_norm", "latent")
+
+
+@dataclass(frozen=True)
+class PretrainedParams:
+    """Pretrained networks the losses need; never downloaded at run time.
+
+    A path (local or s3://) or null; for LPIPS, null means torchvision's AlexNet file in the
+    torch hub cache when it is there. A missing file for a weighted term is reported and
+    the term is switched off, unless ``required`` is true (then the stage stops).
+    """
+
+    lpips_alexnet: str | None
+    arcface: str | None
+    required: bool
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Encoder training (Ray Train): the loop, its losses and how it is scaled."""
+
+    encoder: str  # a registered encoder (``mambastyle encoder list``)
+    input_size: int  # encoder input side; losses are computed at this size
+    steps: int
+    batch_size: int  # per worker
+    synthetic_ratio: float  # fraction of steps on generator samples instead of real images
+    synthetic: SyntheticParams
+    optimizer: OptimizerParams
+    loss: LossParams
+    pretrained: PretrainedParams
+    flip: bool  # random horizontal flips of real images
+    ema_decay: float  # 0 = off; e.g. 0.999 (the exported encoder is the EMA)
+    amp: bool  # mixed precision on CUDA (ignored on CPU)
+    max_nonfinite: int  # steps skipped for a non-finite loss before the run stops
+    log_every: int
+    eval_every: int
+    eval_samples: int  # held-out synthetic samples for the latent-recovery metric
+    checkpoint_every: int
+    image_every: int  # reconstruction grids (0 = only at the end)
     num_workers: int
+    cpus_per_worker: int
     use_gpu: bool
+    max_failures: int  # worker-group restarts from the last checkpoint before giving up
     seed: int
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "steps", "batch_size", "num_workers")
-        if self.lr <= 0:
-            raise InvalidConfig("lr", f"must be > 0, got {self.lr}")
+        from mambastyle.models.encoders import ENCODERS
+
+        if self.encoder not in ENCODERS:
+            raise InvalidConfig("encoder", f"unknown encoder {self.encoder!r}; registered: {sorted(ENCODERS)}")
+        if self.input_size < 32 or self.input_size & (self.input_size - 1):
+            raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
+        check_at_least(self, 1, "steps", "batch_size", "num_workers", "cpus_per_worker", "log_every",
+                       "eval_every", "eval_samples", "checkpoint_every")  # fmt: skip
+        check_at_least(self, 0, "max_nonfinite", "max_failures", "image_every")
+        if not 0.0 <= self.synthetic_ratio <= 1.0:
+            raise InvalidConfig("synthetic_ratio", f"must be in [0, 1], got {self.synthetic_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InvalidConfig("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

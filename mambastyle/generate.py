@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import torch
 
 from mambastyle.checkpoints import load_generator
+from mambastyle.errors import CheckpointError
+from mambastyle.storage import StorageOptions, read_bytes, resolve
 from mambastyle.models.stylegan2 import Generator, GeneratorConfig, NoiseMode, build_generator
 from mambastyle.visual import make_grid, to_uint8
 
@@ -17,15 +20,25 @@ def resolve_generator(
     init_seed: int,
     latent_avg_samples: int,
     device: str | torch.device = "cpu",
+    options: StorageOptions | None = None,
 ) -> Generator:
-    """Loads ``checkpoint`` (checked against ``architecture.resolution``), or, when it is
-    None, builds a random generator of ``architecture`` from ``init_seed``.
+    """Loads ``checkpoint`` (a local path or s3:// URI, checked against
+    ``architecture.resolution``), or, when it is None, builds a random generator of
+    ``architecture`` from ``init_seed``.
 
     Either way the result is in eval mode, frozen, and has ``latent_avg`` set.
     """
     if checkpoint is not None:
+        src: str | io.BytesIO = checkpoint
+        loc = resolve(checkpoint, options)
+        if loc.is_s3:
+            try:
+                src = io.BytesIO(read_bytes(loc))
+            except OSError as exc:
+                raise CheckpointError(f"{checkpoint}: cannot read ({exc})") from None
+            src.name = checkpoint
         return load_generator(
-            checkpoint,
+            src,
             resolution=architecture.resolution,
             latent_avg_samples=latent_avg_samples,
             device=device,

@@ -39,6 +39,17 @@ def test_upfirdn2d_matches_definition(up, down, pad, kshape):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("up,down,pad", [(1, 1, (2, 2)), (1, 2, (1, 1)), (1, (1, 2), (0, 3, 2, -1)), (2, 1, (2, 1))])
+@pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 2, 1], [0.5, -1.0, 2.0, 0.25, 1.0]])
+def test_upfirdn2d_separable_kernels_match_definition(up, down, pad, taps):
+    # Separable kernels take the CPU's two-pass route: check it against the literal definition.
+    x = torch.randn(2, 3, 8, 7)
+    k = make_kernel(taps) if sum(taps) else torch.tensor(taps)[:, None] * torch.tensor(taps)[None, :]
+    got = upfirdn2d(x, k, up=up, down=down, pad=pad)
+    want = upfirdn2d_ref(x.numpy(), k.numpy(), up=up, down=down, pad=pad)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("up,down,pad", [(2, 1, (2, 1)), (1, 1, (2, 2)), (1, 2, (1, 1))])
 def test_upfirdn2d_gradients_match_finite_differences(up, down, pad):
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)

@@ -356,6 +356,19 @@ class Generator(nn.Module):
             )
         return avg + psi * (w - avg)
 
+    def style_codes(self, w_plus: torch.Tensor) -> torch.Tensor:
+        """The per-layer modulation styles the synthesis network computes from W+ codes,
+        concatenated: (B, sum of modulated input channels), the "style space" (S).
+
+        Only these affine projections of W+ reach the image, so at layers narrower than
+        ``style_dim`` part of each code is invisible; latent recovery is judged here.
+        """
+        layers = [(self.conv1, 0), (self.to_rgb1, 1)]
+        for j, (conv_up, conv, to_rgb) in enumerate(zip(self.convs[::2], self.convs[1::2], self.to_rgbs, strict=True)):
+            i = 1 + 2 * j
+            layers += [(conv_up, i), (conv, i + 1), (to_rgb, i + 2)]
+        return torch.cat([layer.conv.modulation(w_plus[:, i]) for layer, i in layers], dim=1)
+
     @torch.no_grad()
     def compute_latent_avg(self, n_samples: int = 10_000, seed: int = 0, chunk: int = 4096) -> torch.Tensor:
         """Sets ``latent_avg`` to the mean of ``mapping(z)`` over a fixed-seed sample of Z.
