@@ -6,7 +6,7 @@ to run). The same module is the cluster entry point:
     RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env infra/runtime-env.yaml -- python -m pipelines.train
 
-Data, checkpoints and the exported encoder live under {storage.root}/train/ (local or S3);
+Checkpoints, metrics and the exported encoder live under {storage.root}/train-runs/ (local or S3);
 the stage's DVC outputs are small local files under data/train/: encoder.json (where the
 encoder is, its sha256, step, generator identity) and DVCLive metrics, curves and
 reconstruction grids. Re-running the same inputs resumes the run from its last checkpoint.
@@ -26,7 +26,7 @@ from mambastyle.config import Params, load_params, to_dict
 from mambastyle.errors import CheckpointError, InvalidConfig
 from mambastyle.storage import exists, list_files, read_bytes, resolve
 from mambastyle.train.data import ShardError, ShardStream, manifest_shards
-from mambastyle.train.distributed import TrainJob, export_encoder, fit, load_state, run_name
+from mambastyle.train.distributed import RUNS_DIR, TrainJob, export_encoder, fit, load_state, run_name
 from mambastyle.train.losses import MissingWeights
 
 log = logging.getLogger("pipelines.train")
@@ -65,7 +65,7 @@ def run(params: Params, local_out: Path) -> dict:
     storage = dataclasses.replace(params.storage, root=root.uri)
     job = TrainJob(params.train, params.generator, storage, run_name(params.train, params.generator, manifest))
     log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run, params.train.steps,
-             params.train.num_workers, job.location("train", "ray", job.run).uri)  # fmt: skip
+             params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
     connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     result = fit(job, manifest)
     if result.checkpoint is None:

@@ -1,13 +1,13 @@
 """Ray Train wrapper: the training loop on N workers (DDP), checkpointed to local disk or S3.
 
-Layout under ``{storage.root}/train/``:
+Layout under ``{storage.root}/train-runs/{run}/`` (Ray Train's run directory):
 
-- ``ray/{run}/``: Ray Train's run directory (its checkpoints: ``state.pt`` holding the
-  encoder, optimizer, scheduler, scaler, EMA, step and data position);
-- ``runs/{run}/metrics.jsonl``: one line per report (rank 0), rewritten whole, trimmed back
+- ``checkpoint_{step}/state.pt``: Ray Train's checkpoints (encoder, optimizer, scheduler,
+  scaler, EMA, step and data position), the last two kept;
+- ``artifacts/metrics.jsonl``: one line per report (rank 0), rewritten whole, trimmed back
   to the restored step after a restart, so it never holds a step twice;
-- ``runs/{run}/images/recon-{step}.png``: reconstruction grids (input | reconstruction);
-- ``runs/{run}/encoder.pt``: the exported encoder (written by :func:`export_encoder`).
+- ``artifacts/images/recon-{step}.png``: reconstruction grids (input | reconstruction);
+- ``artifacts/encoder.pt``: the exported encoder (written by :func:`export_encoder`).
 
 ``run`` is derived from the inputs (shard manifest, generator, train params), so re-running
 the same job resumes its latest checkpoint instead of starting over, and a finished run is
@@ -35,6 +35,7 @@ from mambastyle.storage import Location, exists, read_bytes, resolve, write_byte
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+RUNS_DIR = "train-runs"  # under storage.root
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class TrainJob:
 
     @property
     def artifacts(self) -> Location:
-        return self.location("train", "runs", self.run)
+        return self.location(RUNS_DIR, self.run, "artifacts")
 
 
 def run_name(train: TrainParams, generator: GeneratorParams, manifest: bytes | None) -> str:
@@ -199,7 +200,7 @@ def fit(job: TrainJob, manifest: bytes | None = None):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     p = job.train
-    ray_dir = job.location("train", "ray")
+    ray_dir = job.location(RUNS_DIR)
     if not ray_dir.is_s3:
         os.makedirs(ray_dir.path, exist_ok=True)
     trainer = TorchTrainer(
@@ -235,7 +236,7 @@ def load_state(checkpoint) -> dict:
 
 def export_encoder(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
     """Writes the user-facing encoder checkpoint (EMA weights when enabled) to
-    ``runs/{run}/encoder.pt``; returns (location, sha256, payload without weights)."""
+    ``artifacts/encoder.pt``; returns (location, sha256, payload without weights)."""
     from mambastyle.models.encoders import EncoderConfig, build_encoder_from_config
 
     encoder = build_encoder_from_config(EncoderConfig.from_dict(dict(state["encoder_config"])))

@@ -169,6 +169,8 @@ class Trainer:
                 flip = (torch.rand(x.shape[0], generator=self._rng("flip")) < 0.5).to(self.device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             self.real_samples += real.shape[0]
+        # A skipped step must leave no trace, including BatchNorm statistics of a bad batch.
+        saved_buffers = [b.detach().clone() for b in self.module.buffers()]
         with self._autocast():
             w_hat = self.model(x)
             y_hat = self._render(w_hat)
@@ -189,6 +191,9 @@ class Trainer:
             self.scaler.update()
             self._update_ema()
         else:
+            with torch.no_grad():
+                for b, saved in zip(self.module.buffers(), saved_buffers, strict=True):
+                    b.copy_(saved)
             self.nonfinite += 1
             log.warning("step %d: non-finite loss or gradient, skipped (%d so far)", self.step, self.nonfinite)
             if self.nonfinite > p.max_nonfinite:

@@ -1,0 +1,68 @@
+"""Small training setups shared by the train tests (a tiny generator, tiny encoder, fake shards)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from conftest import REPO
+from mambastyle.config import Params, parse_params
+from mambastyle.data.prepare import Sample, build_shard
+from mambastyle.storage import Location, write_bytes
+
+# A generator whose style space is as wide as W (style_dim = channels), so codes are
+# recoverable from images, and small enough for CPU tests.
+TINY_GENERATOR = {"resolution": 32, "style_dim": 32, "n_mlp": 2, "channel_multiplier": 1, "channel_max": 32,
+                  "lr_mlp": 0.01, "blur_kernel": [1, 3, 3, 1]}  # fmt: skip
+
+
+def params(**sections) -> Params:
+    """The repo's params.yaml with nested overrides, e.g. ``params(train={"steps": 5})``."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["generator"]["architecture"] = dict(TINY_GENERATOR)
+    data["generator"]["latent_avg_samples"] = 2000
+    data["train"].update(input_size=32, batch_size=4, log_every=2, eval_every=4, eval_samples=8,
+                         checkpoint_every=4, image_every=0)  # fmt: skip
+    data = _merge(data, sections)
+    return parse_params(data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def png(rng: np.random.Generator, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(root: Location, counts: dict[str, list[int]], size: int = 32, seed: int = 0) -> dict[str, bytes]:
+    """Shards of random images under ``root/shards`` with a manifest like the prepare stage's.
+
+    ``counts`` maps a split to its shards' sample counts. Returns {key: png bytes}.
+    """
+    rng = np.random.default_rng(seed)
+    entries, images = [], {}
+    for split, shard_counts in counts.items():
+        for index, n in enumerate(shard_counts):
+            samples = []
+            for i in range(n):
+                key = f"{split}_{index:02d}_{i:03d}"
+                images[key] = png(rng, size)
+                samples.append(Sample(key, split, images[key], {"split": split}))
+            data = build_shard(samples)
+            path = f"{split}/{split}-{index:06d}.tar"
+            write_bytes(root.join("shards", path), data, durable=False)
+            entries.append({"path": path, "split": split, "samples": n, "bytes": len(data)})
+    manifest = {"version": 1, "shards": entries}
+    write_bytes(root.join("shards", "manifest.json"), json.dumps(manifest).encode(), durable=False)
+    return images
