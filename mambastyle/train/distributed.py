@@ -97,6 +97,7 @@ def train_worker(config: dict) -> None:
     """``train_loop_per_worker``: builds everything, restores the latest checkpoint, trains."""
     import ray.train
     import torch.distributed as dist
+    from PIL import Image
     from torch.nn.parallel import DistributedDataParallel
 
     from mambastyle.generate import resolve_generator
@@ -115,9 +116,14 @@ def train_worker(config: dict) -> None:
 
     g = resolve_generator(job.generator.checkpoint, job.generator.architecture, job.generator.init_seed,
                           job.generator.latent_avg_samples, device=device, options=options)  # fmt: skip
-    encoder = build_encoder(p.encoder, g.resolution, seed=p.seed, input_size=p.input_size).to(device)
+    encoder = build_encoder(p.encoder, g.resolution, seed=p.seed, input_size=p.input_size, style_dim=g.style_dim)
+    encoder = encoder.to(device)
     encoder.set_latent_avg(g.latent_avg)
     loss, status = build_loss(p.loss, p.pretrained, options)
+    if hasattr(encoder, "feature_adapter"):
+        # Only the F-space path uses it; W+ training never does, and DDP refuses parameters
+        # that get no gradient (unless it searches for them every step).
+        encoder.feature_adapter.requires_grad_(False)
     model = encoder
     if world > 1:
         model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
@@ -159,6 +165,17 @@ def train_worker(config: dict) -> None:
             out["steps_per_s"] = len(window) / max(1e-9, now - t_last)
             t_last = now
         window.clear()
+        if due_ckpt and world > 1:
+            # DDP replicas must hold identical weights; a checkpoint is rank 0's copy only.
+            # (BatchNorm statistics differ until DDP re-broadcasts them from rank 0 at the
+            # next forward, so parameters are compared.)
+            digest = torch.tensor([float(sum(t.detach().double().sum() for t in trainer.module.parameters()))],
+                                  dtype=torch.float64, device=device)  # fmt: skip
+            gathered = [torch.zeros_like(digest) for _ in range(world)]
+            dist.all_gather(gathered, digest)
+            if any(not torch.equal(g_, digest) for g_ in gathered):
+                raise RuntimeError(f"step {step}: DDP replicas diverged ({[float(g_) for g_ in gathered]})")
+            out["replicas_in_sync"] = 1.0
         ckpt = None
         if rank == 0:
             if due_eval:
@@ -166,8 +183,6 @@ def train_worker(config: dict) -> None:
             if shown is not None and (final or (p.image_every and step % p.image_every == 0)):
                 grid = make_grid(to_uint8(trainer.reconstructions(shown)), ncols=4)
                 buf = io.BytesIO()
-                from PIL import Image
-
                 Image.fromarray(grid).save(buf, format="PNG")
                 write_bytes(artifacts.join("images", f"recon-{step:06d}.png"), buf.getvalue(), durable=False)
             history.append(out)
@@ -180,9 +195,8 @@ def train_worker(config: dict) -> None:
                 state["loss_status"] = {"active": status.active, "off": status.off}
                 torch.save(state, os.path.join(tmp, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-        if due_ckpt and world > 1:
-            dist.barrier()
-        ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}" if due_ckpt else None)
+        ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}" if due_ckpt else None,
+                         delete_local_checkpoint_after_upload=ckpt is not None)  # fmt: skip
 
     def on_step(trainer: Trainer, metrics: dict) -> None:
         window.append(metrics)

@@ -1,0 +1,136 @@
+"""Training on Ray Train: DDP over a 2-node local cluster, a killed worker resumed from S3
+checkpoints, and `ray job submit` of the stage's entry point. Each fit() costs ~35 s here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from train_helpers import params, write_shards
+
+from conftest import REPO, _free_port
+from mambastyle.config import to_dict
+from mambastyle.storage import StorageOptions, list_files, read_bytes, resolve
+from mambastyle.train.distributed import RUNS_DIR, TrainJob, export_encoder, fit, load_state, run_name
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"steps": 12, "batch_size": 2, "synthetic_ratio": 0.5, "checkpoint_every": 4, "eval_every": 4,
+         "log_every": 2, "image_every": 8, "cpus_per_worker": 1, "eval_samples": 4}  # fmt: skip
+
+
+def _job(root: str, endpoint: str | None = None, **train) -> TrainJob:
+    storage = {"root": root, "endpoint_url": endpoint}
+    p = params(train={**TRAIN, **train}, storage=storage)
+    manifest = read_bytes(resolve(root, p.storage.options()).join("shards", "manifest.json"))
+    return TrainJob(p.train, p.generator, p.storage, run_name(p.train, p.generator, manifest))
+
+
+def _history(job: TrainJob) -> list[dict]:
+    return [json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()]
+
+
+def test_ddp_on_a_two_node_cluster(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    root = resolve(str(tmp_path / "data"))
+    write_shards(root, {"train": [3, 3, 2], "val": [2]})
+    # Two nodes with one CPU each and workers that need one CPU each: one worker per node.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        job = _job(root.uri, num_workers=2)
+        result = fit(job)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    history = _history(job)
+    assert [m["step"] for m in history] == list(range(2, 13, 2))
+    assert all(m["world_size"] == 2 for m in history)
+    # gloo all-reduce kept both replicas bit-identical at every checkpoint
+    assert [m["step"] for m in history if m.get("replicas_in_sync") == 1.0] == [4, 8, 12]
+    state = load_state(result.checkpoint)
+    assert state["step"] == 12 and state["real_samples"] == 6 * 2  # 6 real steps x batch 2 on each rank
+    loc, sha, meta = export_encoder(job, state)
+    assert meta["generator"]["n_styles"] == 8 and len(sha) == 64
+    assert list_files(job.artifacts.join("images"))  # reconstruction grids
+
+
+def _kill_worker_after(run_dir: Path | None, job: TrainJob, checkpoint: str, done: threading.Event) -> None:
+    """Waits for ``checkpoint`` to appear in the run directory, then SIGKILLs the train worker."""
+    ckpt = job.location(RUNS_DIR, job.run, checkpoint, "state.pt")
+    while not done.is_set():
+        if list_files(ckpt):
+            for proc in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+                    done.set()
+            return
+        time.sleep(0.2)
+
+
+def test_killed_worker_resumes_from_the_last_s3_checkpoint(s3):
+    from mambastyle.runtime import connect_ray
+
+    endpoint, bucket = s3
+    root = resolve(f"s3://{bucket}/data", StorageOptions(endpoint_url=endpoint))
+    write_shards(root, {"train": [4, 3], "val": [2]})
+    job = _job(root.uri, endpoint, steps=24, max_failures=2)
+    ray = connect_ray(None, num_cpus=2)
+    killed = threading.Event()
+    killer = threading.Thread(target=_kill_worker_after, args=(None, job, "checkpoint_00000008", killed))
+    killer.start()
+    try:
+        result = fit(job)
+    finally:
+        killed.set()
+        killer.join()
+        ray.shutdown()
+    history = _history(job)
+    steps = [m["step"] for m in history]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # no step twice, none lost at the end
+    resumed = {m["start_step"] for m in history}
+    assert resumed & {8, 12}, f"no restart from a checkpoint: {resumed}"
+    assert load_state(result.checkpoint)["step"] == 24
+    assert any("checkpoint_00000024/state.pt" in p for p in list_files(job.location(RUNS_DIR, job.run)))
+
+
+def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    root = resolve(str(tmp_path / "data"))
+    write_shards(root, {"train": [3, 3], "val": [2]})
+    p = params(train={**TRAIN, "steps": 4}, storage={"root": root.uri}, ray={"address": "auto"})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(to_dict(p)))
+    port, dash = _free_port(), _free_port()
+    start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        runtime_env = {"excludes": [".git", "data", ".venv", ".dvc/cache", "**/__pycache__"]}
+        submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                  "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train",
+                  "--params", str(params_file), "--out", str(tmp_path / "out")]  # fmt: skip
+        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    record = json.loads((tmp_path / "out" / "encoder.json").read_text())
+    assert record["step"] == 4 and Path(record["uri"]).is_file()
+    assert (tmp_path / "out" / "dvclive" / "metrics.json").is_file()
+    assert shutil.which("ray", path=str(ray_bin.parent))
