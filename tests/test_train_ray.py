@@ -102,8 +102,10 @@ def test_killed_worker_resumes_from_the_last_s3_checkpoint(s3):
     history = _history(job)
     steps = [m["step"] for m in history]
     assert steps == sorted(set(steps)) and steps[-1] == 24  # no step twice, none lost at the end
-    resumed = {m["start_step"] for m in history}
-    assert resumed & {8, 12}, f"no restart from a checkpoint: {resumed}"
+    resumed = {m["start_step"] for m in history} - {0}
+    # killed once checkpoint 8 was uploading: restarted from 8, or from 4 if 8 was not yet committed
+    assert resumed and resumed <= {4, 8}, f"no restart from a checkpoint: {resumed}"
+    assert all(m["step"] > m["start_step"] for m in history)
     assert load_state(result.checkpoint)["step"] == 24
     assert any("checkpoint_00000024/state.pt" in p for p in list_files(job.location(RUNS_DIR, job.run)))
 
