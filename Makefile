@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/selective_scan.py
 	$(BIN)/python benchmarks/encoders.py
 	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/train_data.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks

@@ -26,8 +26,8 @@ from mambastyle.generate import resolve_generator
 from mambastyle.models.encoders import build_encoder
 from mambastyle.storage import resolve
 from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards, tensor_batches
-from mambastyle.train.losses import build_loss
 from mambastyle.train.loop import Trainer
+from mambastyle.train.losses import build_loss
 
 
 def main() -> int:
@@ -50,7 +50,9 @@ def main() -> int:
     p = load_params()
     train = dataclasses.replace(p.train, synthetic_ratio=0.0)
     g = resolve_generator(None, p.generator.architecture, p.generator.init_seed, 2000)
-    encoder = build_encoder(train.encoder, g.resolution, seed=0, input_size=train.input_size, style_dim=g.style_dim)
+    encoder = build_encoder(
+        train.encoder, g.resolution, seed=0, input_size=train.input_size, style_dim=g.style_dim
+    )
     encoder.set_latent_avg(g.latent_avg)
     loss, _ = build_loss(train.loss, train.pretrained)
     trainer = Trainer(encoder, g, loss, train)
@@ -61,7 +63,9 @@ def main() -> int:
         counts = [min(args.shard_samples, args.images - i * args.shard_samples) for i in range(n_shards)]
         write_shards(root, {"train": counts}, size=args.size)
         stream = ShardStream(manifest_shards(root, "train"), seed=0)
-        memory = torch.stack([img for _, (_, img) in zip(range(args.images), stream.samples(0), strict=False)])
+        memory = torch.stack(
+            [img for _, (_, img) in zip(range(args.images), stream.samples(0), strict=False)]
+        )
         bs = train.batch_size
 
         def timed(batches) -> float:

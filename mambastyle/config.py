@@ -249,7 +249,9 @@ class TrainParams:
         from mambastyle.models.encoders import ENCODERS
 
         if self.encoder not in ENCODERS:
-            raise InvalidConfig("encoder", f"unknown encoder {self.encoder!r}; registered: {sorted(ENCODERS)}")
+            raise InvalidConfig(
+                "encoder", f"unknown encoder {self.encoder!r}; registered: {sorted(ENCODERS)}"
+            )
         if self.input_size < 32 or self.input_size & (self.input_size - 1):
             raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
         check_at_least(self, 1, "steps", "batch_size", "num_workers", "cpus_per_worker", "log_every",

@@ -9,8 +9,8 @@ import torch
 
 from mambastyle.checkpoints import load_generator
 from mambastyle.errors import CheckpointError
-from mambastyle.storage import StorageOptions, read_bytes, resolve
 from mambastyle.models.stylegan2 import Generator, GeneratorConfig, NoiseMode, build_generator
+from mambastyle.storage import StorageOptions, read_bytes, resolve
 from mambastyle.visual import make_grid, to_uint8
 
 

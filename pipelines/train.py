@@ -63,7 +63,9 @@ def run(params: Params, local_out: Path) -> dict:
         ShardStream(manifest_shards(root, "train"), 0, params.train.num_workers)  # fails early, clearly
     # Workers run elsewhere (another directory, another node): give them an absolute root.
     storage = dataclasses.replace(params.storage, root=root.uri)
-    job = TrainJob(params.train, params.generator, storage, run_name(params.train, params.generator, manifest))
+    job = TrainJob(
+        params.train, params.generator, storage, run_name(params.train, params.generator, manifest)
+    )
     log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run, params.train.steps,
              params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
     connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
@@ -73,7 +75,9 @@ def run(params: Params, local_out: Path) -> dict:
     state = load_state(result.checkpoint)
     loc, sha, meta = export_encoder(job, state)
 
-    history = [json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()]
+    history = [
+        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
+    ]
     grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
     images = {}
     if grids:

@@ -104,3 +104,10 @@ def test_file_errors(tmp_path):
     bad.write_text("generator: [unclosed\n")
     with pytest.raises(ConfigError, match=f"{bad}: not valid YAML"):
         load_params(bad)
+
+
+def test_ffhq_profile_is_a_complete_valid_params_file(repo):
+    p = load_params(repo / "profiles" / "ffhq.yaml")
+    assert p.generator.architecture.resolution == 1024 and p.train.input_size == 256
+    assert p.train.encoder == "mambastyle" and p.train.pretrained.required
+    assert p.storage.root.startswith("s3://")

@@ -39,7 +39,9 @@ def test_upfirdn2d_matches_definition(up, down, pad, kshape):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("up,down,pad", [(1, 1, (2, 2)), (1, 2, (1, 1)), (1, (1, 2), (0, 3, 2, -1)), (2, 1, (2, 1))])
+@pytest.mark.parametrize(
+    "up,down,pad", [(1, 1, (2, 2)), (1, 2, (1, 1)), (1, (1, 2), (0, 3, 2, -1)), (2, 1, (2, 1))]
+)
 @pytest.mark.parametrize("taps", [[1, 3, 3, 1], [1, 2, 1], [0.5, -1.0, 2.0, 0.25, 1.0]])
 def test_upfirdn2d_separable_kernels_match_definition(up, down, pad, taps):
     # Separable kernels take the CPU's two-pass route: check it against the literal definition.

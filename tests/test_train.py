@@ -19,8 +19,8 @@ from mambastyle.models.arcface import ArcFaceIRSE
 from mambastyle.models.encoders import build_encoder
 from mambastyle.storage import StorageOptions, resolve
 from mambastyle.train.data import ShardError, ShardStream, manifest_shards, read_shard, tensor_batches
-from mambastyle.train.losses import IdentityLoss, MissingWeights, build_loss, build_lpips, load_arcface
 from mambastyle.train.loop import Trainer, TrainingDiverged, lr_factor, run
+from mambastyle.train.losses import IdentityLoss, MissingWeights, build_loss, build_lpips, load_arcface
 
 
 def make_trainer(p, rank: int = 0, loss=None):
@@ -173,8 +173,15 @@ def test_arcface_layout_and_identity_loss(tmp_path):
     net = ArcFaceIRSE()
     keys = net.state_dict().keys()
     # The published model_ir_se50.pth layout: 24 units, SE convs, output BN1d with affine.
-    for key in ("input_layer.0.weight", "input_layer.2.weight", "body.3.shortcut_layer.0.weight",
-                "body.23.res_layer.5.fc2.weight", "output_layer.3.weight", "output_layer.4.running_var"):  # fmt: skip
+    expected = [
+        "input_layer.0.weight",
+        "input_layer.2.weight",
+        "body.3.shortcut_layer.0.weight",
+        "body.23.res_layer.5.fc2.weight",
+        "output_layer.3.weight",
+        "output_layer.4.running_var",
+    ]
+    for key in expected:
         assert key in keys
     assert len(net.body) == 24
     path = tmp_path / "ir_se50.pth"

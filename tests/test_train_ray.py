@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from conftest import REPO, _free_port
 from train_helpers import params, write_shards
 
-from conftest import REPO, _free_port
 from mambastyle.config import to_dict
 from mambastyle.storage import StorageOptions, list_files, read_bytes, resolve
 from mambastyle.train.distributed import RUNS_DIR, TrainJob, export_encoder, fit, load_state, run_name
@@ -36,7 +36,9 @@ def _job(root: str, endpoint: str | None = None, **train) -> TrainJob:
 
 
 def _history(job: TrainJob) -> list[dict]:
-    return [json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()]
+    return [
+        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
+    ]
 
 
 def test_ddp_on_a_two_node_cluster(tmp_path):
@@ -125,9 +127,24 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         runtime_env = {"excludes": [".git", "data", ".venv", ".dvc/cache", "**/__pycache__"]}
-        submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                  "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines.train",
-                  "--params", str(params_file), "--out", str(tmp_path / "out")]  # fmt: skip
+        submit = [
+            str(ray_bin),
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "pipelines.train",
+            "--params",
+            str(params_file),
+            "--out",
+            str(tmp_path / "out"),
+        ]
         proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:

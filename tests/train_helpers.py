@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import yaml
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from mambastyle.config import Params, parse_params
 from mambastyle.data.prepare import Sample, build_shard
 from mambastyle.storage import Location, write_bytes
@@ -45,7 +45,9 @@ def png(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(root: Location, counts: dict[str, list[int]], size: int = 32, seed: int = 0) -> dict[str, bytes]:
+def write_shards(
+    root: Location, counts: dict[str, list[int]], size: int = 32, seed: int = 0
+) -> dict[str, bytes]:
     """Shards of random images under ``root/shards`` with a manifest like the prepare stage's.
 
     ``counts`` maps a split to its shards' sample counts. Returns {key: png bytes}.

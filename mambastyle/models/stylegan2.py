@@ -364,7 +364,9 @@ class Generator(nn.Module):
         ``style_dim`` part of each code is invisible; latent recovery is judged here.
         """
         layers = [(self.conv1, 0), (self.to_rgb1, 1)]
-        for j, (conv_up, conv, to_rgb) in enumerate(zip(self.convs[::2], self.convs[1::2], self.to_rgbs, strict=True)):
+        for j, (conv_up, conv, to_rgb) in enumerate(
+            zip(self.convs[::2], self.convs[1::2], self.to_rgbs, strict=True)
+        ):
             i = 1 + 2 * j
             layers += [(conv_up, i), (conv, i + 1), (to_rgb, i + 2)]
         return torch.cat([layer.conv.modulation(w_plus[:, i]) for layer, i in layers], dim=1)

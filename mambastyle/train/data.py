@@ -201,7 +201,9 @@ class ShardStream:
             yield torch.stack([next(it)[1] for _ in range(batch_size)])
 
 
-def tensor_batches(images: torch.Tensor, batch_size: int, start: int = 0, seed: int = 0) -> Iterator[torch.Tensor]:
+def tensor_batches(
+    images: torch.Tensor, batch_size: int, start: int = 0, seed: int = 0
+) -> Iterator[torch.Tensor]:
     """The in-memory twin of :meth:`ShardStream.batches`: (N, 3, H, W) uint8 images,
     reshuffled every epoch from ``(seed, epoch)``, resumable from sample position ``start``."""
     n = images.shape[0]
@@ -212,7 +214,9 @@ def tensor_batches(images: torch.Tensor, batch_size: int, start: int = 0, seed: 
     def order(epoch: int) -> torch.Tensor:
         if epoch not in orders:
             orders.clear()  # only the current (and next) epoch are ever needed
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            orders[epoch] = torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            )
         return orders[epoch]
 
     position = start

@@ -103,8 +103,8 @@ def train_worker(config: dict) -> None:
     from mambastyle.generate import resolve_generator
     from mambastyle.models.encoders import build_encoder
     from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards
-    from mambastyle.train.losses import build_loss
     from mambastyle.train.loop import Trainer, run
+    from mambastyle.train.losses import build_loss
     from mambastyle.visual import make_grid, to_uint8
 
     job: TrainJob = config["job"]
@@ -116,7 +116,9 @@ def train_worker(config: dict) -> None:
 
     g = resolve_generator(job.generator.checkpoint, job.generator.architecture, job.generator.init_seed,
                           job.generator.latent_avg_samples, device=device, options=options)  # fmt: skip
-    encoder = build_encoder(p.encoder, g.resolution, seed=p.seed, input_size=p.input_size, style_dim=g.style_dim)
+    encoder = build_encoder(
+        p.encoder, g.resolution, seed=p.seed, input_size=p.input_size, style_dim=g.style_dim
+    )
     encoder = encoder.to(device)
     encoder.set_latent_avg(g.latent_avg)
     loss, status = build_loss(p.loss, p.pretrained, options)
@@ -139,7 +141,9 @@ def train_worker(config: dict) -> None:
 
     real_batches = None
     if p.synthetic_ratio < 1.0:
-        stream = ShardStream(manifest_shards(job.location(), "train"), rank, world, seed=p.seed, options=options)
+        stream = ShardStream(
+            manifest_shards(job.location(), "train"), rank, world, seed=p.seed, options=options
+        )
         real_batches = lambda position: Prefetcher(lambda: stream.batches(p.batch_size, position))  # noqa: E731
     shown = _val_images(job, 8) if rank == 0 else None
 
@@ -169,8 +173,8 @@ def train_worker(config: dict) -> None:
             # DDP replicas must hold identical weights; a checkpoint is rank 0's copy only.
             # (BatchNorm statistics differ until DDP re-broadcasts them from rank 0 at the
             # next forward, so parameters are compared.)
-            digest = torch.tensor([float(sum(t.detach().double().sum() for t in trainer.module.parameters()))],
-                                  dtype=torch.float64, device=device)  # fmt: skip
+            total = sum(t.detach().double().sum() for t in trainer.module.parameters())
+            digest = torch.tensor([float(total)], dtype=torch.float64, device=device)
             gathered = [torch.zeros_like(digest) for _ in range(world)]
             dist.all_gather(gathered, digest)
             if any(not torch.equal(g_, digest) for g_ in gathered):
@@ -195,7 +199,8 @@ def train_worker(config: dict) -> None:
                 state["loss_status"] = {"active": status.active, "off": status.off}
                 torch.save(state, os.path.join(tmp, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}" if due_ckpt else None,
+        name = f"checkpoint_{step:08d}" if due_ckpt else None
+        ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=name,
                          delete_local_checkpoint_after_upload=ckpt is not None)  # fmt: skip
 
     def on_step(trainer: Trainer, metrics: dict) -> None:

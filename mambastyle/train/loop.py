@@ -195,11 +195,14 @@ class Trainer:
                 for b, saved in zip(self.module.buffers(), saved_buffers, strict=True):
                     b.copy_(saved)
             self.nonfinite += 1
-            log.warning("step %d: non-finite loss or gradient, skipped (%d so far)", self.step, self.nonfinite)
+            log.warning(
+                "step %d: non-finite loss or gradient, skipped (%d so far)", self.step, self.nonfinite
+            )
             if self.nonfinite > p.max_nonfinite:
                 raise TrainingDiverged(
                     f"{self.nonfinite} steps had a non-finite loss or gradient (max_nonfinite="
-                    f"{p.max_nonfinite}); last at step {self.step}. Lower the learning rate or check the data."
+                    f"{p.max_nonfinite}); last at step {self.step}. Lower the learning rate or check "
+                    "the data."
                 )
         self.scheduler.step()
         self.step += 1
@@ -302,7 +305,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a training state (format {state.get('format')!r}, version {state.get('version')!r})")
+            raise ValueError(
+                f"not a training state (format {state.get('format')!r}, version {state.get('version')!r})"
+            )
         if state["encoder_config"] != self.module.config.to_dict():
             raise ValueError("the training state was saved for a different encoder architecture")
         self.module.load_state_dict(state["encoder"])

@@ -153,7 +153,9 @@ class TrainingLoss(nn.Module):
     floats). ``w_true`` (synthetic steps) adds the latent-recovery term.
     """
 
-    def __init__(self, weights: LossParams, lpips_net: nn.Module | None = None, arcface: nn.Module | None = None):
+    def __init__(
+        self, weights: LossParams, lpips_net: nn.Module | None = None, arcface: nn.Module | None = None
+    ):
         super().__init__()
         self.weights = weights
         self.lpips = lpips_net
