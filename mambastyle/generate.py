@@ -10,7 +10,6 @@ import torch
 from mambastyle.checkpoints import load_generator
 from mambastyle.errors import CheckpointError
 from mambastyle.models.stylegan2 import Generator, GeneratorConfig, NoiseMode, build_generator
-from mambastyle.storage import StorageOptions, read_bytes, resolve
 from mambastyle.visual import make_grid, to_uint8
 
 
@@ -20,15 +19,18 @@ def resolve_generator(
     init_seed: int,
     latent_avg_samples: int,
     device: str | torch.device = "cpu",
-    options: StorageOptions | None = None,
+    options=None,
 ) -> Generator:
     """Loads ``checkpoint`` (a local path or s3:// URI, checked against
     ``architecture.resolution``), or, when it is None, builds a random generator of
     ``architecture`` from ``init_seed``.
 
+    ``options`` are the storage module's ``StorageOptions`` (S3 endpoint, region, profile).
     Either way the result is in eval mode, frozen, and has ``latent_avg`` set.
     """
     if checkpoint is not None:
+        from mambastyle.storage import read_bytes, resolve  # pyarrow only when a file is read
+
         src: str | io.BytesIO = checkpoint
         loc = resolve(checkpoint, options)
         if loc.is_s3:

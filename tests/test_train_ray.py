@@ -97,6 +97,11 @@ def test_killed_worker_resumes_from_the_last_s3_checkpoint(s3):
     killer.start()
     try:
         result = fit(job)
+        history = _history(job)
+        # The same job again (a re-submitted or re-run stage): the finished run is found in S3
+        # and not trained again.
+        again = fit(job)
+        assert load_state(again.checkpoint)["step"] == 24 and _history(job) == history
     finally:
         killed.set()
         killer.join()

@@ -76,21 +76,22 @@ def _metrics_history(loc: Location, upto: int) -> list[dict]:
 
 
 def _val_images(job: TrainJob, n: int) -> torch.Tensor | None:
-    """Up to ``n`` real images for evaluation and pictures: the val split, else the train split."""
+    """Up to ``n`` real images for evaluation and pictures: the val split, topped up from train."""
     from mambastyle.train.data import ShardError, ShardStream, manifest_shards
 
     root = resolve(job.root, job.storage.options())
+    images: list[torch.Tensor] = []
     for split in ("val", "train"):
         try:
             shards = manifest_shards(root, split)
         except ShardError:
             return None
-        if shards:
+        if shards and len(images) < n:
             stream = ShardStream(shards, 0, 1, seed=0, shuffle_buffer=1, options=job.storage.options())
-            count = min(n, sum(s.samples for s in shards))
+            count = min(n - len(images), sum(s.samples for s in shards))
             it = stream.samples(0)
-            return torch.stack([next(it)[1] for _ in range(count)])
-    return None
+            images += [next(it)[1] for _ in range(count)]
+    return torch.stack(images) if images else None
 
 
 def train_worker(config: dict) -> None:
