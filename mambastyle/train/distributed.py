@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -59,9 +60,24 @@ class TrainJob:
         return self.location(RUNS_DIR, self.run, "artifacts")
 
 
+def code_hash() -> str:
+    """Hash of the source that shapes a trained encoder (models, layers, training, generator
+    loading), so that changed code starts a new run instead of resuming an old one."""
+    import mambastyle
+
+    base = Path(mambastyle.__file__).parent
+    h = hashlib.sha256(mambastyle.__version__.encode())
+    files = [p for d in ("train", "models", "layers") for p in sorted((base / d).glob("*.py"))]
+    files += [base / "generate.py", base / "checkpoints.py"]
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def run_name(train: TrainParams, generator: GeneratorParams, manifest: bytes | None) -> str:
-    """A run id from the inputs: same inputs -> same run (resumed), any change -> a new one."""
-    h = hashlib.sha256()
+    """A run id from the inputs (params, shard manifest, code): same inputs -> same run
+    (resumed), any change -> a new one."""
+    h = hashlib.sha256(code_hash().encode())
     h.update(json.dumps({"train": to_dict(train), "generator": to_dict(generator)}, sort_keys=True).encode())
     h.update(manifest or b"no-real-data")
     return f"run-{h.hexdigest()[:16]}"
