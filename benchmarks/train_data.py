@@ -7,6 +7,9 @@ thread), once from a tensor already in memory. Rounds alternate between the arms
 slow spell of the machine hits both alike; the ratio is the median over rounds.
 Target: ratio >= 0.9 (data loading is not the bottleneck).
 
+A third arm feeds the same steps from Ray Data (``read_webdataset`` + ``iter_torch_batches``
+on a local Ray), the alternative to per-worker shard streaming that the train stage weighed.
+
 Usage:
     .venv/bin/python benchmarks/train_data.py [--size 64] [--rounds 5] [--steps 10] [--images 256]
 """
@@ -74,22 +77,40 @@ def main() -> int:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step(next(batches))
-            return time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            batches.close()  # generators and the prefetch thread: release before Ray shuts down
+            return elapsed
 
-        disk_t, mem_t = [], []
+        import os
+
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        urls = [s.uri for s in stream.shards]
+
+        def ray_batches():
+            ds = ray.data.read_webdataset(urls).select_columns(["png"]).random_shuffle(seed=0)
+            for batch in ds.iter_torch_batches(batch_size=bs, drop_last=True):
+                yield batch["png"].permute(0, 3, 1, 2)
+
+        disk_t, mem_t, ray_t = [], [], []
         position = 0
         for _ in range(args.rounds):
-            loader = Prefetcher(lambda pos=position: stream.batches(bs, pos))
-            disk_t.append(timed(loader))
-            loader.close()
+            disk_t.append(timed(Prefetcher(lambda pos=position: stream.batches(bs, pos))))
             mem_t.append(timed(tensor_batches(memory, bs, start=position)))
+            ray_t.append(timed(ray_batches()))
             position += (args.steps + 2) * bs
     ratio = statistics.median(m / d for m, d in zip(mem_t, disk_t, strict=True))
+    ray_ratio = statistics.median(m / r for m, r in zip(mem_t, ray_t, strict=True))
     print(f"{train.encoder}, batch {bs}, input {train.input_size}px, stored {args.size}px PNG, "
           f"{args.threads} threads, {args.rounds} rounds x {args.steps} steps")  # fmt: skip
     print(f"  in-memory tensors:   {args.steps / statistics.median(mem_t):6.2f} steps/s")
     print(f"  shards (full path):  {args.steps / statistics.median(disk_t):6.2f} steps/s")
+    print(f"  Ray Data shards:     {args.steps / statistics.median(ray_t):6.2f} steps/s")
     print(f"  ratio full/in-memory: {ratio:.3f}  (target >= 0.9)")
+    print(f"  ratio Ray Data/in-memory: {ray_ratio:.3f}", flush=True)
     return 0
 
 
