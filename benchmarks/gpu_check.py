@@ -5,6 +5,9 @@
 2. SS2D on the GPU (whatever backend `auto` picks there) vs `ref`, forward.
 3. Encoder forward latency on the GPU, batch 1 and 8, mambastyle vs psp (256x256 input,
    1024-px generator), CUDA-synchronised.
+4. Training steps on the GPU with mixed precision (the params.yaml train section, the
+   `mambastyle_small` encoder at 256 px against a 256-px random generator): losses finite,
+   steps/s, and the autocast dtype used.
 
 Exits non-zero if an agreement check fails. Usage: python benchmarks/gpu_check.py [--json out.json]
 """
@@ -89,6 +92,37 @@ def encoder_latency(device: str) -> dict:
     return out
 
 
+def train_steps(device: str, steps: int = 20) -> dict:
+    import dataclasses
+
+    from mambastyle.config import load_params
+    from mambastyle.models.stylegan2 import GeneratorConfig, build_generator
+    from mambastyle.train.loop import Trainer
+    from mambastyle.train.losses import build_loss
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    train = dataclasses.replace(p.train, encoder="mambastyle_small", input_size=256, batch_size=8,
+                                synthetic_ratio=1.0, amp=True, steps=steps)  # fmt: skip
+    g = build_generator(GeneratorConfig(resolution=256, channel_multiplier=2), seed=0).to(device)
+    g.requires_grad_(False).eval().compute_latent_avg(2000)
+    enc = build_encoder(train.encoder, 256, seed=0, input_size=256).to(device)
+    enc.set_latent_avg(g.latent_avg)
+    loss, _ = build_loss(train.loss, train.pretrained)
+    trainer = Trainer(enc, g, loss, train, device=device)
+    metrics = [trainer.train_step() for _ in range(3)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    metrics += [trainer.train_step() for _ in range(steps - 3)]
+    torch.cuda.synchronize()
+    totals = [m["loss/total"] for m in metrics]
+    return {
+        "ok": all(map(lambda v: v == v and abs(v) != float("inf"), totals)) and trainer.nonfinite == 0,
+        "amp_dtype": str(trainer.amp_dtype),
+        "steps_per_s": (steps - 3) / (time.perf_counter() - t0),
+        "loss_first_last": [totals[0], totals[-1]],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -103,11 +137,14 @@ def main() -> int:
         "scan_cuda_vs_ref": check_scan(device),
         "ss2d_vs_ref": check_ss2d(device),
         "encoder_latency": encoder_latency(device),
+        "train_steps_amp": train_steps(device),
     }
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    failed = [k for k in ("scan_cuda_vs_ref", "ss2d_vs_ref") if report[k].get("ok") is False]
+    failed = [
+        k for k in ("scan_cuda_vs_ref", "ss2d_vs_ref", "train_steps_amp") if report[k].get("ok") is False
+    ]
     return 1 if failed else 0
 
 
