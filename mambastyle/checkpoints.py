@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -39,6 +40,26 @@ PathOrFile = str | os.PathLike | BinaryIO
 
 def _name(src: PathOrFile) -> str:
     return str(src) if isinstance(src, str | os.PathLike) else getattr(src, "name", "<stream>")
+
+
+def checkpoint_source(uri: str, options=None) -> PathOrFile:
+    """What :func:`read_checkpoint` reads for a URI: the path of a local file, or the bytes of
+    an S3 object in a named buffer (``options``: the storage module's ``StorageOptions``).
+
+    Raises:
+        CheckpointError: the S3 object cannot be read.
+    """
+    from mambastyle.storage import read_bytes, resolve  # pyarrow only when a URI is resolved
+
+    loc = resolve(uri, options)
+    if not loc.is_s3:
+        return loc.path
+    try:
+        data = io.BytesIO(read_bytes(loc))
+    except OSError as exc:
+        raise CheckpointError(f"{uri}: cannot read ({exc})") from None
+    data.name = uri
+    return data
 
 
 def read_checkpoint(src: PathOrFile) -> Any:

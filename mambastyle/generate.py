@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import torch
 
-from mambastyle.checkpoints import load_generator
-from mambastyle.errors import CheckpointError
+from mambastyle.checkpoints import checkpoint_source, load_generator
 from mambastyle.models.stylegan2 import Generator, GeneratorConfig, NoiseMode, build_generator
 from mambastyle.visual import make_grid, to_uint8
 
@@ -29,18 +27,8 @@ def resolve_generator(
     Either way the result is in eval mode, frozen, and has ``latent_avg`` set.
     """
     if checkpoint is not None:
-        from mambastyle.storage import read_bytes, resolve  # pyarrow only when a file is read
-
-        src: str | io.BytesIO = checkpoint
-        loc = resolve(checkpoint, options)
-        if loc.is_s3:
-            try:
-                src = io.BytesIO(read_bytes(loc))
-            except OSError as exc:
-                raise CheckpointError(f"{checkpoint}: cannot read ({exc})") from None
-            src.name = checkpoint
         return load_generator(
-            src,
+            checkpoint_source(checkpoint, options),
             resolution=architecture.resolution,
             latent_avg_samples=latent_avg_samples,
             device=device,

@@ -317,3 +317,35 @@ def test_generator_identity_and_style_codes():
     w2[:, -1] += 1.0  # the last code only feeds the last ToRGB
     changed = (g1.style_codes(w2) - s).abs().sum(0) > 0
     assert changed.sum() == g1.to_rgbs[-1].conv.modulation.weight.shape[0]
+
+
+def test_generator_and_loss_weights_load_from_s3(s3):
+    import io as _io
+
+    import boto3
+
+    from mambastyle.checkpoints import save_generator
+
+    endpoint, bucket = s3
+    options = StorageOptions(endpoint_url=endpoint)
+    gp = params().generator
+    g = resolve_generator(None, gp.architecture, 0, 500)
+    buf = _io.BytesIO()
+    save_generator(g, buf)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="pretrained/g.pt", Body=buf.getvalue())
+    loaded = resolve_generator(f"s3://{bucket}/pretrained/g.pt", gp.architecture, 0, 500, options=options)
+    assert state_sha256(loaded) == state_sha256(g)
+    buf = _io.BytesIO()
+    features = {
+        k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")
+    }
+    torch.save(features, buf)  # the convolutional part is all LPIPS needs (10 MB, not 233)
+    client.put_object(Bucket=bucket, Key="pretrained/alex.pth", Body=buf.getvalue())
+    weights = LossParams(l2=1.0, lpips=1.0, id=0.0, w_norm=0.0, latent=0.0)
+    loss, status = build_loss(
+        weights, PretrainedParams(f"s3://{bucket}/pretrained/alex.pth", None, True), options
+    )
+    assert loss.lpips is not None and status.active == {"l2": 1.0, "lpips": 1.0}
+    with pytest.raises(CheckpointError, match="missing.pt: cannot read"):
+        resolve_generator(f"s3://{bucket}/missing.pt", gp.architecture, 0, 500, options=options)

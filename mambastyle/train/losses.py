@@ -8,7 +8,6 @@ or stops the run with :class:`MissingWeights` when the params require the weight
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Mapping
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.checkpoints import read_checkpoint, unwrap_state_dict
+from mambastyle.checkpoints import checkpoint_source, read_checkpoint, unwrap_state_dict
 from mambastyle.config import LossParams, PretrainedParams
 from mambastyle.errors import CheckpointError
 from mambastyle.models.arcface import INPUT_SIZE, ArcFaceIRSE
-from mambastyle.storage import StorageOptions, read_bytes, resolve
+from mambastyle.storage import StorageOptions, resolve
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,7 @@ class MissingWeights(RuntimeError):
 
 def _load_state_dict(uri: str, options: StorageOptions | None) -> dict[str, torch.Tensor]:
     """A plain state dict from a local path or s3:// URI (``weights_only`` loading)."""
-    loc = resolve(uri, options)
-    if loc.is_s3:
-        try:
-            data = io.BytesIO(read_bytes(loc))
-        except OSError as exc:
-            raise CheckpointError(f"{uri}: cannot read ({exc})") from None
-        data.name = uri
-        sd = read_checkpoint(data)
-    else:
-        sd = read_checkpoint(loc.path)
+    sd = read_checkpoint(checkpoint_source(uri, options))
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
