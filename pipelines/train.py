@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ def write_dvclive(history: list[dict], images: dict[str, bytes], out: Path) -> N
         for record in history:
             live.step = record["step"]
             for key, value in sorted(record.items()):
-                if key not in ("step", "start_step") and isinstance(value, int | float):
+                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
+                # on how busy the machine was
+                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
                     live.log_metric(key, value)
         for name, data in images.items():
             path = out / "plots" / "images" / name
@@ -86,7 +89,8 @@ def run(params: Params, local_out: Path) -> dict:
     write_dvclive(history, images, local_out / "dvclive")
     final = next((m for m in reversed(history) if "eval/latent_rel" in m), history[-1] if history else {})
     record = {
-        "uri": loc.uri,
+        # as the params name it (e.g. data/... stays relative), so the record is the same in any checkout
+        "uri": posixpath.join(params.storage.root, loc.uri[len(root.uri) :].lstrip("/")),
         "sha256": sha,
         "run": job.run,
         "step": meta["step"],
