@@ -1,0 +1,258 @@
+"""Latent tables: Parquet datasets of W+ codes, written part by part and committed by a manifest.
+
+A table lives under one prefix (local or S3)::
+
+    {prefix}/split={split}/part-{name}.parquet   Hive-partitioned by split
+    {prefix}/_manifest.json                      written last: the commit point
+
+Columns: ``key`` (string), ``shard`` (string), ``w_plus`` (fixed-size list of float32,
+n_styles * style_dim, row-major (n_styles, style_dim)), reconstruction metrics (``mse``,
+``ssim``, ``lpips``; null when not measured) and source metadata (``yaw``, ``pitch``, ``roll``,
+``score``, ``source``). ``split`` comes from the partition directory. Schema metadata
+records the latent space, the code shape, the encoder and generator sha256, the package
+version and the run id. Readers trust only the files the manifest lists and validate the
+schema and metadata before use, naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from mambastyle import __version__
+from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
+
+TABLE_FORMAT = "mambastyle-latents"
+TABLE_VERSION = 1
+MANIFEST = "_manifest.json"
+META_PREFIX = "mambastyle."
+REQUIRED_META = ("format", "version", "latent_space", "shape", "encoder_sha256", "generator_sha256",
+                 "package_version", "run_id")  # fmt: skip
+METRIC_COLUMNS = ("mse", "ssim", "lpips")
+SOURCE_COLUMNS = ("yaw", "pitch", "roll", "score")
+
+
+class LatentTableError(ValueError):
+    """A latent table is missing, incomplete or does not match the expected schema/metadata."""
+
+
+def schema(n_styles: int, style_dim: int, metadata: Mapping[str, str]) -> pa.Schema:
+    """The Arrow schema of a part file (``split`` is the Hive partition, not a column)."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("w_plus", pa.list_(pa.float32(), n_styles * style_dim), nullable=False),
+        *[pa.field(name, pa.float32()) for name in METRIC_COLUMNS],
+        *[pa.field(name, pa.float32()) for name in SOURCE_COLUMNS],
+        pa.field("source", pa.string()),
+    ]
+    meta = {f"{META_PREFIX}{k}": str(v) for k, v in metadata.items()}
+    meta[f"{META_PREFIX}format"] = TABLE_FORMAT
+    meta[f"{META_PREFIX}version"] = str(TABLE_VERSION)
+    meta[f"{META_PREFIX}latent_space"] = "W+"
+    meta[f"{META_PREFIX}shape"] = json.dumps([n_styles, style_dim])
+    meta.setdefault(f"{META_PREFIX}package_version", __version__)
+    return pa.schema(fields, metadata=meta)
+
+
+def table_metadata(s: pa.Schema) -> dict[str, str]:
+    """The ``mambastyle.*`` schema metadata, without the prefix."""
+    raw = s.metadata or {}
+    return {
+        k.decode()[len(META_PREFIX) :]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(META_PREFIX)
+    }
+
+
+def build_part(rows: Mapping[str, object], part_schema: pa.Schema) -> pa.Table:
+    """A part table from column arrays; ``w_plus`` is (n, n_styles, style_dim) float32."""
+    w = np.ascontiguousarray(rows["w_plus"], dtype=np.float32)
+    n_styles, style_dim = json.loads(table_metadata(part_schema)["shape"])
+    if w.ndim != 3 or w.shape[1:] != (n_styles, style_dim):
+        raise ValueError(f"w_plus must be (n, {n_styles}, {style_dim}), got {w.shape}")
+    n = w.shape[0]
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1)), n_styles * style_dim)
+    arrays = []
+    for field in part_schema:
+        if field.name == "w_plus":
+            arrays.append(flat)
+            continue
+        values = rows.get(field.name)
+        if values is None:
+            values = [None] * n
+        arrays.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=part_schema)
+
+
+def write_part(table: pa.Table, loc: Location, row_group_size: int) -> None:
+    """Writes one part file whole (temporary name + rename locally; a completed upload on S3)."""
+    options = {
+        "row_group_size": row_group_size,
+        "compression": "zstd",
+        "use_dictionary": ["shard", "source"],  # never on w_plus
+        "use_byte_stream_split": ["w_plus", *METRIC_COLUMNS, *SOURCE_COLUMNS],
+        "write_statistics": ["key", "shard", *METRIC_COLUMNS, *SOURCE_COLUMNS],
+        "sorting_columns": [pq.SortingColumn(0)] if _is_sorted(table.column("key")) else None,
+    }
+    if loc.is_s3:
+        pq.write_table(table, loc.path, filesystem=loc.fs, **options)
+        return
+    parent = posixpath.dirname(loc.path)
+    loc.fs.create_dir(parent, recursive=True)
+    tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, tmp, filesystem=loc.fs, **options)
+        loc.fs.move(tmp, loc.path)
+    finally:
+        if exists(Location(loc.fs, tmp, tmp)):
+            loc.fs.delete_file(tmp)
+
+
+def _is_sorted(keys: pa.ChunkedArray) -> bool:
+    values = keys.to_pylist()
+    return all(a <= b for a, b in zip(values, values[1:], strict=False))
+
+
+def commit(
+    prefix: Location, parts: list[dict], metadata: Mapping[str, str], extra: Mapping | None = None
+) -> dict:
+    """Writes ``_manifest.json`` (the commit point) listing ``parts`` ({path, split, rows})."""
+    manifest = {
+        "format": TABLE_FORMAT,
+        "version": TABLE_VERSION,
+        "metadata": dict(metadata),
+        "rows": sum(p["rows"] for p in parts),
+        "splits": {
+            s: sum(p["rows"] for p in parts if p["split"] == s) for s in sorted({p["split"] for p in parts})
+        },
+        "parts": sorted(parts, key=lambda p: p["path"]),
+        **dict(extra or {}),
+    }
+    write_bytes(prefix.join(MANIFEST), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+@dataclass
+class LatentTable:
+    """An opened, validated latent table."""
+
+    prefix: Location
+    manifest: dict
+    dataset: pads.Dataset
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return table_metadata(self.dataset.schema)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n_styles, style_dim = json.loads(self.metadata["shape"])
+        return int(n_styles), int(style_dim)
+
+    def to_table(self, filter=None, columns: list[str] | None = None) -> pa.Table:
+        return self.dataset.to_table(filter=filter, columns=columns)
+
+    def to_pandas(self, filter=None, columns: list[str] | None = None):
+        return self.to_table(filter, columns).to_pandas()
+
+    def w_plus(self, table: pa.Table) -> np.ndarray:
+        """The ``w_plus`` column of ``table`` as (n, n_styles, style_dim) float32 (no copy)."""
+        col = table.column("w_plus").combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).reshape(-1, *self.shape)
+
+    def duckdb(self, connection=None, name: str = "latents"):
+        """A DuckDB connection with the table registered as ``name`` (filters push down to Arrow)."""
+        import duckdb
+
+        con = connection or duckdb.connect()
+        con.register(name, self.dataset)
+        return con
+
+    def query(self, sql: str, name: str = "latents") -> pa.Table:
+        """Runs SQL over the table (registered as ``latents``); returns an Arrow table."""
+        import duckdb
+
+        con = self.duckdb(name=name)
+        try:
+            relation = con.sql(sql)
+            if relation is None:  # a statement, not a query
+                raise LatentTableError(f"not a query: {sql!r}")
+            return relation.to_arrow_table()
+        except duckdb.Error as exc:
+            raise LatentTableError(f"SQL error: {exc}") from None
+        finally:
+            con.close()
+
+
+def open_table(
+    uri: str, options: StorageOptions | None = None, expect: Mapping[str, str] | None = None
+) -> LatentTable:
+    """Opens the committed table at ``uri`` as a pyarrow dataset over the files its manifest lists.
+
+    ``expect`` maps metadata keys (e.g. ``generator_sha256``) to required values.
+
+    Raises:
+        LatentTableError: no manifest (not a table, or a run that did not finish), a listed
+            part missing, or schema/metadata that do not match (the message names what).
+    """
+    prefix = resolve(uri, options)
+    loc = prefix.join(MANIFEST)
+    try:
+        manifest = json.loads(read_bytes(loc))
+    except FileNotFoundError:
+        raise LatentTableError(
+            f"no latent table at {prefix.uri}: {MANIFEST} is missing (not committed)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise LatentTableError(f"{loc.uri}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != TABLE_FORMAT or manifest.get("version") != TABLE_VERSION:
+        raise LatentTableError(f"{loc.uri}: not a version-{TABLE_VERSION} latent table manifest")
+    paths = [prefix.join(p["path"]).path for p in manifest["parts"]]
+    for path, part in zip(paths, manifest["parts"], strict=True):
+        if not exists(Location(prefix.fs, path, path)):
+            raise LatentTableError(f"{prefix.uri}: part {part['path']} listed in the manifest is missing")
+    partitioning = pads.partitioning(pa.schema([("split", pa.string())]), flavor="hive")
+    try:
+        dataset = pads.dataset(paths, format="parquet", filesystem=prefix.fs, partitioning=partitioning,
+                               partition_base_dir=prefix.path)  # fmt: skip
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise LatentTableError(f"{prefix.uri}: unreadable part files ({exc})") from None
+    table = LatentTable(prefix, manifest, dataset)
+    _validate(table, expect or {})
+    return table
+
+
+def _validate(table: LatentTable, expect: Mapping[str, str]) -> None:
+    where = table.prefix.uri
+    meta = table.metadata
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise LatentTableError(
+            f"{where}: schema metadata lacks {', '.join(META_PREFIX + k for k in missing)}"
+        )
+    if meta["format"] != TABLE_FORMAT or meta["latent_space"] != "W+":
+        raise LatentTableError(f"{where}: not a W+ latent table (format {meta['format']!r})")
+    n_styles, style_dim = table.shape
+    want = {"key": pa.string(), "shard": pa.string(), "w_plus": pa.list_(pa.float32(), n_styles * style_dim),
+            "split": pa.string()}  # fmt: skip
+    s = table.dataset.schema
+    for name, typ in want.items():
+        if name not in s.names:
+            raise LatentTableError(f"{where}: column {name!r} is missing")
+        if s.field(name).type != typ:
+            raise LatentTableError(f"{where}: column {name!r} is {s.field(name).type}, expected {typ}")
+    for key, value in expect.items():
+        if meta.get(key) != str(value):
+            raise LatentTableError(f"{where}: metadata {key} is {meta.get(key)!r}, expected {value!r}")
+    for name in table.manifest["metadata"]:
+        if table.manifest["metadata"][name] != meta.get(name):
+            raise LatentTableError(f"{where}: part metadata {name!r} does not match the manifest")

@@ -1,0 +1,115 @@
+"""Latent tables: part files + manifest commit, validation, pyarrow/DuckDB/pandas queries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from mambastyle.latents import (
+    LatentTableError,
+    build_part,
+    commit,
+    open_table,
+    schema,
+    table_metadata,
+    write_part,
+)
+from mambastyle.storage import StorageOptions, resolve
+
+META = {"encoder_sha256": "e" * 64, "generator_sha256": "g" * 64, "run_id": "run-test"}
+
+
+def make_table(prefix, n_per_split=(30, 10), n_styles=4, style_dim=8, seed=0, row_group_size=8):
+    rng = np.random.default_rng(seed)
+    s = schema(n_styles, style_dim, META)
+    parts, truth = [], {}
+    for split, n in zip(("train", "test"), n_per_split, strict=True):
+        w = rng.standard_normal((n, n_styles, style_dim)).astype(np.float32)
+        keys = [f"{split}_{i:04d}" for i in range(n)]
+        yaw = rng.uniform(-40, 40, n).astype(np.float32)
+        rows = {"key": keys, "shard": [f"{split}-000000.tar"] * n, "w_plus": w, "mse": rng.random(n),
+                "yaw": yaw, "source": [f"photos/{k}.jpg" for k in keys]}  # fmt: skip
+        path = f"split={split}/part-000000.parquet"
+        write_part(build_part(rows, s), prefix.join(path), row_group_size)
+        parts.append({"path": path, "split": split, "rows": n})
+        truth.update({k: (w[i], float(yaw[i]), split) for i, k in enumerate(keys)})
+    commit(prefix, parts, table_metadata(s))
+    return truth
+
+
+def test_round_trip_and_layout(tmp_path):
+    prefix = resolve(str(tmp_path / "table"))
+    truth = make_table(prefix)
+    t = open_table(prefix.uri)
+    assert (
+        t.shape == (4, 8) and t.manifest["rows"] == 40 and t.manifest["splits"] == {"test": 10, "train": 30}
+    )
+    table = t.to_table()
+    assert table.num_rows == 40 and sorted(table.column("key").to_pylist()) == sorted(truth)
+    w = t.w_plus(table)
+    for i, key in enumerate(table.column("key").to_pylist()):
+        np.testing.assert_array_equal(w[i], truth[key][0])  # float32 exactly
+        assert table.column("split")[i].as_py() == truth[key][2]
+    assert t.metadata["generator_sha256"] == "g" * 64 and t.metadata["latent_space"] == "W+"
+    # explicit row groups, zstd, no dictionary on w_plus
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(tmp_path / "table/split=train/part-000000.parquet").metadata
+    assert meta.num_row_groups == 4  # 30 rows / 8
+    col = meta.row_group(0).column(2)
+    assert col.path_in_schema.startswith("w_plus") and col.compression == "ZSTD"
+    assert "RLE_DICTIONARY" not in col.encodings and "PLAIN_DICTIONARY" not in col.encodings
+
+
+def test_sql_pandas_and_pushdown_queries(tmp_path):
+    prefix = resolve(str(tmp_path / "table"))
+    truth = make_table(prefix)
+    t = open_table(prefix.uri)
+    want = sorted(k for k, (_, yaw, split) in truth.items() if yaw > 20 and split == "train")
+    got = t.query("SELECT key, yaw FROM latents WHERE yaw > 20 AND split = 'train' ORDER BY key")
+    assert got.column("key").to_pylist() == want
+    df = t.to_pandas(filter=(pads.field("yaw") > 20) & (pads.field("split") == "train"), columns=["key"])
+    assert sorted(df["key"]) == want
+    sel = t.to_table(filter=pads.field("split") == "test", columns=["key", "w_plus"])
+    assert sel.num_rows == 10
+    np.testing.assert_array_equal(t.w_plus(sel)[0], truth[sel.column("key")[0].as_py()][0])
+    with pytest.raises(LatentTableError, match="SQL error"):
+        t.query("SELECT nope FROM latents")
+
+
+def test_uncommitted_incomplete_or_foreign_tables_are_refused(tmp_path):
+    prefix = resolve(str(tmp_path / "table"))
+    with pytest.raises(LatentTableError, match="_manifest.json is missing"):
+        open_table(prefix.uri)
+    make_table(prefix)
+    with pytest.raises(LatentTableError, match="generator_sha256 is 'g+', expected 'other'"):
+        open_table(prefix.uri, expect={"generator_sha256": "other"})
+    (tmp_path / "table/split=test/part-000000.parquet").unlink()
+    with pytest.raises(
+        LatentTableError, match="split=test/part-000000.parquet listed in the manifest is missing"
+    ):
+        open_table(prefix.uri)
+    manifest = json.loads((tmp_path / "table/_manifest.json").read_text())
+    manifest["format"] = "something-else"
+    (tmp_path / "table/_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatentTableError, match="not a version-1 latent table"):
+        open_table(prefix.uri)
+
+
+def test_shape_is_checked_when_building_parts():
+    s = schema(4, 8, META)
+    with pytest.raises(ValueError, match=r"w_plus must be \(n, 4, 8\)"):
+        build_part({"key": ["a"], "shard": ["s"], "w_plus": np.zeros((1, 3, 8))}, s)
+
+
+def test_tables_on_s3(s3):
+    endpoint, bucket = s3
+    options = StorageOptions(endpoint_url=endpoint)
+    prefix = resolve(f"s3://{bucket}/latents/run-1", options)
+    truth = make_table(prefix)
+    t = open_table(prefix.uri, options)
+    got = t.query("SELECT count(*) AS n FROM latents WHERE split = 'train'")
+    assert got.column("n")[0].as_py() == 30 and len(truth) == 40
