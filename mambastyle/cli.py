@@ -231,6 +231,77 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_latents(args: argparse.Namespace):
+    from mambastyle.latents import LatentTableError, open_table
+
+    try:
+        return open_table(args.uri, _load(args.params).storage.options())
+    except LatentTableError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_latents_info(args: argparse.Namespace) -> int:
+    table = _open_latents(args)
+    info = {
+        "uri": table.prefix.uri,
+        "rows": table.manifest["rows"],
+        "splits": table.manifest["splits"],
+        "parts": len(table.manifest["parts"]),
+        "shape": list(table.shape),
+        "metadata": table.metadata,
+        "columns": {f.name: str(f.type) for f in table.dataset.schema},
+    }
+    if args.format == "json":
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(f"{info['uri']}: {info['rows']} rows in {info['parts']} parts {info['splits']}, W+ {table.shape}")
+    for key, value in sorted(info["metadata"].items()):
+        print(f"  {key}: {value}")
+    for name, typ in info["columns"].items():
+        print(f"  column {name}: {typ}")
+    return 0
+
+
+def cmd_latents_query(args: argparse.Namespace) -> int:
+    from mambastyle.latents import LatentTableError
+
+    table = _open_latents(args)
+    try:
+        result = table.query(args.sql)
+    except LatentTableError as exc:
+        raise CliError(str(exc)) from None
+    if args.output:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        if args.output.endswith(".parquet"):
+            pq.write_table(result, args.output)
+        elif args.output.endswith(".csv"):
+            if any(str(f.type).startswith("fixed_size_list") for f in result.schema):
+                raise CliError("CSV cannot hold w_plus; select other columns or write .parquet")
+            pacsv.write_csv(result, args.output)
+        else:
+            raise CliError(f"--output must end in .parquet or .csv, got {args.output!r}")
+        print(f"{result.num_rows} rows -> {args.output}")
+        return 0
+    shown = result.slice(0, args.limit)
+    columns = [f.name for f in shown.schema]
+    print("\t".join(columns))
+    for row in shown.to_pylist():
+        print("\t".join(_cell(row[c]) for c in columns))
+    if result.num_rows > args.limit:
+        print(f"... {result.num_rows - args.limit} more rows (use --limit or --output)")
+    return 0
+
+
+def _cell(value) -> str:
+    if isinstance(value, list):
+        return f"[{len(value)} values]"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -311,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("info", parents=[common], help="one encoder: sizes, parameters, scan backend here")
     p.add_argument("name", help="registered encoder name (see `mambastyle encoder list`)")
     p.set_defaults(func=cmd_encoder_info)
+
+    lat = nouns.add_parser("latents", help="query latent tables (the invert stage's Parquet datasets)")
+    verbs = lat.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("info", help="schema, metadata and counts of a latent table")
+    _add_params(p)
+    p.add_argument("uri", help="the table's prefix (local or s3://)")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_latents_info)
+    p = verbs.add_parser("query", help="SQL over a latent table (registered as `latents`)")
+    _add_params(p)
+    p.add_argument("uri", help="the table's prefix (local or s3://)")
+    p.add_argument("sql", help="e.g. \"SELECT key, yaw FROM latents WHERE split = 'test' AND yaw > 20\"")
+    p.add_argument("--output", help="write all rows to a .parquet or .csv file instead of printing")
+    p.add_argument("--limit", type=int, default=20, help="rows to print (default: %(default)s)")
+    p.set_defaults(func=cmd_latents_query)
     return parser
 
 

@@ -113,3 +113,26 @@ def test_tables_on_s3(s3):
     t = open_table(prefix.uri, options)
     got = t.query("SELECT count(*) AS n FROM latents WHERE split = 'train'")
     assert got.column("n")[0].as_py() == 30 and len(truth) == 40
+
+
+def test_cli_info_and_query(tmp_path, capsys, repo):
+    from mambastyle.cli import main
+
+    prefix = resolve(str(tmp_path / "table"))
+    truth = make_table(prefix)
+    params = str(repo / "params.yaml")
+    assert main(["latents", "info", "--params", params, prefix.uri, "--format", "json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 40 and info["shape"] == [4, 8] and info["metadata"]["run_id"] == "run-test"
+    sql = "SELECT key, yaw FROM latents WHERE split = 'test' ORDER BY key"
+    assert main(["latents", "query", "--params", params, prefix.uri, sql, "--limit", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "key\tyaw" and out[1].startswith("test_0000\t") and "7 more rows" in out[-1]
+    csv = tmp_path / "sel.csv"
+    assert main(["latents", "query", "--params", params, prefix.uri, sql, "--output", str(csv)]) == 0
+    assert len(csv.read_text().splitlines()) == 11 and len(truth) == 40
+    assert main(["latents", "query", "--params", params, prefix.uri, "SELECT w_plus FROM latents",
+                 "--output", str(tmp_path / "w.csv")]) == 1  # fmt: skip
+    assert "CSV cannot hold w_plus" in capsys.readouterr().err
+    assert main(["latents", "info", "--params", params, str(tmp_path / "nothing")]) == 1
+    assert "_manifest.json is missing" in capsys.readouterr().err
