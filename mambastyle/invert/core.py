@@ -1,0 +1,93 @@
+"""Bulk inversion core: a batch of aligned images -> W+ codes and reconstruction metrics.
+
+Plain PyTorch, no Ray: the Ray Data stage calls :func:`invert_batch` once per batch inside
+an actor that holds the encoder and generator. Images are resized to the encoder's input
+size (antialiased bilinear, as in training); reconstructions are compared at that size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambastyle.models.encoders import Encoder
+from mambastyle.models.stylegan2 import Generator
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return (g / g.sum()).float()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004: 11-tap Gaussian window, sigma 1.5, K1 0.01, K2 0.03,
+    "valid" windows), averaged over channels and positions: (B, C, H, W) pairs -> (B,)."""
+    c = x.shape[1]
+    g = _gaussian_window().to(x)
+    win = min(11, x.shape[-1], x.shape[-2])
+    if win < 11:  # tiny images: the largest window that fits
+        g = _gaussian_window(win, 1.5 * win / 11).to(x)
+    kh = g.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    kw = g.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+@dataclass
+class Inversion:
+    """One batch's results, as NumPy arrays (``None`` where not measured)."""
+
+    w_plus: np.ndarray  # (B, n_styles, style_dim) float32
+    mse: np.ndarray | None
+    ssim: np.ndarray | None
+    lpips: np.ndarray | None
+
+
+def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) (or (B, H, W, 3)) -> float (B, 3, size, size) in [-1, 1]."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a batch of images (B, 3, H, W), got {tuple(images.shape)}")
+    if images.shape[1] != 3 and images.shape[-1] == 3:
+        images = images.permute(0, 3, 1, 2)
+    x = images.float() / 127.5 - 1.0
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+@torch.no_grad()
+def invert_batch(
+    encoder: Encoder,
+    images: torch.Tensor,
+    generator: Generator | None = None,
+    lpips_net: nn.Module | None = None,
+) -> Inversion:
+    """Encodes ``images`` (uint8) to W+; with ``generator`` also renders the reconstructions and
+    measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs."""
+    device = encoder.latent_avg.device
+    x = prepare_images(images, encoder.config.input_size).to(device)
+    w = encoder(x)
+    mse = ss = lp = None
+    if generator is not None:
+        y = generator.synthesis(w, noise_mode="const")
+        if y.shape[-1] != x.shape[-1]:
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        mse = (y - x).pow(2).flatten(1).mean(1).cpu().numpy()
+        ss = ssim(y.clamp(-1, 1), x).cpu().numpy()
+        if lpips_net is not None:
+            lp = lpips_net(y, x).flatten().cpu().numpy()
+    return Inversion(w.float().cpu().numpy(), mse, ss, lp)
