@@ -1,0 +1,206 @@
+"""Ray Data bulk inversion: prepare-stage shards -> a committed Parquet latent table.
+
+``read_webdataset`` over the shards the manifest lists -> an actor pool (encoder and, for
+metrics, generator loaded once per actor; GPUs when asked) running
+:func:`mambastyle.invert.core.invert_batch` -> a datasink whose write tasks each write one
+Parquet part per split (at least ``rows_per_file`` rows, explicit row groups) -> on the
+driver, a completeness check (every sample of the manifest exactly once) and the table's
+``_manifest.json``, written last. The table's prefix is ``{root}/latents/{run}`` with
+``run`` derived from the inputs, and a re-run first withdraws the old manifest and parts,
+so it replaces, never appends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mambastyle.latents import build_part, commit, schema, write_part
+from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve
+
+log = logging.getLogger(__name__)
+
+
+class InvertError(RuntimeError):
+    """The inversion cannot run or its result is incomplete (the message names the cause)."""
+
+
+@dataclass(frozen=True)
+class InvertJob:
+    """Everything the actors and the sink need (plain and picklable)."""
+
+    root: str  # storage root holding shards/
+    encoder: str  # encoder checkpoint URI
+    out: str  # the table's prefix
+    options: StorageOptions
+    generator: object  # GeneratorParams (for reconstructions), or None for codes only
+    batch_size: int
+    num_actors: int
+    use_gpu: bool
+    row_group_size: int
+    rows_per_file: int
+    metadata: dict
+
+
+def run_id(manifest: bytes, encoder_sha256: str, generator_sha256: str, settings: dict) -> str:
+    h = hashlib.sha256(manifest)
+    h.update(f"{encoder_sha256}/{generator_sha256}/{json.dumps(settings, sort_keys=True)}".encode())
+    return f"run-{h.hexdigest()[:16]}"
+
+
+class Inverter:
+    """Ray Data actor: loads the models once, turns decoded samples into latent-table rows."""
+
+    def __init__(self, job: InvertJob):
+        import torch
+
+        from mambastyle.checkpoints import checkpoint_source, load_encoder
+        from mambastyle.generate import resolve_generator
+
+        self.job = job
+        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
+        self.generator = None
+        if job.generator is not None:
+            gp = job.generator
+            self.generator = resolve_generator(gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples,
+                                               device=self.device, options=job.options)  # fmt: skip
+        n_styles, style_dim = self.encoder.n_styles, self.encoder.config.style_dim
+        self.schema = schema(n_styles, style_dim, job.metadata)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import torch
+
+        from mambastyle.invert.core import invert_batch
+
+        images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
+        out = invert_batch(self.encoder, images, self.generator)
+        meta = list(batch["json"])
+        rows = {
+            "key": [str(k) for k in batch["__key__"]],
+            "shard": [str(u).rsplit("/", 1)[-1] for u in batch["__url__"]],
+            "w_plus": out.w_plus,
+            "mse": out.mse,
+            "ssim": out.ssim,
+            "lpips": out.lpips,
+            **{name: [m.get(name) for m in meta] for name in ("yaw", "pitch", "roll", "source")},
+            "score": [m.get("detector_score") for m in meta],
+        }
+        table = build_part(rows, self.schema)
+        return table.append_column("split", pa.array([str(m.get("split")) for m in meta], pa.string()))
+
+
+def _datasink(job: InvertJob):
+    from ray.data.datasource import Datasink
+
+    class LatentSink(Datasink):
+        """Each write task writes one part per split; the driver collects what was written."""
+
+        def __init__(self):
+            self.parts: list[dict] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return job.rows_per_file
+
+        def write(self, blocks: Iterable, ctx) -> list[dict]:
+            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return []
+            table = pa.concat_tables(tables)
+            prefix = resolve(job.out, job.options)
+            written = []
+            splits = table.column("split").to_pylist()
+            for split in sorted(set(splits)):
+                idx = [i for i, s in enumerate(splits) if s == split]
+                part = table.take(pa.array(idx)).drop_columns(["split"])
+                part = part.take(pa.compute.sort_indices(part, [("key", "ascending")]))
+                path = f"split={split}/part-{ctx.task_idx:05d}.parquet"
+                write_part(part, prefix.join(path), job.row_group_size)
+                written.append({"path": path, "split": split, "rows": part.num_rows,
+                                "keys": part.column("key").to_pylist()})  # fmt: skip
+            return written
+
+        def on_write_complete(self, write_result) -> None:
+            for task_result in write_result.write_returns:
+                self.parts.extend(task_result)
+
+    return LatentSink()
+
+
+def clear_prefix(prefix: Location) -> None:
+    """Withdraws a previous table at ``prefix``: its manifest first, then every file."""
+    delete(prefix.join("_manifest.json"))
+    for path in list_files(prefix):
+        delete(Location(prefix.fs, path, path))
+
+
+def run_inversion(job: InvertJob, expected_samples: int, shard_uris: list[str]) -> dict:
+    """Runs the Ray Data pipeline on the connected Ray and commits the table; returns its manifest."""
+    import ray
+
+    prefix = resolve(job.out, job.options)
+    clear_prefix(prefix)
+    if not shard_uris:
+        raise InvertError("the shard manifest lists no shards")
+    fs = resolve(shard_uris[0], job.options).fs
+    paths = [resolve(u, job.options).path for u in shard_uris]
+    ds = ray.data.read_webdataset(paths, filesystem=fs)
+    ds = ds.map_batches(
+        Inverter,
+        fn_constructor_kwargs={"job": job},
+        batch_size=job.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=job.num_actors),
+        num_gpus=1 if job.use_gpu else 0,
+    )
+    sink = _datasink(job)
+    try:
+        ds.write_datasink(sink)
+    except Exception as exc:  # Ray wraps task errors; keep the cause's text, which names the file
+        raise InvertError(f"inversion failed: {_root_cause(exc)}") from exc
+    keys = [k for p in sink.parts for k in p["keys"]]
+    if len(keys) != expected_samples or len(set(keys)) != len(keys):
+        dupes = len(keys) - len(set(keys))
+        raise InvertError(
+            f"incomplete table: {len(set(keys))} distinct keys ({dupes} duplicates) for the "
+            f"{expected_samples} samples the shard manifest lists; nothing committed"
+        )
+    parts = [{k: v for k, v in p.items() if k != "keys"} for p in sink.parts]
+    return commit(prefix, parts, _part_meta(prefix, parts))
+
+
+def _part_meta(prefix: Location, parts: list[dict]) -> dict:
+    """The metadata as the part files carry it (what readers compare the manifest against)."""
+    import pyarrow.parquet as pq
+
+    from mambastyle.latents import table_metadata
+
+    first = prefix.join(parts[0]["path"]) if parts else None
+    if first is None:
+        raise InvertError("no rows were written")
+    with first.fs.open_input_file(first.path) as f:
+        return table_metadata(pq.read_schema(f))
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
+
+
+def read_manifest(root: Location) -> tuple[bytes, dict]:
+    loc = root.join("shards", "manifest.json")
+    try:
+        data = read_bytes(loc)
+    except FileNotFoundError:
+        raise InvertError(f"no shard manifest at {loc.uri}: run the prepare stage first") from None
+    return data, json.loads(data)
