@@ -267,13 +267,17 @@ class TrainParams:
 class InvertParams:
     """Bulk inversion into a Parquet latent table (Ray Data)."""
 
+    encoder: str | None  # an encoder checkpoint (path or s3://); null = the train stage's encoder
+    metrics: bool  # render reconstructions and record mse/ssim (and lpips when available)
+    lpips_alexnet: str | None  # LPIPS backbone file; null = the torch hub cache when present
     batch_size: int
     num_actors: int
     use_gpu: bool
     row_group_size: int
+    rows_per_file: int  # at least this many rows per part file (the last of a run may have fewer)
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "batch_size", "num_actors", "row_group_size")
+        check_at_least(self, 1, "batch_size", "num_actors", "row_group_size", "rows_per_file")
 
 
 @dataclass(frozen=True)

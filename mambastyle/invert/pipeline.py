@@ -46,6 +46,7 @@ class InvertJob:
     row_group_size: int
     rows_per_file: int
     metadata: dict
+    lpips_alexnet: str | None = None  # LPIPS backbone file (checked to exist by the caller)
 
 
 def run_id(manifest: bytes, encoder_sha256: str, generator_sha256: str, settings: dict) -> str:
@@ -69,8 +70,14 @@ class Inverter:
         self.generator = None
         if job.generator is not None:
             gp = job.generator
-            self.generator = resolve_generator(gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples,
-                                               device=self.device, options=job.options)  # fmt: skip
+            self.generator = resolve_generator(
+                gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, self.device, job.options
+            )
+        self.lpips = None
+        if job.lpips_alexnet is not None and self.generator is not None:
+            from mambastyle.train.losses import build_lpips
+
+            self.lpips = build_lpips(job.lpips_alexnet, job.options).to(self.device)
         n_styles, style_dim = self.encoder.n_styles, self.encoder.config.style_dim
         self.schema = schema(n_styles, style_dim, job.metadata)
 
@@ -80,7 +87,7 @@ class Inverter:
         from mambastyle.invert.core import invert_batch
 
         images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
-        out = invert_batch(self.encoder, images, self.generator)
+        out = invert_batch(self.encoder, images, self.generator, self.lpips)
         meta = list(batch["json"])
         rows = {
             "key": [str(k) for k in batch["__key__"]],
@@ -204,3 +211,89 @@ def read_manifest(root: Location) -> tuple[bytes, dict]:
     except FileNotFoundError:
         raise InvertError(f"no shard manifest at {loc.uri}: run the prepare stage first") from None
     return data, json.loads(data)
+
+
+def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location]:
+    """The invert stage from validated params: finds the encoder, checks it against the
+    configured generator, runs the pipeline and commits ``{root}/latents/{run}``.
+
+    Returns (the table's manifest, its prefix).
+    """
+    import os
+
+    from mambastyle.checkpoints import checkpoint_source, file_sha256, load_encoder, state_sha256
+    from mambastyle.errors import CheckpointError
+    from mambastyle.generate import resolve_generator
+    from mambastyle.train.distributed import RUNS_DIR, run_name
+    from mambastyle.train.losses import alexnet_hub_path
+
+    options = params.storage.options()
+    root = resolve(params.storage.root, options)
+    manifest_bytes, manifest = read_manifest(root)
+    ip = params.invert
+    if ip.encoder is not None:
+        encoder_loc = resolve(ip.encoder, options)
+    else:
+        run = run_name(params.train, params.generator, manifest_bytes)
+        encoder_loc = root.join(RUNS_DIR, run, "artifacts", "encoder.pt")
+    try:
+        src = checkpoint_source(encoder_loc.uri, options)
+        encoder, meta = load_encoder(src)
+    except CheckpointError as exc:
+        hint = "" if ip.encoder is not None else " (the train stage's encoder for these params: run it first)"
+        raise InvertError(f"{exc}{hint}") from None
+    encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
+    gp = params.generator
+    g = resolve_generator(
+        gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
+    )
+    trained = meta.get("generator") or {}
+    if trained.get("resolution") not in (None, g.resolution) or encoder.n_styles != g.n_styles:
+        raise InvertError(
+            f"{encoder_loc.uri}: the encoder was trained for a {trained.get('resolution')}-px generator "
+            f"({encoder.n_styles} styles); the configured generator is {g.resolution}-px "
+            f"({g.n_styles} styles)"
+        )
+    generator_sha = state_sha256(g)
+    if trained.get("sha256") not in (None, generator_sha):
+        raise InvertError(
+            f"{encoder_loc.uri}: the encoder was trained against generator {trained['sha256'][:12]}..., "
+            f"not the configured one ({generator_sha[:12]}...)"
+        )
+    lpips = None
+    if ip.metrics:
+        candidate = ip.lpips_alexnet or alexnet_hub_path()
+        loc = resolve(candidate, options)
+        if loc.is_s3 or os.path.isfile(loc.path):
+            lpips = candidate
+        else:
+            log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)
+    settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": str(gp)}
+    run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
+    out = root.join("latents", run)
+    from mambastyle import __version__
+
+    measured = "lpips,mse,ssim" if lpips else ("mse,ssim" if ip.metrics else "none")
+    metadata = {
+        "encoder_sha256": encoder_sha,
+        "encoder_uri": encoder_loc.uri,
+        "generator_sha256": generator_sha,
+        "shard_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "run_id": run,
+        "package_version": __version__,
+        "metrics": measured,
+    }
+    job = InvertJob(
+        root=root.uri, encoder=encoder_loc.uri, out=out.uri, options=options,
+        generator=gp if ip.metrics else None, batch_size=ip.batch_size, num_actors=ip.num_actors,
+        use_gpu=ip.use_gpu, row_group_size=ip.row_group_size, rows_per_file=ip.rows_per_file,
+        metadata=metadata,
+        lpips_alexnet=lpips,
+    )  # fmt: skip
+    if ray_connect:
+        from mambastyle.runtime import connect_ray
+
+        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
+    table_manifest = run_inversion(job, int(manifest["counts"]["samples"]), shard_uris)
+    return table_manifest, out
