@@ -232,10 +232,16 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     manifest_bytes, manifest = read_manifest(root)
     ip = params.invert
     if ip.encoder is not None:
-        encoder_loc = resolve(ip.encoder, options)
+        encoder_loc, encoder_name = resolve(ip.encoder, options), ip.encoder
     else:
-        run = run_name(params.train, params.generator, manifest_bytes)
-        encoder_loc = root.join(RUNS_DIR, run, "artifacts", "encoder.pt")
+        parts = (
+            RUNS_DIR,
+            run_name(params.train, params.generator, manifest_bytes),
+            "artifacts",
+            "encoder.pt",
+        )
+        encoder_loc = root.join(*parts)
+        encoder_name = "/".join((params.storage.root.rstrip("/"), *parts))  # as the params name it
     try:
         src = checkpoint_source(encoder_loc.uri, options)
         encoder, meta = load_encoder(src)
@@ -276,7 +282,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     measured = "lpips,mse,ssim" if lpips else ("mse,ssim" if ip.metrics else "none")
     metadata = {
         "encoder_sha256": encoder_sha,
-        "encoder_uri": encoder_loc.uri,
+        "encoder_uri": encoder_name,
         "generator_sha256": generator_sha,
         "shard_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "run_id": run,
