@@ -149,8 +149,14 @@ def clear_prefix(prefix: Location) -> None:
         delete(Location(prefix.fs, path, path))
 
 
-def run_inversion(job: InvertJob, expected_samples: int, shard_uris: list[str]) -> dict:
-    """Runs the Ray Data pipeline on the connected Ray and commits the table; returns its manifest."""
+def run_inversion(
+    job: InvertJob, expected_samples: int, shard_uris: list[str], shard_sizes: dict[str, int] | None = None
+) -> dict:
+    """Runs the Ray Data pipeline on the connected Ray and commits the table; returns its manifest.
+
+    ``shard_sizes`` (URI -> bytes, from the shard manifest) lets a failed run name the shard
+    that is missing or truncated.
+    """
     import ray
 
     prefix = resolve(job.out, job.options)
@@ -171,8 +177,10 @@ def run_inversion(job: InvertJob, expected_samples: int, shard_uris: list[str]) 
     sink = _datasink(job)
     try:
         ds.write_datasink(sink)
-    except Exception as exc:  # Ray wraps task errors; keep the cause's text, which names the file
-        raise InvertError(f"inversion failed: {_root_cause(exc)}") from exc
+    except Exception as exc:  # Ray wraps task errors: find out which shard, if any, is bad
+        bad = _damaged_shards(shard_uris, shard_sizes or {}, job.options)
+        where = f" (damaged shard: {', '.join(bad)})" if bad else ""
+        raise InvertError(f"inversion failed{where}: {_root_cause(exc)}") from exc
     keys = [k for p in sink.parts for k in p["keys"]]
     if len(keys) != expected_samples or len(set(keys)) != len(keys):
         dupes = len(keys) - len(set(keys))
@@ -195,6 +203,19 @@ def _part_meta(prefix: Location, parts: list[dict]) -> dict:
         raise InvertError("no rows were written")
     with first.fs.open_input_file(first.path) as f:
         return table_metadata(pq.read_schema(f))
+
+
+def _damaged_shards(uris: list[str], sizes: dict[str, int], options: StorageOptions) -> list[str]:
+    """Shards that are missing or whose size differs from the manifest (checked after a failure)."""
+    import pyarrow.fs as pafs
+
+    bad = []
+    for uri in uris:
+        loc = resolve(uri, options)
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.NotFound or (uri in sizes and info.size != sizes[uri]):
+            bad.append(uri)
+    return bad
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -301,5 +322,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
-    table_manifest = run_inversion(job, int(manifest["counts"]["samples"]), shard_uris)
+    sizes = {u: int(e["bytes"]) for u, e in zip(shard_uris, manifest["shards"], strict=True) if "bytes" in e}
+    expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
+    table_manifest = run_inversion(job, expected, shard_uris, sizes)
     return table_manifest, out

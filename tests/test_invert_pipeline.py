@@ -1,0 +1,164 @@
+"""The invert stage on Ray Data: shards (local or moto S3) -> a committed latent table."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import psutil
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+from train_helpers import params, write_shards
+
+from mambastyle.checkpoints import load_encoder, save_encoder, state_sha256
+from mambastyle.generate import resolve_generator
+from mambastyle.invert.core import invert_batch
+from mambastyle.invert.pipeline import InvertError, invert_from_params
+from mambastyle.latents import open_table
+from mambastyle.models.encoders import build_encoder
+from mambastyle.storage import StorageOptions, list_files, resolve, write_bytes
+
+pytestmark = pytest.mark.slow
+
+COUNTS = {"train": [6, 5], "val": [3], "test": [4]}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    from mambastyle.runtime import connect_ray
+
+    # Ray's workers inherit the environment Ray starts with: the S3 test's (fake) credentials
+    # must be there already.
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    ray = connect_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _encoder_bytes(resolution: int = 32) -> bytes:
+    p = params()
+    arch = p.generator.architecture
+    if resolution != arch.resolution:
+        import dataclasses
+
+        arch = dataclasses.replace(arch, resolution=resolution)
+    g = resolve_generator(None, arch, p.generator.init_seed, p.generator.latent_avg_samples)
+    enc = build_encoder("mambastyle_tiny", resolution, seed=1, input_size=32, style_dim=g.style_dim)
+    enc.set_latent_avg(g.latent_avg)
+    buf = io.BytesIO()
+    save_encoder(
+        enc, buf, generator={"sha256": state_sha256(g), "resolution": resolution, "n_styles": g.n_styles}
+    )
+    return buf.getvalue()
+
+
+def _setup(root_uri: str, options: StorageOptions | None = None, endpoint: str | None = None, **invert):
+    root = resolve(root_uri, options)
+    images = write_shards(root, COUNTS)
+    write_bytes(root.join("encoder.pt"), _encoder_bytes(), durable=False)
+    invert = {"encoder": root.join("encoder.pt").uri, "batch_size": 4, "rows_per_file": 5, **invert}
+    p = params(storage={"root": root_uri, "endpoint_url": endpoint}, invert=invert)
+    return p, images
+
+
+def _decode(png: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def test_table_is_complete_matches_the_core_and_reruns_idempotently(tmp_path, ray_local):
+    p, images = _setup(str(tmp_path / "data"))
+    manifest, prefix = invert_from_params(p, ray_connect=False)
+    t = open_table(prefix.uri)
+    table = t.to_table()
+    keys = table.column("key").to_pylist()
+    assert manifest["rows"] == len(keys) == len(set(keys)) == len(images) and set(keys) == set(images)
+    assert manifest["splits"] == {"test": 4, "train": 11, "val": 3}
+    assert t.shape == (8, 32) and t.metadata["metrics"] == "mse,ssim"
+    # the core function on the same images, with the same checkpoint, gives the same codes
+    encoder, _ = load_encoder(str(tmp_path / "data" / "encoder.pt"))
+    want = invert_batch(encoder, torch.stack([_decode(images[k]) for k in keys])).w_plus
+    np.testing.assert_allclose(t.w_plus(table), want, atol=1e-5, rtol=0)
+    assert all(0 < v < 4 for v in table.column("mse").to_pylist())
+    # queries: DuckDB (SQL) and pandas (pyarrow filter) give the expected rows
+    got = t.query("SELECT key FROM latents WHERE split = 'test' ORDER BY key").column("key").to_pylist()
+    assert got == sorted(k for k in images if k.startswith("test"))
+    df = t.to_pandas(filter=pads.field("split") == "val", columns=["key", "mse"])
+    assert sorted(df["key"]) == sorted(k for k in images if k.startswith("val"))
+    files = sorted(list_files(prefix))
+    # a re-run replaces the table: same rows, no duplicates, no stray files
+    manifest2, prefix2 = invert_from_params(p, ray_connect=False)
+    assert prefix2.uri == prefix.uri and manifest2["rows"] == manifest["rows"]
+    assert open_table(prefix.uri).to_table().num_rows == len(images)
+    assert sorted(list_files(prefix)) == files
+
+
+def test_table_on_s3(s3, ray_local):
+    endpoint, bucket = s3
+    options = StorageOptions(endpoint_url=endpoint)
+    p, images = _setup(f"s3://{bucket}/data", options, endpoint)
+    manifest, prefix = invert_from_params(p, ray_connect=False)
+    assert prefix.uri.startswith(f"s3://{bucket}/data/latents/run-")
+    t = open_table(prefix.uri, options)
+    assert t.query("SELECT count(DISTINCT key) AS n FROM latents").column("n")[0].as_py() == len(images)
+
+
+def test_corrupt_shard_is_named_and_nothing_committed(tmp_path, ray_local):
+    p, _ = _setup(str(tmp_path / "data"))
+    shard = tmp_path / "data/shards/train/train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(InvertError, match="train-000001.tar"):
+        invert_from_params(p, ray_connect=False)
+    assert not list((tmp_path / "data").glob("latents/*/_manifest.json"))
+
+
+def test_encoder_for_another_generator_resolution_is_refused(tmp_path, ray_local):
+    p, _ = _setup(str(tmp_path / "data"))
+    (tmp_path / "data" / "encoder.pt").write_bytes(_encoder_bytes(resolution=64))
+    with pytest.raises(InvertError, match="encoder.pt: the encoder was trained for a 64-px generator"):
+        invert_from_params(p, ray_connect=False)
+    p2 = params(storage={"root": str(tmp_path / "data")}, invert={"encoder": str(tmp_path / "missing.pt")})
+    with pytest.raises(InvertError, match="missing.pt"):
+        invert_from_params(p2, ray_connect=False)
+
+
+def test_killed_actor_still_gives_a_complete_table(tmp_path, ray_local):
+    p, images = _setup(str(tmp_path / "data"), batch_size=1)
+    killed = threading.Event()
+
+    def kill_once():
+        deadline = time.time() + 60
+        while not killed.is_set() and time.time() < deadline:
+            for proc in psutil.process_iter(["cmdline"]):
+                if "MapBatches(Inverter)" in " ".join(proc.info["cmdline"] or []):
+                    time.sleep(1.5)  # let it take a few batches first
+                    proc.kill()
+                    killed.set()
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_once)
+    killer.start()
+    try:
+        manifest, prefix = invert_from_params(p, ray_connect=False)
+    finally:
+        killed.set()
+        killer.join()
+    keys = open_table(prefix.uri).to_table(columns=["key"]).column("key").to_pylist()
+    assert manifest["rows"] == len(keys) == len(set(keys)) == len(images)
