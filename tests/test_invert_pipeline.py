@@ -141,6 +141,7 @@ def test_encoder_for_another_generator_resolution_is_refused(tmp_path, ray_local
 def test_killed_actor_still_gives_a_complete_table(tmp_path, ray_local):
     p, images = _setup(str(tmp_path / "data"), batch_size=1)
     killed = threading.Event()
+    kills = []
 
     def kill_once():
         deadline = time.time() + 60
@@ -149,6 +150,7 @@ def test_killed_actor_still_gives_a_complete_table(tmp_path, ray_local):
                 if "MapBatches(Inverter)" in " ".join(proc.info["cmdline"] or []):
                     time.sleep(1.5)  # let it take a few batches first
                     proc.kill()
+                    kills.append(proc.pid)
                     killed.set()
                     return
             time.sleep(0.1)
@@ -160,5 +162,6 @@ def test_killed_actor_still_gives_a_complete_table(tmp_path, ray_local):
     finally:
         killed.set()
         killer.join()
+    assert kills, "the actor was never killed: the test proved nothing"
     keys = open_table(prefix.uri).to_table(columns=["key"]).column("key").to_pylist()
     assert manifest["rows"] == len(keys) == len(set(keys)) == len(images)
