@@ -128,7 +128,6 @@ def _datasink(job: InvertJob):
             for split in sorted(set(splits)):
                 idx = [i for i, s in enumerate(splits) if s == split]
                 part = table.take(pa.array(idx)).drop_columns(["split"])
-                part = part.take(pa.compute.sort_indices(part, [("key", "ascending")]))
                 path = f"split={split}/part-{ctx.task_idx:05d}.parquet"
                 write_part(part, prefix.join(path), job.row_group_size)
                 written.append({"path": path, "split": split, "rows": part.num_rows,

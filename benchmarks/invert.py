@@ -1,0 +1,152 @@
+"""Invert stage throughput and latent-table query speed, against baselines measured in the same run.
+
+1. Images/s through the whole Ray Data pipeline (shards on disk -> read_webdataset -> actor
+   pool -> Parquet parts -> committed manifest) vs the bare encoder forward on the same
+   images, batch size and total threads (the pipeline runs one actor per thread). Codes
+   only (no reconstructions), so both sides do the same model work. Target ratio >= 0.85.
+2. On a synthetic 100k-row latent table (18 x 512 W+ per row, as for a 1024-px generator):
+   time to fetch the w_plus of a 1% selection by a metadata predicate vs a full scan of
+   w_plus. Target >= 20x faster.
+
+Usage:
+    .venv/bin/python benchmarks/invert.py [--images 1024] [--size 256] [--encoder mambastyle_tiny]
+                                          [--rows 100000] [--skip-pipeline] [--skip-table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+META = {"encoder_sha256": "-", "generator_sha256": "-", "run_id": "bench"}
+
+
+def pipeline_vs_bare(args) -> None:
+    from train_helpers import write_shards  # the tests' shard writer: random images, real format
+
+    from mambastyle.checkpoints import save_encoder
+    from mambastyle.invert.core import invert_batch
+    from mambastyle.invert.pipeline import InvertJob, run_inversion
+    from mambastyle.models.encoders import build_encoder
+    from mambastyle.storage import StorageOptions, resolve
+    from mambastyle.train.data import ShardStream, manifest_shards
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = resolve(tmp)
+        per = 256
+        counts = [min(per, args.images - i) for i in range(0, args.images, per)]
+        write_shards(root, {"train": counts}, size=args.size)
+        enc = build_encoder(args.encoder, 1024, seed=0, input_size=args.size).eval()
+        buf = io.BytesIO()
+        save_encoder(enc, buf)
+        (Path(tmp) / "enc.pt").write_bytes(buf.getvalue())
+        shards = manifest_shards(root, "train")
+        images = torch.stack(
+            [img for _, (_, img) in zip(range(args.images), ShardStream(shards).samples(0), strict=False)]
+        )
+
+        torch.set_num_threads(args.threads)
+        invert_batch(enc, images[: args.batch_size])  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, len(images), args.batch_size):
+            invert_batch(enc, images[i : i + args.batch_size])
+        bare = time.perf_counter() - t0
+
+        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        job = InvertJob(root=root.uri, encoder=str(Path(tmp) / "enc.pt"), out=str(Path(tmp) / "latents"),
+                        options=StorageOptions(), generator=None, batch_size=args.batch_size,
+                        num_actors=args.threads, use_gpu=False, row_group_size=1024, rows_per_file=100_000,
+                        metadata=META)  # fmt: skip
+        urls = [s.uri for s in shards]
+        t0 = time.perf_counter()
+        manifest = run_inversion(job, args.images, urls)
+        whole = time.perf_counter() - t0
+        assert manifest["rows"] == args.images
+    print(
+        f"1. {args.images} images {args.size}px, {args.encoder}, "
+        f"batch {args.batch_size}, {args.threads} threads"
+    )
+    print(f"   bare encoder forward:  {args.images / bare:7.1f} img/s")
+    print(f"   whole pipeline:        {args.images / whole:7.1f} img/s  (incl. actor start, Parquet, commit)")
+    print(f"   ratio pipeline/bare:   {bare / whole:.3f}  (target >= 0.85)", flush=True)
+
+
+def selection_vs_scan(args) -> None:
+    import pyarrow.dataset as pads
+
+    from mambastyle.latents import build_part, commit, open_table, schema, table_metadata, write_part
+    from mambastyle.storage import resolve
+
+    rng = np.random.default_rng(0)
+    n_styles, dim = 18, 512
+    s = schema(n_styles, dim, META)
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = resolve(tmp)
+        parts, chunk, written = [], 10_000, 0
+        for index, start in enumerate(range(0, args.rows, chunk)):
+            n = min(chunk, args.rows - start)
+            rows = {
+                "key": [f"k{start + i:07d}" for i in range(n)],
+                "shard": [f"train-{index:06d}.tar"] * n,
+                "w_plus": rng.standard_normal((n, n_styles, dim), dtype=np.float32),
+                "yaw": rng.uniform(-45, 45, n).astype(np.float32),
+                "mse": rng.random(n).astype(np.float32),
+            }
+            path = f"split=train/part-{index:05d}.parquet"
+            write_part(build_part(rows, s), prefix.join(path), 1024)
+            parts.append({"path": path, "split": "train", "rows": n})
+            written += n
+        commit(prefix, parts, table_metadata(s))
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.parquet"))
+        t = open_table(prefix.uri)
+        predicate = pads.field("yaw") > 44.1  # ~1% of rows
+
+        def timed(fn, repeat=3):
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                out = fn()
+                best = min(best, time.perf_counter() - t0)
+            return best, out
+
+        scan_t, full = timed(lambda: t.to_table(columns=["w_plus"]))
+        sel_t, sel = timed(lambda: t.to_table(filter=predicate, columns=["w_plus"]))
+    print(f"2. {written} rows ({size / 2**30:.2f} GiB), 1% selection by yaw: {sel.num_rows} rows")
+    print(f"   full scan of w_plus:   {scan_t:7.3f} s ({full.num_rows} rows)")
+    print(f"   selection:             {sel_t:7.3f} s")
+    print(f"   ratio scan/selection:  {scan_t / sel_t:.1f}x  (target >= 20x)", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--encoder", default="mambastyle_tiny")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-table", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_table:
+        selection_vs_scan(args)
+    if not args.skip_pipeline:
+        pipeline_vs_bare(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
