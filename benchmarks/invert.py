@@ -106,7 +106,7 @@ def selection_vs_scan(args) -> None:
                 "mse": rng.random(n).astype(np.float32),
             }
             path = f"split=train/part-{index:05d}.parquet"
-            write_part(build_part(rows, s), prefix.join(path), 1024)
+            write_part(build_part(rows, s), prefix.join(path), args.row_group_size)
             parts.append({"path": path, "split": "train", "rows": n})
             written += n
         commit(prefix, parts, table_metadata(s))
@@ -124,7 +124,8 @@ def selection_vs_scan(args) -> None:
 
         scan_t, full = timed(lambda: t.to_table(columns=["w_plus"]))
         sel_t, sel = timed(lambda: t.to_table(filter=predicate, columns=["w_plus"]))
-    print(f"2. {written} rows ({size / 2**30:.2f} GiB), 1% selection by yaw: {sel.num_rows} rows")
+    print(f"2. {written} rows ({size / 2**30:.2f} GiB, row groups of {args.row_group_size}), "
+          f"1% selection by yaw: {sel.num_rows} rows")  # fmt: skip
     print(f"   full scan of w_plus:   {scan_t:7.3f} s ({full.num_rows} rows)")
     print(f"   selection:             {sel_t:7.3f} s")
     print(f"   ratio scan/selection:  {scan_t / sel_t:.1f}x  (target >= 20x)", flush=True)
@@ -138,6 +139,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--row-group-size", type=int, default=256, help="rows (params.yaml invert.row_group_size)"
+    )
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     args = parser.parse_args()
