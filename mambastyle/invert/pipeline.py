@@ -164,7 +164,9 @@ def run_inversion(
         raise InvertError("the shard manifest lists no shards")
     fs = resolve(shard_uris[0], job.options).fs
     paths = [resolve(u, job.options).path for u in shard_uris]
-    ds = ray.data.read_webdataset(paths, filesystem=fs)
+    # Reading asks for no CPU of its own: with as many actors as CPUs (the usual CPU setup)
+    # a read task that waits for a free CPU would never run and the pipeline would stall.
+    ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0)
     ds = ds.map_batches(
         Inverter,
         fn_constructor_kwargs={"job": job},
