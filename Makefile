@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/encoders.py
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train_data.py
+	$(BIN)/python benchmarks/invert.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks
