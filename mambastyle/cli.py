@@ -294,6 +294,28 @@ def cmd_latents_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latents_invert(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mambastyle.invert.pipeline import InvertError, invert_from_params
+
+    params = _load(args.params)
+    changes = {k: v for k, v in (("encoder", args.encoder), ("batch_size", args.batch_size),
+                                 ("num_actors", args.actors)) if v is not None}  # fmt: skip
+    if args.no_metrics:
+        changes["metrics"] = False
+    storage = params.storage if args.root is None else dataclasses.replace(params.storage, root=args.root)
+    params = dataclasses.replace(
+        params, invert=dataclasses.replace(params.invert, **changes), storage=storage
+    )
+    try:
+        manifest, prefix = invert_from_params(params)
+    except InvertError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{manifest['rows']} rows {manifest['splits']} -> {prefix.uri}")
+    return 0
+
+
 def _cell(value) -> str:
     if isinstance(value, list):
         return f"[{len(value)} values]"
@@ -390,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="the table's prefix (local or s3://)")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_latents_info)
+    p = verbs.add_parser("invert", help="invert the shards under a root into a new latent table (Ray Data)")
+    _add_params(p)
+    p.add_argument("--root", help="storage root holding shards/ (default: storage.root)")
+    p.add_argument("--encoder", help="encoder checkpoint (default: invert.encoder, else the train stage's)")
+    p.add_argument("--batch-size", type=int, help="default: invert.batch_size")
+    p.add_argument("--actors", type=int, help="default: invert.num_actors")
+    p.add_argument("--no-metrics", action="store_true", help="codes only, no reconstructions")
+    p.set_defaults(func=cmd_latents_invert)
     p = verbs.add_parser("query", help="SQL over a latent table (registered as `latents`)")
     _add_params(p)
     p.add_argument("uri", help="the table's prefix (local or s3://)")

@@ -136,3 +136,19 @@ def test_cli_info_and_query(tmp_path, capsys, repo):
     assert "CSV cannot hold w_plus" in capsys.readouterr().err
     assert main(["latents", "info", "--params", params, str(tmp_path / "nothing")]) == 1
     assert "_manifest.json is missing" in capsys.readouterr().err
+
+
+def test_cli_invert_names_a_missing_encoder(tmp_path, capsys, repo):
+    from train_helpers import write_shards
+
+    from mambastyle.cli import main
+
+    write_shards(resolve(str(tmp_path)), {"train": [2]})
+    args = ["latents", "invert", "--params", str(repo / "params.yaml"), "--root", str(tmp_path),
+            "--encoder", str(tmp_path / "nope.pt")]  # fmt: skip
+    assert main(args) == 1
+    assert "nope.pt: no such checkpoint file" in capsys.readouterr().err
+    assert (
+        main(["latents", "invert", "--params", str(repo / "params.yaml"), "--root", str(tmp_path / "x")]) == 1
+    )
+    assert "run the prepare stage first" in capsys.readouterr().err
