@@ -441,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, CliError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stdout = None
+        return 0
 
 
 if __name__ == "__main__":
