@@ -68,7 +68,8 @@ def pipeline_vs_bare(args) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         job = InvertJob(root=root.uri, encoder=str(Path(tmp) / "enc.pt"), out=str(Path(tmp) / "latents"),
                         options=StorageOptions(), generator=None, batch_size=args.batch_size,
-                        num_actors=args.threads, use_gpu=False, row_group_size=1024, rows_per_file=100_000,
+                        num_actors=args.actors, cpus_per_actor=args.threads // args.actors, use_gpu=False,
+                        row_group_size=1024, rows_per_file=100_000,
                         metadata=META)  # fmt: skip
         urls = [s.uri for s in shards]
         t0 = time.perf_counter()
@@ -138,6 +139,9 @@ def main() -> int:
     parser.add_argument("--encoder", default="mambastyle_tiny")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--actors", type=int, default=1, help="pipeline actors, threads // actors threads each"
+    )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument(
         "--row-group-size", type=int, default=256, help="rows (params.yaml invert.row_group_size)"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO, _free_port
-from train_helpers import params, write_shards
+from train_helpers import cmdline, params, write_shards
 
 from mambastyle.config import to_dict
 from mambastyle.storage import StorageOptions, list_files, read_bytes, resolve
@@ -76,8 +76,8 @@ def _kill_worker_after(run_dir: Path | None, job: TrainJob, checkpoint: str, don
     ckpt = job.location(RUNS_DIR, job.run, checkpoint, "state.pt")
     while not done.is_set():
         if list_files(ckpt):
-            for proc in psutil.process_iter(["cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            for proc in psutil.Process().children(recursive=True):  # only this test's Ray
+                if "RayTrainWorker" in " ".join(cmdline(proc)):
                     proc.kill()
                     done.set()
             return

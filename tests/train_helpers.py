@@ -68,3 +68,13 @@ def write_shards(
     manifest = {"version": 1, "shards": entries}
     write_bytes(root.join("shards", "manifest.json"), json.dumps(manifest).encode(), durable=False)
     return images
+
+
+def cmdline(proc) -> list[str]:
+    """A process's command line, or [] when it is gone or not ours to read."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []

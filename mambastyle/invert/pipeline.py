@@ -47,6 +47,7 @@ class InvertJob:
     rows_per_file: int
     metadata: dict
     lpips_alexnet: str | None = None  # LPIPS backbone file (checked to exist by the caller)
+    cpus_per_actor: int = 1  # CPU slots (and torch threads) per actor when not on a GPU
 
 
 def run_id(manifest: bytes, encoder_sha256: str, generator_sha256: str, settings: dict) -> str:
@@ -66,6 +67,8 @@ class Inverter:
 
         self.job = job
         self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(job.cpus_per_actor)
         self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
         self.generator = None
         if job.generator is not None:
@@ -174,6 +177,7 @@ def run_inversion(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.num_actors),
         num_gpus=1 if job.use_gpu else 0,
+        num_cpus=1 if job.use_gpu else job.cpus_per_actor,
     )
     sink = _datasink(job)
     try:
