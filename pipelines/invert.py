@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,14 +37,17 @@ def run(params: Params, local_out: Path) -> dict:
         "table": prefix.uri,
         "run": manifest["metadata"]["run_id"],
     }
-    stats = table.query(
-        "SELECT split, count(*) AS n, avg(mse) AS mse, avg(ssim) AS ssim, avg(lpips) AS lpips "
-        "FROM latents GROUP BY split ORDER BY split"
-    )
-    for row in stats.to_pylist():
-        summary["splits"][row["split"]] = {
-            k: row[k] for k in ("n", "mse", "ssim", "lpips") if row[k] is not None
-        }
+    # Means with exact (order-independent) sums: which write task got which rows varies between
+    # runs, and the DVC-tracked summary must not.
+    rows = table.to_table(columns=["split", "mse", "ssim", "lpips"]).to_pylist()
+    for split in sorted({r["split"] for r in rows}):
+        mine = [r for r in rows if r["split"] == split]
+        entry: dict = {"n": len(mine)}
+        for metric in ("mse", "ssim", "lpips"):
+            values = [r[metric] for r in mine if r[metric] is not None]
+            if values:
+                entry[metric] = math.fsum(values) / len(values)
+        summary["splits"][split] = entry
     local_out.mkdir(parents=True, exist_ok=True)
     record = dict(manifest)
     # the table URI as the params name it, so the record is the same in any checkout
