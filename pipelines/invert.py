@@ -37,19 +37,22 @@ def run(params: Params, local_out: Path) -> dict:
         "table": prefix.uri,
         "run": manifest["metadata"]["run_id"],
     }
-    # Means with exact (order-independent) sums: which write task got which rows varies between
-    # runs, and the DVC-tracked summary must not.
+    # Means with exact (order-independent) sums, rounded: which rows share a batch and a part
+    # varies between runs, and the DVC-tracked summary must not.
     rows = table.to_table(columns=["split", "mse", "ssim", "lpips"]).to_pylist()
     for split in sorted({r["split"] for r in rows}):
         mine = [r for r in rows if r["split"] == split]
         entry: dict = {"n": len(mine)}
         for metric in ("mse", "ssim", "lpips"):
             values = [r[metric] for r in mine if r[metric] is not None]
-            if values:
-                entry[metric] = math.fsum(values) / len(values)
+            if values:  # 6 digits: per-image values vary in the last float32 bit with batching
+                entry[metric] = float(f"{math.fsum(values) / len(values):.6g}")
         summary["splits"][split] = entry
     local_out.mkdir(parents=True, exist_ok=True)
-    record = dict(manifest)
+    # The local record leaves out the part list: part names follow Ray's grouping of rows into
+    # write tasks, which varies between runs (the table's own _manifest.json lists them).
+    record = {k: v for k, v in manifest.items() if k != "parts"}
+    record["parts"] = len(manifest["parts"])
     # the table URI as the params name it, so the record is the same in any checkout
     record["table"] = f"{params.storage.root.rstrip('/')}/latents/{summary['run']}"
     summary["table"] = record["table"]
