@@ -72,7 +72,7 @@ def run(params: Params, local_out: Path) -> dict:
     log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run, params.train.steps,
              params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
     connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    result = fit(job, manifest)
+    result = fit(job)
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.run} finished without a checkpoint")
     state = load_state(result.checkpoint)

@@ -245,13 +245,12 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
 
     Returns (the table's manifest, its prefix).
     """
-    import os
 
     from mambastyle.checkpoints import checkpoint_source, file_sha256, load_encoder, state_sha256
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
     from mambastyle.train.distributed import RUNS_DIR, run_name
-    from mambastyle.train.losses import alexnet_hub_path
+    from mambastyle.train.losses import alexnet_hub_path, weights_available
 
     options = params.storage.options()
     root = resolve(params.storage.root, options)
@@ -295,8 +294,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     lpips = None
     if ip.metrics:
         candidate = ip.lpips_alexnet or alexnet_hub_path()
-        loc = resolve(candidate, options)
-        if loc.is_s3 or os.path.isfile(loc.path):
+        if weights_available(candidate, options):
             lpips = candidate
         else:
             log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)

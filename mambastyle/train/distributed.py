@@ -16,7 +16,6 @@ not trained again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -230,7 +229,7 @@ def train_worker(config: dict) -> None:
     run(trainer, real_batches, [on_step])
 
 
-def fit(job: TrainJob, manifest: bytes | None = None):
+def fit(job: TrainJob):
     """Runs the job on the connected Ray cluster; returns Ray's Result (raises on failure)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -290,8 +289,3 @@ def export_encoder(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
     write_bytes(loc, data)
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return loc, hashlib.sha256(data).hexdigest(), meta
-
-
-def replace_train(job: TrainJob, **changes) -> TrainJob:
-    """A copy of ``job`` with some train params changed (tests, benchmarks)."""
-    return dataclasses.replace(job, train=dataclasses.replace(job.train, **changes))

@@ -175,6 +175,18 @@ class TrainingLoss(nn.Module):
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
+def weights_available(uri: str | None, options: StorageOptions | None = None) -> bool:
+    """Whether a pretrained-weights URI can be used: an existing local file, or any s3:// URI
+    (an S3 object that turns out missing is reported when it is read)."""
+    if uri is None:
+        return False
+    try:
+        loc = resolve(uri, options)
+    except ValueError:
+        return False
+    return loc.is_s3 or os.path.isfile(loc.path)
+
+
 def build_loss(
     weights: LossParams, pretrained: PretrainedParams, options: StorageOptions | None = None
 ) -> tuple[TrainingLoss, LossStatus]:
@@ -193,11 +205,7 @@ def build_loss(
     for term, (uri, loader, key) in sources.items():
         if getattr(weights, term) <= 0:
             continue
-        try:
-            available = uri is not None and (resolve(uri, options).is_s3 or os.path.isfile(resolve(uri).path))
-        except ValueError:
-            available = False
-        if not available:
+        if not weights_available(uri, options):
             reason = f"no weights: {key} is null" if uri is None else f"no weights at {uri} ({key})"
             if pretrained.required:
                 raise MissingWeights(f"loss term {term!r} is weighted but has {reason}")
