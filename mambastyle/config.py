@@ -281,15 +281,60 @@ class InvertParams:
 
 
 @dataclass(frozen=True)
-class EditParams:
-    """Bulk edits of selected rows of a latent table."""
+class EditEntryParams:
+    """One edit: a direction (fitted from the table, or from a file) and its strengths."""
 
-    where: str
+    name: str  # letters, digits, underscores: names the edit in the edits table and its grid
+    source: Literal["fit", "interfacegan", "ganspace"]
+    uri: str | None  # interfacegan / ganspace: the direction or PCA file (path or s3://)
+    component: int | None  # ganspace: the principal component
+    column: str | None  # fit: the numeric or boolean table column
+    fit_where: str | None  # fit: SQL condition choosing the rows fitted on
+    space: Literal["W", "W+"]  # fit: one direction for all layers (W) or per layer (W+)
     strengths: tuple[float, ...]
-    batch_size: int
+    layers: tuple[int, int] | None  # [start, stop) of the styles edited; null = all
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "batch_size")
+        import re
+
+        if not re.match(r"^[A-Za-z0-9_]+$", self.name):
+            raise InvalidConfig("name", f"use letters, digits and underscores only, got {self.name!r}")
+        needs = {"fit": ("column", "fit_where"), "interfacegan": ("uri",), "ganspace": ("uri", "component")}
+        for key in needs[self.source]:
+            if getattr(self, key) is None:
+                raise InvalidConfig(key, f"must be set for source {self.source!r}")
+        if not self.strengths:
+            raise InvalidConfig("strengths", "give at least one strength")
+        if len(set(self.strengths)) != len(self.strengths):
+            raise InvalidConfig("strengths", f"repeated values in {list(self.strengths)}")
+        if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]):
+            raise InvalidConfig("layers", f"must be [start, stop) with 0 <= start < stop, got {list(self.layers)}")
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """Bulk edits of selected rows of a latent table (Ray Data)."""
+
+    table: str | None  # a latent table URI; null = the invert stage's table
+    where: str  # SQL condition over the table's columns choosing the rows to edit
+    edits: tuple[EditEntryParams, ...]
+    output: Literal["shards", "folder"]  # WebDataset tar shards, or one PNG per image (small jobs)
+    images_per_shard: int
+    batch_size: int  # images per generator forward
+    num_actors: int
+    use_gpu: bool
+    row_group_size: int
+    rows_per_file: int
+    grid_samples: int  # rows of each edit's picture
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "images_per_shard", "batch_size", "num_actors", "row_group_size",
+                       "rows_per_file", "grid_samples")  # fmt: skip
+        if not self.edits:
+            raise InvalidConfig("edits", "list at least one edit")
+        names = [e.name for e in self.edits]
+        if len(set(names)) != len(names):
+            raise InvalidConfig("edits", f"edit names must be unique, got {names}")
 
 
 @dataclass(frozen=True)

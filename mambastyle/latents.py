@@ -32,11 +32,18 @@ from mambastyle import __version__
 from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
 
 TABLE_FORMAT = "mambastyle-latents"
+EDITS_FORMAT = "mambastyle-edits"  # the edit stage's table: same layout, keyed by (key, edit, strength)
 TABLE_VERSION = 1
 MANIFEST = "_manifest.json"
 META_PREFIX = "mambastyle."
-REQUIRED_META = ("format", "version", "latent_space", "shape", "encoder_sha256", "generator_sha256",
-                 "package_version", "run_id")  # fmt: skip
+REQUIRED_META = ("format", "version", "latent_space", "shape", "generator_sha256", "package_version",
+                 "run_id")  # fmt: skip
+# per format: the name SQL sees, the columns (beyond w_plus and split) and metadata it must have
+FORMATS = {
+    TABLE_FORMAT: ("latents", {"key": pa.string(), "shard": pa.string()}, ("encoder_sha256",)),
+    EDITS_FORMAT: ("edits", {"key": pa.string(), "edit": pa.string(), "strength": pa.float64(),
+                             "image": pa.string()}, ("source_table", "edits")),
+}  # fmt: skip
 METRIC_COLUMNS = ("mse", "ssim", "lpips")
 SOURCE_COLUMNS = ("yaw", "pitch", "roll", "score")
 
@@ -55,13 +62,18 @@ def schema(n_styles: int, style_dim: int, metadata: Mapping[str, str]) -> pa.Sch
         *[pa.field(name, pa.float32()) for name in SOURCE_COLUMNS],
         pa.field("source", pa.string()),
     ]
+    return pa.schema(fields, metadata=schema_metadata(TABLE_FORMAT, n_styles, style_dim, metadata))
+
+
+def schema_metadata(fmt: str, n_styles: int, style_dim: int, metadata: Mapping[str, str]) -> dict[str, str]:
+    """``mambastyle.*`` schema metadata of a ``fmt`` table of (n_styles, style_dim) codes."""
     meta = {f"{META_PREFIX}{k}": str(v) for k, v in metadata.items()}
-    meta[f"{META_PREFIX}format"] = TABLE_FORMAT
+    meta[f"{META_PREFIX}format"] = fmt
     meta[f"{META_PREFIX}version"] = str(TABLE_VERSION)
     meta[f"{META_PREFIX}latent_space"] = "W+"
     meta[f"{META_PREFIX}shape"] = json.dumps([n_styles, style_dim])
     meta.setdefault(f"{META_PREFIX}package_version", __version__)
-    return pa.schema(fields, metadata=meta)
+    return meta
 
 
 def table_metadata(s: pa.Schema) -> dict[str, str]:
@@ -95,25 +107,32 @@ def build_part(rows: Mapping[str, object], part_schema: pa.Schema) -> pa.Table:
 
 
 CLUSTER_BY = ("yaw", "key")  # row order within a part: pose range queries skip row groups
+DICTIONARY_COLUMNS = ("shard", "source", "edit")  # few distinct values per part
 
 
-def write_part(table: pa.Table, loc: Location, row_group_size: int) -> None:
+def write_part(
+    table: pa.Table, loc: Location, row_group_size: int, sort_by: tuple[str, ...] = CLUSTER_BY
+) -> None:
     """Writes one part file whole (temporary name + rename locally; a completed upload on S3).
 
-    Rows are ordered by ``CLUSTER_BY`` (yaw, then key), so each row group covers a narrow yaw
-    range and its statistics let a pose predicate (``yaw > 20``) skip the others, ``w_plus``
-    included; predicates on other columns read every row group.
+    Rows are ordered by ``sort_by`` (for latents: yaw, then key), so each row group covers a
+    narrow yaw range and its statistics let a pose predicate (``yaw > 20``) skip the others,
+    ``w_plus`` included; predicates on other columns read every row group. Float columns and
+    codes use byte-stream-split encoding, low-cardinality strings a dictionary, codes never.
     """
-    order = pa.compute.sort_indices(table, [(c, "ascending") for c in CLUSTER_BY], null_placement="at_end")
+    order = pa.compute.sort_indices(table, [(c, "ascending") for c in sort_by], null_placement="at_end")
     table = table.take(order)
     names = table.schema.names
+    floats = [f.name for f in table.schema
+              if pa.types.is_floating(f.type) or (pa.types.is_fixed_size_list(f.type)
+                                                  and pa.types.is_floating(f.type.value_type))]  # fmt: skip
     options = {
         "row_group_size": row_group_size,
         "compression": "zstd",
-        "use_dictionary": ["shard", "source"],  # never on w_plus
-        "use_byte_stream_split": ["w_plus", *METRIC_COLUMNS, *SOURCE_COLUMNS],
-        "write_statistics": ["key", "shard", *METRIC_COLUMNS, *SOURCE_COLUMNS],
-        "sorting_columns": [pq.SortingColumn(names.index(c), nulls_first=False) for c in CLUSTER_BY],
+        "use_dictionary": [f.name for f in table.schema if f.name in DICTIONARY_COLUMNS],
+        "use_byte_stream_split": floats,
+        "write_statistics": [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)],
+        "sorting_columns": [pq.SortingColumn(names.index(c), nulls_first=False) for c in sort_by],
     }
     if loc.is_s3:
         pq.write_table(table, loc.path, filesystem=loc.fs, **options)
@@ -130,11 +149,15 @@ def write_part(table: pa.Table, loc: Location, row_group_size: int) -> None:
 
 
 def commit(
-    prefix: Location, parts: list[dict], metadata: Mapping[str, str], extra: Mapping | None = None
+    prefix: Location,
+    parts: list[dict],
+    metadata: Mapping[str, str],
+    extra: Mapping | None = None,
+    fmt: str = TABLE_FORMAT,
 ) -> dict:
     """Writes ``_manifest.json`` (the commit point) listing ``parts`` ({path, split, rows})."""
     manifest = {
-        "format": TABLE_FORMAT,
+        "format": fmt,
         "version": TABLE_VERSION,
         "metadata": dict(metadata),
         "rows": sum(p["rows"] for p in parts),
@@ -161,6 +184,15 @@ class LatentTable:
         return table_metadata(self.dataset.schema)
 
     @property
+    def format(self) -> str:
+        return self.manifest["format"]
+
+    @property
+    def name(self) -> str:
+        """The name SQL sees: ``latents`` or ``edits``."""
+        return FORMATS[self.format][0]
+
+    @property
     def shape(self) -> tuple[int, int]:
         n_styles, style_dim = json.loads(self.metadata["shape"])
         return int(n_styles), int(style_dim)
@@ -176,16 +208,18 @@ class LatentTable:
         col = table.column("w_plus").combine_chunks()
         return col.values.to_numpy(zero_copy_only=False).reshape(-1, *self.shape)
 
-    def duckdb(self, connection=None, name: str = "latents"):
-        """A DuckDB connection with the table registered as ``name`` (filters push down to Arrow)."""
+    def duckdb(self, connection=None, name: str | None = None):
+        """A DuckDB connection with the table registered as ``name`` (default :attr:`name`;
+        filters push down to Arrow)."""
         import duckdb
 
         con = connection or duckdb.connect()
-        con.register(name, self.dataset)
+        con.register(name or self.name, self.dataset)
         return con
 
-    def query(self, sql: str, name: str = "latents") -> pa.Table:
-        """Runs SQL over the table (registered as ``latents``); returns an Arrow table."""
+    def query(self, sql: str, name: str | None = None) -> pa.Table:
+        """Runs SQL over the table (registered as ``latents``, or ``edits`` for an edits
+        table); returns an Arrow table."""
         import duckdb
 
         con = self.duckdb(name=name)
@@ -201,11 +235,15 @@ class LatentTable:
 
 
 def open_table(
-    uri: str, options: StorageOptions | None = None, expect: Mapping[str, str] | None = None
+    uri: str,
+    options: StorageOptions | None = None,
+    expect: Mapping[str, str] | None = None,
+    fmt: str = TABLE_FORMAT,
 ) -> LatentTable:
     """Opens the committed table at ``uri`` as a pyarrow dataset over the files its manifest lists.
 
-    ``expect`` maps metadata keys (e.g. ``generator_sha256``) to required values.
+    ``expect`` maps metadata keys (e.g. ``generator_sha256``) to required values; ``fmt`` is
+    the table kind (a latent table, or the edit stage's ``EDITS_FORMAT``).
 
     Raises:
         LatentTableError: no manifest (not a table, or a run that did not finish), a listed
@@ -221,8 +259,12 @@ def open_table(
         ) from None
     except (OSError, ValueError) as exc:
         raise LatentTableError(f"{loc.uri}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != TABLE_FORMAT or manifest.get("version") != TABLE_VERSION:
-        raise LatentTableError(f"{loc.uri}: not a version-{TABLE_VERSION} latent table manifest")
+    if manifest.get("format") != fmt or manifest.get("version") != TABLE_VERSION:
+        what = "latent" if fmt == TABLE_FORMAT else FORMATS[fmt][0]
+        found = manifest.get("format")
+        raise LatentTableError(
+            f"{loc.uri}: not a version-{TABLE_VERSION} {what} table manifest (format {found!r})"
+        )
     paths = [prefix.join(p["path"]).path for p in manifest["parts"]]
     for path, part in zip(paths, manifest["parts"], strict=True):
         if not exists(Location(prefix.fs, path, path)):
@@ -241,16 +283,17 @@ def open_table(
 def _validate(table: LatentTable, expect: Mapping[str, str]) -> None:
     where = table.prefix.uri
     meta = table.metadata
-    missing = [k for k in REQUIRED_META if k not in meta]
+    fmt = table.manifest["format"]
+    _, columns, required = FORMATS[fmt]
+    missing = [k for k in (*REQUIRED_META, *required) if k not in meta]
     if missing:
         raise LatentTableError(
             f"{where}: schema metadata lacks {', '.join(META_PREFIX + k for k in missing)}"
         )
-    if meta["format"] != TABLE_FORMAT or meta["latent_space"] != "W+":
-        raise LatentTableError(f"{where}: not a W+ latent table (format {meta['format']!r})")
+    if meta["format"] != fmt or meta["latent_space"] != "W+":
+        raise LatentTableError(f"{where}: not a W+ {table.name} table (format {meta['format']!r})")
     n_styles, style_dim = table.shape
-    want = {"key": pa.string(), "shard": pa.string(), "w_plus": pa.list_(pa.float32(), n_styles * style_dim),
-            "split": pa.string()}  # fmt: skip
+    want = {**columns, "w_plus": pa.list_(pa.float32(), n_styles * style_dim), "split": pa.string()}
     s = table.dataset.schema
     for name, typ in want.items():
         if name not in s.names:

@@ -333,7 +333,7 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
@@ -349,7 +349,7 @@ def _sample_members(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
 
 def build_shard(samples: Iterable[Sample]) -> bytes:
     """A deterministic tar: per sample ``{key}.png`` then ``{key}.json``, fixed member metadata."""
-    return _tar_bytes(_sample_members(samples))
+    return tar_bytes(_sample_members(samples))
 
 
 # --------------------------------------------------------------------------- resumable work
@@ -387,7 +387,7 @@ def _save_unit(loc: Location, outcomes: list[Outcome]) -> None:
         for o in outcomes
     ]
     samples = [s for o in outcomes for s in o.samples]
-    write_bytes(loc, _tar_bytes([("_outcomes.json", json.dumps(index).encode()), *_sample_members(samples)]))
+    write_bytes(loc, tar_bytes([("_outcomes.json", json.dumps(index).encode()), *_sample_members(samples)]))
 
 
 def _load_unit(loc: Location) -> list[Outcome] | None:

@@ -1,0 +1,128 @@
+"""Plain edit functions: (codes, edits) -> edited codes -> rendered images. No Ray here."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mambastyle.edit.directions import Direction, DirectionError, GanspaceDirection, check_layers
+
+NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass
+class Edit:
+    """A named direction applied at each of ``strengths`` to the styles in ``layers``."""
+
+    name: str
+    direction: Direction | GanspaceDirection
+    strengths: tuple[float, ...]
+    layers: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not NAME.match(self.name):
+            raise DirectionError(f"edit name {self.name!r}: use letters, digits and underscores only")
+        self.strengths = parse_strengths(self.strengths, self.name)
+        self.layers = check_layers(self.layers, self.direction.shape[0])
+
+    def describe(self) -> dict:
+        """What identifies the edit (for run ids, table metadata and manifests)."""
+        return {
+            "name": self.name,
+            "kind": type(self.direction).__name__,
+            "source": self.direction.source,
+            "sha256": self.direction.sha256,
+            "strengths": list(self.strengths),
+            "layers": list(self.layers),
+            **({"fit": _fit_summary(self.direction.info)} if self.direction.info.get("model") else {}),
+            **({"component": self.direction.info["component"]} if "component" in self.direction.info else {}),
+        }
+
+
+def _fit_summary(info: dict) -> dict:
+    keep = ("column", "where", "space", "kind", "rows", "quality", "model", "table")
+    return {k: info[k] for k in keep if k in info}
+
+
+def parse_strengths(values, name: str = "edit") -> tuple[float, ...]:
+    """Strengths as a tuple of distinct finite floats, from numbers or a "-3,0,1.5" string."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    out = []
+    for v in values:
+        if isinstance(v, bool):
+            raise DirectionError(f"{name}: strength {v!r} is not a number")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise DirectionError(f"{name}: strength {v!r} is not a number") from None
+        if not math.isfinite(f):
+            raise DirectionError(f"{name}: strength {v!r} is not finite")
+        out.append(f)
+    if not out:
+        raise DirectionError(f"{name}: no strengths given")
+    if len(set(out)) != len(out):
+        raise DirectionError(f"{name}: repeated strengths {out}")
+    return tuple(out)
+
+
+def strength_label(strength: float) -> str:
+    """A file-name-safe, dot-free, unique label: -3.0 -> "m3", 1.5 -> "p1_5", 0.0 -> "0"."""
+    if strength == 0:
+        return "0"
+    text = repr(abs(float(strength)))
+    text = text[:-2] if text.endswith(".0") else text
+    return ("m" if strength < 0 else "p") + text.replace(".", "_").replace("e-", "en").replace("+", "")
+
+
+def apply_edits(w_plus: np.ndarray, edits: Sequence[Edit]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """Every (row, edit, strength) combination of ``w_plus`` (n, S, D) float32.
+
+    Returns the edited codes (n * sum(len(strengths)), S, D) float32 and, per output row,
+    (input row, edit index, strength index). Strength 0 returns the input codes unchanged.
+    """
+    w = np.asarray(w_plus, dtype=np.float32)
+    out, index = [], []
+    for e_idx, edit in enumerate(edits):
+        if edit.direction.shape != w.shape[1:]:
+            raise DirectionError(
+                f"{edit.name}: direction shape {edit.direction.shape} does not fit codes {w.shape[1:]}"
+            )
+        for s_idx, strength in enumerate(edit.strengths):
+            out.append(w + edit.direction.delta(w, strength, edit.layers) if strength != 0 else w.copy())
+            index.extend((r, e_idx, s_idx) for r in range(w.shape[0]))
+    if not out:
+        return np.zeros((0, *w.shape[1:]), np.float32), []
+    return np.concatenate(out), index
+
+
+def render(generator, w_plus: np.ndarray, batch_size: int) -> np.ndarray:
+    """Images of codes (n, S, D): (n, R, R, 3) uint8, rendered in batches with constant noise."""
+    import torch
+
+    from mambastyle.visual import to_uint8
+
+    device = generator.latent_avg.device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(w_plus), batch_size):
+            w = torch.from_numpy(np.array(w_plus[start : start + batch_size], np.float32)).to(device)
+            out.append(to_uint8(generator.synthesis(w, noise_mode="const")))
+    if not out:
+        r = generator.resolution
+        return np.zeros((0, r, r, 3), np.uint8)
+    return np.concatenate(out)
+
+
+def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (fast zlib level: edited images are many and large)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -1,0 +1,510 @@
+"""Bulk edits on Ray Data: selected rows of a latent table -> edited images + an edits table.
+
+The selection (SQL ``WHERE`` through DuckDB, or a pyarrow expression) is read on the driver
+as (key, split, w_plus); blocks of it go to an actor pool (the generator loaded once per
+actor; GPUs when asked) that applies every (edit, strength) with
+:func:`mambastyle.edit.core.apply_edits` and renders the results; a datasink whose write
+tasks each write their images (WebDataset tar shards, or one PNG per image for small jobs)
+and then one Parquet part per split of the edits table; on the driver, a completeness check
+(every (key, edit, strength) exactly once) and ``_manifest.json``, written last. The table
+lives at ``{root}/edits/{run}`` with ``run`` derived from its inputs; a re-run withdraws the
+old one first, so it replaces, never appends.
+
+Edits table columns: ``key``, ``edit``, ``strength`` (float64; the key of a row is the
+triple), ``w_plus`` (the edited code), ``score`` (a fitted direction's predicted attribute
+for the edited code, else null) and ``image`` (the rendered image's URI: ``{tar}#{member}``
+for shards, the PNG's URI for a folder); ``split`` is the Hive partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from mambastyle.edit.core import Edit, apply_edits, png_bytes, render, strength_label
+from mambastyle.edit.directions import DirectionError
+from mambastyle.latents import (
+    EDITS_FORMAT,
+    LatentTable,
+    LatentTableError,
+    commit,
+    schema_metadata,
+    table_metadata,
+    write_part,
+)
+from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
+
+log = logging.getLogger(__name__)
+
+SORT_BY = ("edit", "strength", "key")  # an edit/strength predicate skips the other row groups
+
+
+class EditError(RuntimeError):
+    """The edit job cannot run or its result is incomplete (the message names the cause)."""
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """Everything the actors and the sink need (plain and picklable)."""
+
+    out: str  # the edits table's prefix
+    options: StorageOptions
+    generator: object  # GeneratorParams
+    edits: tuple[Edit, ...]
+    shape: tuple[int, int]  # (n_styles, style_dim)
+    batch_size: int  # images per generator forward
+    num_actors: int
+    use_gpu: bool
+    output: str  # "shards" | "folder"
+    images_per_shard: int
+    row_group_size: int
+    rows_per_file: int
+    metadata: dict
+    cpus_per_actor: int = 1
+
+    @property
+    def per_row(self) -> int:
+        return sum(len(e.strengths) for e in self.edits)
+
+
+def edits_schema(n_styles: int, style_dim: int, metadata: dict) -> pa.Schema:
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("edit", pa.string(), nullable=False),
+        pa.field("strength", pa.float64(), nullable=False),
+        pa.field("w_plus", pa.list_(pa.float32(), n_styles * style_dim), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("image", pa.string(), nullable=False),
+    ]
+    return pa.schema(fields, metadata=schema_metadata(EDITS_FORMAT, n_styles, style_dim, metadata))
+
+
+def select(table: LatentTable, where) -> pa.Table:
+    """The rows to edit as (key, split, w_plus), ordered by key.
+
+    ``where`` is an SQL condition over the table's columns (DuckDB; the table is ``latents``)
+    or a pyarrow compute expression.
+
+    Raises:
+        EditError: an SQL error or unknown column (named by DuckDB), no matching rows, or
+            repeated keys.
+    """
+    import pyarrow.compute as pc
+
+    columns = ["key", "split", "w_plus"]
+    try:
+        if isinstance(where, pc.Expression):
+            rows = table.to_table(filter=where, columns=columns)
+            rows = rows.take(pc.sort_indices(rows, [("key", "ascending")]))
+        else:
+            if not str(where).strip():
+                raise EditError("the selection is empty: give an SQL condition (e.g. \"split = 'test'\")")
+            rows = table.query(f"SELECT {', '.join(columns)} FROM {table.name} WHERE {where} ORDER BY key")
+    except LatentTableError as exc:
+        raise EditError(f"selection {where!r}: {exc}") from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise EditError(f"selection {where!r}: {exc}") from None
+    if rows.num_rows == 0:
+        raise EditError(f"selection {where!r} matches no rows of {table.prefix.uri}: nothing to edit")
+    keys = rows.column("key")
+    if pc.count_distinct(keys).as_py() != rows.num_rows:
+        raise EditError(f"selection {where!r}: repeated keys in {table.prefix.uri}; keys must be unique")
+    return rows
+
+
+class Editor:
+    """Ray Data actor: loads the generator once; edits and renders blocks of selected rows."""
+
+    def __init__(self, job: EditJob):
+        import torch
+
+        from mambastyle.generate import resolve_generator
+
+        self.job = job
+        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(job.cpus_per_actor)
+        gp = job.generator
+        self.generator = resolve_generator(
+            gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, self.device, job.options
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return edit_rows(batch, self.job, self.generator)
+
+
+def edit_rows(batch: pa.Table, job: EditJob, generator) -> pa.Table:
+    """Selected rows (key, split, w_plus) -> one row per (key, edit, strength) with the edited
+    code, its score, the PNG bytes and the image's member/file name."""
+    n_styles, style_dim = job.shape
+    col = batch.column("w_plus").combine_chunks()
+    w = col.values.to_numpy(zero_copy_only=False).reshape(-1, n_styles, style_dim)
+    edited, index = apply_edits(w, job.edits)
+    images = render(generator, edited, job.batch_size)
+    keys, splits = batch.column("key").to_pylist(), batch.column("split").to_pylist()
+    scores = np.full(len(index), np.nan, np.float32)
+    for e_idx, edit in enumerate(job.edits):
+        mine = [i for i, (_, e, _) in enumerate(index) if e == e_idx]
+        s = edit.direction.score(edited[mine])
+        if s is not None:
+            scores[mine] = s
+    names, strengths = [], []
+    for r, e, s in index:
+        edit = job.edits[e]
+        strengths.append(edit.strengths[s])
+        label = strength_label(edit.strengths[s])
+        names.append(
+            f"{keys[r]}-{edit.name}-{label}" if job.output == "shards" else f"{edit.name}/{keys[r]}-{label}"
+        )
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(edited.reshape(-1)), n_styles * style_dim)
+    return pa.table(
+        {
+            "key": pa.array([keys[r] for r, _, _ in index], pa.string()),
+            "split": pa.array([splits[r] for r, _, _ in index], pa.string()),
+            "edit": pa.array([job.edits[e].name for _, e, _ in index], pa.string()),
+            "strength": pa.array(strengths, pa.float64()),
+            "w_plus": flat,
+            "score": pa.array(scores, pa.float32(), mask=np.isnan(scores)),
+            "png": pa.array([png_bytes(img) for img in images], pa.binary()),
+            "name": pa.array(names, pa.string()),
+        }
+    )
+
+
+def write_task(table: pa.Table, job: EditJob, task: int) -> list[dict]:
+    """Writes one write task's rows: images first (shards or files), then the Parquet parts
+    that point at them. Returns the parts and image files written."""
+    prefix = resolve(job.out, job.options)
+    order = pa.compute.sort_indices(table, [(c, "ascending") for c in ("edit", "key", "strength")])
+    table = table.take(order)
+    names, pngs = table.column("name").to_pylist(), table.column("png").to_pylist()
+    uris, files = [], []
+    if job.output == "shards":
+        meta = table.select(["key", "edit", "strength"]).to_pylist()
+        for n, start in enumerate(range(0, len(names), job.images_per_shard)):
+            path = f"images/edits-{task:05d}-{n:04d}.tar"
+            members = []
+            for row in range(start, min(start + job.images_per_shard, len(names))):
+                members.append((f"{names[row]}.png", pngs[row]))
+                members.append((f"{names[row]}.json", json.dumps(meta[row], sort_keys=True).encode()))
+                uris.append(f"{prefix.join(path).uri}#{names[row]}.png")
+            data = _tar(members)
+            write_bytes(prefix.join(path), data)
+            files.append({"path": path, "images": len(members) // 2, "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+    else:
+        for name, data in zip(names, pngs, strict=True):
+            path = f"images/{name}.png"
+            write_bytes(prefix.join(path), data, durable=False)
+            uris.append(prefix.join(path).uri)
+            files.append({"path": path, "images": 1, "bytes": len(data)})
+    rows = table.drop_columns(["png", "name"]).append_column("image", pa.array(uris, pa.string()))
+    part_schema = edits_schema(*job.shape, job.metadata)
+    written = []
+    splits = rows.column("split").to_pylist()
+    for split in sorted(set(splits)):
+        idx = pa.array([i for i, s in enumerate(splits) if s == split])
+        part = rows.take(idx).drop_columns(["split"]).select(part_schema.names).cast(part_schema)
+        path = f"split={split}/part-{task:05d}.parquet"
+        write_part(part, prefix.join(path), job.row_group_size, sort_by=SORT_BY)
+        triples = list(zip(*(part.column(c).to_pylist() for c in ("key", "edit", "strength")), strict=True))
+        written.append({"path": path, "split": split, "rows": part.num_rows, "triples": triples})
+    return [{"parts": written, "files": files}]
+
+
+def _tar(members: Iterable[tuple[str, bytes]]) -> bytes:
+    from mambastyle.data.prepare import tar_bytes
+
+    return tar_bytes(members)
+
+
+def _datasink(job: EditJob):
+    from ray.data.datasource import Datasink
+
+    class EditSink(Datasink):
+        def __init__(self):
+            self.results: list[dict] = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return job.rows_per_file
+
+        def write(self, blocks: Iterable, ctx) -> list[dict]:
+            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return []
+            return write_task(pa.concat_tables(tables), job, ctx.task_idx)
+
+        def on_write_complete(self, write_result) -> None:
+            for task_result in write_result.write_returns:
+                self.results.extend(task_result)
+
+    return EditSink()
+
+
+def run_edits(job: EditJob, selection: pa.Table) -> dict:
+    """Runs the Ray Data job on the connected Ray and commits the edits table; returns its
+    manifest. ``selection`` is :func:`select`'s result."""
+    import ray
+
+    from mambastyle.invert.pipeline import _root_cause, clear_prefix
+
+    prefix = resolve(job.out, job.options)
+    clear_prefix(prefix)
+    n = selection.num_rows
+    # enough blocks to keep every actor busy, each a whole number of input batches
+    per_block = max(1, min(n, -(-n // (4 * job.num_actors))))
+    blocks = [selection.slice(i, per_block) for i in range(0, n, per_block)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        Editor,
+        fn_constructor_kwargs={"job": job},
+        batch_size=job.batch_size,  # rows in; each gives per_row images, rendered batch_size at a time
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=job.num_actors),
+        num_gpus=1 if job.use_gpu else 0,
+        num_cpus=1 if job.use_gpu else job.cpus_per_actor,
+    )
+    sink = _datasink(job)
+    try:
+        ds.write_datasink(sink)
+    except Exception as exc:
+        raise EditError(f"edit job failed: {_root_cause(exc)}") from exc
+    parts = [p for r in sink.results for p in r["parts"]]
+    files = sorted((f for r in sink.results for f in r["files"]), key=lambda f: f["path"])
+    triples = [t for p in parts for t in p["triples"]]
+    expected = n * job.per_row
+    if len(triples) != expected or len(set(triples)) != len(triples):
+        raise EditError(
+            f"incomplete edits table: {len(set(triples))} distinct (key, edit, strength) rows "
+            f"({len(triples) - len(set(triples))} repeated) for the {expected} expected; nothing committed"
+        )
+    parts = [{k: v for k, v in p.items() if k != "triples"} for p in parts]
+    meta = _part_meta(prefix, parts)
+    extra = {
+        "images": {
+            "output": job.output,
+            "count": sum(f["images"] for f in files),
+            "files": len(files),
+            "bytes": sum(f["bytes"] for f in files),
+        },  # fmt: skip
+        "shards": files if job.output == "shards" else [],
+        "selected": n,
+        "edits": [e.describe() for e in job.edits],
+    }
+    return commit(prefix, parts, meta, extra, fmt=EDITS_FORMAT)
+
+
+def _part_meta(prefix: Location, parts: list[dict]) -> dict:
+    import pyarrow.parquet as pq
+
+    with prefix.fs.open_input_file(prefix.join(parts[0]["path"]).path) as f:
+        return table_metadata(pq.read_schema(f))
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def read_images(uris: Sequence[str], options: StorageOptions | None = None) -> list[np.ndarray]:
+    """Decodes images by URI (``{tar}#{member}`` or a PNG file); each tar is read once."""
+    from PIL import Image
+
+    wanted: dict[str, set[str]] = {}
+    for uri in uris:
+        if "#" in uri:
+            tar, member = uri.rsplit("#", 1)
+            wanted.setdefault(tar, set()).add(member)
+    found: dict[str, bytes] = {}
+    for tar_uri, members in wanted.items():
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(resolve(tar_uri, options))), mode="r:") as tar:
+            for info in tar:  # read into memory only: nothing is extracted to disk
+                if info.isfile() and info.name in members:
+                    found[f"{tar_uri}#{info.name}"] = tar.extractfile(info).read()
+    out = []
+    for uri in uris:
+        data = found.get(uri) if "#" in uri else read_bytes(resolve(uri, options))
+        if data is None:
+            raise EditError(f"{uri}: image not found")
+        out.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return out
+
+
+def edit_grid(
+    edits_table: LatentTable,
+    edit: Edit,
+    keys: Sequence[str],
+    options: StorageOptions | None = None,
+    originals: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """One picture per edit: a row per sample, a column per strength (ascending) and the
+    unedited reconstruction in the middle: the strength-0 image when 0 was edited, else
+    ``originals[key]`` (the caller renders those)."""
+    import pyarrow.compute as pc
+
+    from mambastyle.visual import make_grid
+
+    rows = edits_table.to_table(
+        filter=(pc.field("edit") == edit.name) & pc.field("key").isin(list(keys)),
+        columns=["key", "strength", "image"],
+    ).to_pylist()
+    by = {(r["key"], r["strength"]): r["image"] for r in rows}
+    columns = [*sorted(s for s in edit.strengths if s < 0), 0.0, *sorted(s for s in edit.strengths if s > 0)]
+    cells = []
+    for key in keys:
+        for s in columns:
+            if (key, s) in by:
+                cells.append(by[key, s])
+            elif s == 0.0 and originals is not None and key in originals:
+                cells.append(None)
+            else:
+                raise EditError(f"the edits table has no image for ({key}, {edit.name}, {s})")
+    images = iter(read_images([c for c in cells if c is not None], options))
+    tiles = [
+        next(images) if c is not None else originals[keys[i // len(columns)]] for i, c in enumerate(cells)
+    ]
+    return make_grid(np.stack(tiles), ncols=len(columns))
+
+
+# --------------------------------------------------------------------------- from params
+
+
+def build_edit(entry, table: LatentTable, options: StorageOptions, table_name: str = "") -> Edit:
+    """An :class:`Edit` from one ``edit.edits`` entry: loads its direction file, or fits it on
+    the table's rows that ``fit_where`` selects (``table_name``: how the fit's record names
+    the table, default its URI)."""
+    from mambastyle.edit.directions import load_direction, load_ganspace
+
+    n_styles, style_dim = table.shape
+    try:
+        if entry.source == "interfacegan":
+            direction = load_direction(entry.uri, n_styles, style_dim, options)
+        elif entry.source == "ganspace":
+            direction = load_ganspace(entry.uri, entry.component, n_styles, style_dim, options)
+        else:
+            direction = fit_direction_from_table(
+                table, entry.column, entry.fit_where, entry.space, table_name
+            )
+        return Edit(entry.name, direction, entry.strengths, entry.layers)
+    except DirectionError as exc:
+        raise EditError(f"edit {entry.name!r}: {exc}") from None
+
+
+def fit_direction_from_table(
+    table: LatentTable, column: str, where: str, space: str = "W", table_name: str = ""
+):
+    """Fits a direction for ``column`` on the rows ``where`` selects (see ``fit_direction``)."""
+    from mambastyle.edit.directions import fit_direction
+
+    if column in ("key", "split", "w_plus") or column not in table.dataset.schema.names:
+        usable = [f.name for f in table.dataset.schema if pa.types.is_floating(f.type)
+                  or pa.types.is_integer(f.type) or pa.types.is_boolean(f.type)]  # fmt: skip
+        raise DirectionError(f"column {column!r} cannot be fitted: numeric or boolean columns are {usable}")
+    typ = table.dataset.schema.field(column).type
+    if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
+        raise DirectionError(f"column {column!r} is {typ}: only numeric or boolean columns can be fitted")
+    try:
+        rows = table.query(f'SELECT w_plus, "{column}" AS value FROM {table.name} WHERE {where} ORDER BY key')
+    except LatentTableError as exc:
+        raise DirectionError(f"fit rows {where!r}: {exc}") from None
+    provenance = {"column": column, "where": where, "table": table_name or table.prefix.uri,
+                  "table_run_id": table.metadata.get("run_id")}  # fmt: skip
+    return fit_direction(table.w_plus(rows), rows.column("value").to_pylist(), space, provenance=provenance)
+
+
+def run_id(
+    table: LatentTable, where: str, edits: Sequence[Edit], generator_sha256: str, settings: dict
+) -> str:
+    h = hashlib.sha256(json.dumps(table.manifest, sort_keys=True).encode())
+    described = [{k: v for k, v in e.describe().items() if k != "fit"} for e in edits]
+    h.update(json.dumps([where, described, generator_sha256, settings], sort_keys=True).encode())
+    return f"run-{h.hexdigest()[:16]}"
+
+
+@dataclass
+class EditResult:
+    manifest: dict
+    prefix: Location
+    edits: list[Edit]
+    grids: dict[str, np.ndarray]
+
+
+def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = True) -> EditResult:
+    """The edit stage from validated params: opens the latent table (``table_uri``, else
+    ``edit.table``), checks it against the configured generator, builds every edit (fitting
+    directions), selects the rows, runs the job and commits ``{root}/edits/{run}``; then
+    renders one grid per edit from the written images.
+
+    Everything that can be wrong with the inputs (table, SQL, columns, direction files and
+    shapes, strengths, an empty selection) is checked before anything is written.
+    """
+    from mambastyle import __version__
+    from mambastyle.checkpoints import state_sha256
+    from mambastyle.edit.directions import save_direction
+    from mambastyle.generate import resolve_generator
+    from mambastyle.latents import open_table
+
+    ep = params.edit
+    options = params.storage.options()
+    root = resolve(params.storage.root, options)
+    uri = table_uri or ep.table
+    if uri is None:
+        raise EditError("no latent table: set edit.table or run the invert stage first")
+    gp = params.generator
+    g = resolve_generator(
+        gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
+    )
+    generator_sha = state_sha256(g)
+    try:
+        table = open_table(uri, options)
+    except LatentTableError as exc:
+        raise EditError(str(exc)) from None
+    if table.metadata["generator_sha256"] != generator_sha:
+        raise EditError(
+            f"{table.prefix.uri}: its codes were inverted for generator "
+            f"{table.metadata['generator_sha256'][:12]}..., not the configured one ({generator_sha[:12]}...)"
+        )
+    edits = [build_edit(entry, table, options, uri) for entry in ep.edits]
+    selection = select(table, ep.where)
+    # inputs are valid: from here on things are written
+    for e in edits:
+        if e.direction.source == "fit":
+            name = f"{e.name}-{e.direction.sha256[:12]}.npy"
+            save_direction(e.direction, root.join("edits", "directions", name).uri, options)
+    settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": str(gp)}
+    run = run_id(table, ep.where, edits, generator_sha, settings)
+    out = root.join("edits", run)
+    metadata = {
+        "generator_sha256": generator_sha,
+        "source_table": uri,
+        "source_run_id": table.metadata.get("run_id", ""),
+        "edits": json.dumps([e.describe() for e in edits], sort_keys=True),
+        "where": ep.where,
+        "run_id": run,
+        "package_version": __version__,
+    }
+    job = EditJob(
+        out=out.uri, options=options, generator=gp, edits=tuple(edits), shape=table.shape,
+        batch_size=ep.batch_size, num_actors=ep.num_actors, use_gpu=ep.use_gpu, output=ep.output,
+        images_per_shard=ep.images_per_shard, row_group_size=ep.row_group_size,
+        rows_per_file=ep.rows_per_file, metadata=metadata,
+    )  # fmt: skip
+    if ray_connect:
+        from mambastyle.runtime import connect_ray
+
+        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    manifest = run_edits(job, selection)
+    edited = open_table(out.uri, options, fmt=EDITS_FORMAT)
+    keys = selection.column("key").to_pylist()[: ep.grid_samples]
+    w = table.w_plus(selection.slice(0, len(keys)))
+    recon = dict(zip(keys, render(g, w, ep.batch_size), strict=True))
+    grids = {e.name: edit_grid(edited, e, keys, options, recon) for e in edits}
+    return EditResult(manifest, out, edits, grids)

@@ -1,0 +1,114 @@
+"""DVC stage `edit`: bulk edits of selected latent-table rows, rendered into images.
+
+Reads the `edit`, `generator`, `storage` and `ray` sections of params.yaml. The latent table
+is `edit.table`, or the invert stage's (named in data/invert/manifest.json). Each edit's
+direction is fitted from a table column or loaded from an InterFaceGAN/GANSpace file; the
+selected rows (`edit.where`) are edited at every strength on Ray Data and rendered; the images
+(WebDataset shards or PNG files) and the edits table are written under
+{storage.root}/edits/{run}/ (fitted directions under {storage.root}/edits/directions/). The
+stage's DVC outputs are a record of the edits table's manifest, metrics (fit quality, mean
+attribute score per strength) and one grid picture per edit under data/edit/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from mambastyle.config import Params, load_params
+from mambastyle.edit.pipeline import EditError, edit_from_params
+from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.latents import EDITS_FORMAT, open_table
+from mambastyle.visual import save_png
+
+log = logging.getLogger("pipelines.edit")
+
+
+def _round(value, digits: int = 6):
+    """Floats to ``digits`` significant digits, recursively: codes can differ in their last bits
+    between inversion runs, and the DVC-tracked record must not."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v, digits) for v in value]
+    return value
+
+
+def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert")) -> dict:
+    """Runs the stage; returns the metrics summary."""
+    t0 = time.perf_counter()
+    table_uri = params.edit.table
+    if table_uri is None:
+        record = invert_out / "manifest.json"
+        if not record.is_file():
+            raise EditError(
+                f"no latent table: edit.table is null and {record} is missing (run the invert stage)"
+            )
+        table_uri = json.loads(record.read_text())["table"]
+    result = edit_from_params(params, table_uri)
+    manifest = result.manifest
+    edited = open_table(result.prefix.uri, params.storage.options(), fmt=EDITS_FORMAT)
+    summary: dict = {
+        "rows": manifest["rows"],
+        "selected": manifest["selected"],
+        "images": manifest["images"]["count"],
+        "run": manifest["metadata"]["run_id"],
+        "edits": {},
+    }
+    scores = edited.query("SELECT edit, strength, avg(score) AS score FROM edits GROUP BY ALL ORDER BY ALL")
+    for edit in result.edits:
+        entry: dict = {"strengths": list(edit.strengths)}
+        if edit.direction.info.get("quality"):
+            entry["fit"] = edit.direction.info["quality"] | {"rows": edit.direction.info["rows"]}
+            entry["attribute_per_unit_strength"] = edit.direction.info["model"]["slope"]
+            entry["mean_score"] = {
+                str(r["strength"]): r["score"] for r in scores.to_pylist() if r["edit"] == edit.name
+            }
+        summary["edits"][edit.name] = entry
+    root = params.storage.root.rstrip("/")
+    summary["table"] = f"{root}/edits/{summary['run']}"  # as the params name it: same in any checkout
+    local_out.mkdir(parents=True, exist_ok=True)
+    # Part and shard names follow Ray's grouping of rows into write tasks, which varies between
+    # runs: the record keeps their counts (the table's own _manifest.json lists them).
+    record = {k: v for k, v in manifest.items() if k not in ("parts", "shards")}
+    record["parts"], record["shards"] = len(manifest["parts"]), len(manifest["shards"])
+    record["table"] = summary["table"]
+    record["metadata"] = {k: v for k, v in record["metadata"].items() if k != "edits"}  # listed below
+    record["images"] = {k: v for k, v in record["images"].items() if k != "bytes"}  # PNG sizes vary by zlib
+    (local_out / "manifest.json").write_text(json.dumps(_round(record), indent=2, sort_keys=True) + "\n")
+    (local_out / "metrics.json").write_text(json.dumps(_round(summary), indent=2, sort_keys=True) + "\n")
+    grids = local_out / "grids"
+    for old in grids.glob("*.png") if grids.is_dir() else []:
+        old.unlink()
+    for name, grid in result.grids.items():
+        save_png(grid, grids / f"{name}.png")
+    log.info("%d edited rows (%d selected) -> %s in %.1fs", manifest["rows"], manifest["selected"],
+             result.prefix.uri, time.perf_counter() - t0)  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/edit", help="local directory for the DVC outputs")
+    parser.add_argument("--invert-out", default="data/invert", help="the invert stage's local outputs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        summary = run(load_params(args.params), Path(args.out), Path(args.invert_out))
+    except (InvalidConfig, CheckpointError, EditError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
