@@ -316,6 +316,114 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- edit
+
+
+def cmd_edit_fit_direction(args: argparse.Namespace) -> int:
+    from mambastyle.edit.directions import DirectionError, save_direction
+    from mambastyle.edit.pipeline import fit_direction_from_table
+
+    table = _open_latents(args)
+    try:
+        direction = fit_direction_from_table(table, args.column, args.where, args.space, args.uri)
+        loc = save_direction(direction, args.out, _load(args.params).storage.options())
+    except DirectionError as exc:
+        raise CliError(str(exc)) from None
+    info = direction.info
+    quality = ", ".join(f"{k} {v:.3f}" for k, v in info["quality"].items())
+    print(f"{args.column} ({info['kind']}, {info['rows']} rows, {args.space}): {quality}; "
+          f"{info['model']['slope']:.4g} {args.column} per unit of strength -> {loc.uri}")  # fmt: skip
+    return 0
+
+
+def _edit_entries(args: argparse.Namespace, defined: dict) -> list:
+    """``--direction NAME:STRENGTHS[:START-STOP]`` -> edit entries (NAME from --load, --ganspace,
+    --fit or the params file's edits)."""
+    import dataclasses
+
+    from mambastyle.edit.core import parse_strengths
+    from mambastyle.edit.directions import DirectionError
+
+    entries = []
+    for spec in args.direction:
+        name, _, rest = spec.partition(":")
+        strengths, _, layers = rest.partition(":")
+        if name not in defined:
+            known = ", ".join(sorted(defined)) or "none"
+            raise CliError(f"--direction {spec}: unknown direction {name!r} (defined: {known}); "
+                           "define it with --load, --ganspace or --fit")  # fmt: skip
+        try:
+            values = parse_strengths(strengths, name)
+        except DirectionError as exc:
+            raise CliError(f"--direction {spec}: {exc}") from None
+        layer_range = None
+        if layers:
+            try:
+                start, stop = (int(v) for v in layers.split("-"))
+            except ValueError:
+                raise CliError(f"--direction {spec}: layers must be START-STOP, got {layers!r}") from None
+            layer_range = (start, stop)
+        entries.append(dataclasses.replace(defined[name], strengths=values, layers=layer_range))
+    return entries
+
+
+def cmd_edit_apply(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from mambastyle.config import EditEntryParams
+    from mambastyle.edit.pipeline import EditError, edit_from_params
+    from mambastyle.visual import save_png
+
+    params = _load(args.params)
+    defined = {e.name: e for e in params.edit.edits}
+    blank = {"uri": None, "component": None, "column": None, "fit_where": None, "space": "W",
+             "strengths": (0.0,), "layers": None}  # fmt: skip
+    for kind, values in (("interfacegan", args.load), ("ganspace", args.ganspace), ("fit", args.fit)):
+        for item in values or []:
+            name, sep, target = item.partition("=")
+            if not sep or not target:
+                raise CliError(f"expected NAME=VALUE, got {item!r}")
+            entry = dict(blank, name=name, source=kind)
+            if kind == "interfacegan":
+                entry["uri"] = target
+            elif kind == "ganspace":
+                uri, _, component = target.rpartition("#")
+                if not uri or not component.isdigit():
+                    raise CliError(f"--ganspace {item}: expected NAME=FILE#COMPONENT")
+                entry.update(uri=uri, component=int(component))
+            else:
+                entry.update(column=target, fit_where=args.fit_where, space=args.space)
+            defined[name] = EditEntryParams(**entry)
+    changes: dict = {}
+    if args.direction:
+        changes["edits"] = tuple(_edit_entries(args, defined))
+    for key in ("where", "output", "batch_size"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.actors is not None:
+        changes["num_actors"] = args.actors
+    storage = params.storage if args.root is None else dataclasses.replace(params.storage, root=args.root)
+    params = dataclasses.replace(params, edit=dataclasses.replace(params.edit, **changes), storage=storage)
+    table = args.table or params.edit.table
+    if table is None:
+        record = Path(args.invert_out) / "manifest.json"
+        if not record.is_file():
+            raise CliError(f"no latent table: give --table (or run the invert stage: {record} is missing)")
+        table = json.loads(record.read_text())["table"]
+    try:
+        result = edit_from_params(params, table)
+    except EditError as exc:
+        raise CliError(str(exc)) from None
+    m = result.manifest
+    print(f"{m['rows']} edited rows ({m['selected']} selected x {len(result.edits)} edits), "
+          f"{m['images']['count']} images -> {result.prefix.uri}")  # fmt: skip
+    if args.grids:
+        for name, grid in result.grids.items():
+            print(f"  grid {name}: {save_png(grid, Path(args.grids) / f'{name}.png')}")
+    return 0
+
+
 def _cell(value) -> str:
     if isinstance(value, list):
         return f"[{len(value)} values]"
@@ -427,6 +535,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write all rows to a .parquet or .csv file instead of printing")
     p.add_argument("--limit", type=int, default=20, help="rows to print (default: %(default)s)")
     p.set_defaults(func=cmd_latents_query)
+
+    ed = nouns.add_parser("edit", help="fit edit directions and apply edits in bulk (Ray Data)")
+    verbs = ed.add_subparsers(dest="verb", metavar="VERB", required=True)
+    p = verbs.add_parser("fit-direction", help="fit a direction in W/W+ to a numeric or boolean column")
+    _add_params(p)
+    p.add_argument("uri", help="the latent table's prefix (local or s3://)")
+    p.add_argument("--column", required=True, help="numeric or boolean column, e.g. yaw")
+    p.add_argument("--where", default="true", help="SQL condition: the rows fitted on (default: all)")
+    p.add_argument("--space", choices=["W", "W+"], default="W")
+    p.add_argument("--out", required=True, help="output .npy (a .json record is written beside it)")
+    p.set_defaults(func=cmd_edit_fit_direction)
+    p = verbs.add_parser(
+        "apply",
+        help="edit selected rows of a latent table and render them",
+        description="Directions come from params.yaml (edit.edits) or are defined here by name; "
+        "each --direction applies one at the given strengths, e.g. --load smile=smile.pt "
+        "--direction smile:-3,0,3 --direction yaw:-2,2:0-6.",
+    )
+    _add_params(p)
+    p.add_argument("--table", help="latent table URI (default: edit.table, else the invert stage's)")
+    p.add_argument("--where", help="SQL condition choosing the rows (default: edit.where)")
+    p.add_argument(
+        "--direction",
+        action="append",
+        metavar="NAME:STRENGTHS[:START-STOP]",
+        help="apply NAME at comma-separated strengths, optionally to styles [START, STOP)",
+    )
+    p.add_argument("--load", action="append", metavar="NAME=FILE", help="an InterFaceGAN .npy/.pt direction")
+    p.add_argument(
+        "--ganspace", action="append", metavar="NAME=FILE#K", help="component K of a GANSpace file"
+    )
+    p.add_argument("--fit", action="append", metavar="NAME=COLUMN", help="a direction fitted to a column")
+    p.add_argument("--fit-where", default="true", help="SQL condition: rows --fit uses (default: all)")
+    p.add_argument("--space", choices=["W", "W+"], default="W", help="space of --fit directions")
+    p.add_argument("--output", choices=["shards", "folder"], help="default: edit.output")
+    p.add_argument("--batch-size", type=int, help="default: edit.batch_size")
+    p.add_argument("--actors", type=int, help="default: edit.num_actors")
+    p.add_argument("--root", help="storage root for edits/ (default: storage.root)")
+    p.add_argument("--grids", help="also write one grid PNG per edit into this folder")
+    p.add_argument("--invert-out", default="data/invert", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_edit_apply)
     return parser
 
 

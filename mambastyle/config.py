@@ -308,7 +308,9 @@ class EditEntryParams:
         if len(set(self.strengths)) != len(self.strengths):
             raise InvalidConfig("strengths", f"repeated values in {list(self.strengths)}")
         if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]):
-            raise InvalidConfig("layers", f"must be [start, stop) with 0 <= start < stop, got {list(self.layers)}")
+            raise InvalidConfig(
+                "layers", f"must be [start, stop) with 0 <= start < stop, got {list(self.layers)}"
+            )
 
 
 @dataclass(frozen=True)

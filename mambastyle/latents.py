@@ -120,7 +120,7 @@ def write_part(
     ``w_plus`` included; predicates on other columns read every row group. Float columns and
     codes use byte-stream-split encoding, low-cardinality strings a dictionary, codes never.
     """
-    order = pa.compute.sort_indices(table, [(c, "ascending") for c in sort_by], null_placement="at_end")
+    order = pa.compute.sort_indices(table, sort_keys=[(c, "ascending", "at_end") for c in sort_by])
     table = table.take(order)
     names = table.schema.names
     floats = [f.name for f in table.schema

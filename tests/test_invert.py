@@ -59,3 +59,19 @@ def test_results_do_not_depend_on_batching(models):
     parts = [invert_batch(enc, images[i : i + 3], g) for i in range(0, 7, 3)]  # last batch of 1
     np.testing.assert_allclose(np.concatenate([p.w_plus for p in parts]), whole.w_plus, atol=1e-5)
     np.testing.assert_allclose(np.concatenate([p.mse for p in parts]), whole.mse, rtol=1e-4, atol=1e-6)
+
+
+def test_padded_batches_give_codes_independent_of_batch_companions(models):
+    enc, g = models
+    images = torch.randint(0, 256, (11, 3, 32, 32), dtype=torch.uint8)
+    ref = invert_batch(enc, images, g, pad_to=4)  # batches of 4, 4 and 3 (+1 padding)
+    assert ref.w_plus.shape == (11, g.n_styles, 32) and ref.mse.shape == ref.ssim.shape == (11,)
+    # the same image in other batches, with other companions and a partial batch: same bits
+    order = torch.randperm(11)
+    shuffled = invert_batch(enc, images[order], g, pad_to=4)
+    np.testing.assert_array_equal(shuffled.w_plus, ref.w_plus[order.numpy()])
+    np.testing.assert_array_equal(shuffled.mse, ref.mse[order.numpy()])
+    for i in (0, 5, 10):
+        np.testing.assert_array_equal(
+            invert_batch(enc, images[i : i + 1], g, pad_to=4).w_plus[0], ref.w_plus[i]
+        )

@@ -102,7 +102,8 @@ def apply_edits(w_plus: np.ndarray, edits: Sequence[Edit]) -> tuple[np.ndarray, 
 
 
 def render(generator, w_plus: np.ndarray, batch_size: int) -> np.ndarray:
-    """Images of codes (n, S, D): (n, R, R, 3) uint8, rendered in batches with constant noise."""
+    """Images of codes (n, S, D): (n, R, R, 3) uint8, rendered with constant noise in batches
+    of exactly ``batch_size`` (the last padded), so an image does not depend on its batch."""
     import torch
 
     from mambastyle.visual import to_uint8
@@ -111,8 +112,12 @@ def render(generator, w_plus: np.ndarray, batch_size: int) -> np.ndarray:
     out = []
     with torch.no_grad():
         for start in range(0, len(w_plus), batch_size):
-            w = torch.from_numpy(np.array(w_plus[start : start + batch_size], np.float32)).to(device)
-            out.append(to_uint8(generator.synthesis(w, noise_mode="const")))
+            chunk = np.array(w_plus[start : start + batch_size], np.float32)
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), np.float32)])
+            w = torch.from_numpy(chunk).to(device)
+            out.append(to_uint8(generator.synthesis(w, noise_mode="const"))[:n])
     if not out:
         r = generator.resolution
         return np.zeros((0, r, r, 3), np.uint8)

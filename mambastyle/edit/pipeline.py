@@ -338,40 +338,21 @@ def read_images(uris: Sequence[str], options: StorageOptions | None = None) -> l
     return out
 
 
-def edit_grid(
-    edits_table: LatentTable,
-    edit: Edit,
-    keys: Sequence[str],
-    options: StorageOptions | None = None,
-    originals: dict[str, np.ndarray] | None = None,
-) -> np.ndarray:
-    """One picture per edit: a row per sample, a column per strength (ascending) and the
-    unedited reconstruction in the middle: the strength-0 image when 0 was edited, else
-    ``originals[key]`` (the caller renders those)."""
-    import pyarrow.compute as pc
+def edit_grid(generator, edit: Edit, w_plus: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """One picture per edit: a row per code of ``w_plus`` (n, S, D), a column per strength
+    (ascending) with the unedited reconstruction in the middle.
 
+    Rendered here, from the codes, with the function the actors use (so it shows what they
+    wrote, up to float rounding) in a fixed batch order: the picture is the same in every run,
+    whereas the actors' batches depend on how Ray groups rows.
+    """
     from mambastyle.visual import make_grid
 
-    rows = edits_table.to_table(
-        filter=(pc.field("edit") == edit.name) & pc.field("key").isin(list(keys)),
-        columns=["key", "strength", "image"],
-    ).to_pylist()
-    by = {(r["key"], r["strength"]): r["image"] for r in rows}
     columns = [*sorted(s for s in edit.strengths if s < 0), 0.0, *sorted(s for s in edit.strengths if s > 0)]
-    cells = []
-    for key in keys:
-        for s in columns:
-            if (key, s) in by:
-                cells.append(by[key, s])
-            elif s == 0.0 and originals is not None and key in originals:
-                cells.append(None)
-            else:
-                raise EditError(f"the edits table has no image for ({key}, {edit.name}, {s})")
-    images = iter(read_images([c for c in cells if c is not None], options))
-    tiles = [
-        next(images) if c is not None else originals[keys[i // len(columns)]] for i, c in enumerate(cells)
-    ]
-    return make_grid(np.stack(tiles), ncols=len(columns))
+    one = Edit(edit.name, edit.direction, tuple(columns), edit.layers)
+    edited, index = apply_edits(w_plus, [one])  # strength-major: reorder to a row per code
+    order = sorted(range(len(index)), key=lambda i: (index[i][0], index[i][2]))
+    return make_grid(render(generator, edited[order], batch_size), ncols=len(columns))
 
 
 # --------------------------------------------------------------------------- from params
@@ -502,9 +483,6 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     manifest = run_edits(job, selection)
-    edited = open_table(out.uri, options, fmt=EDITS_FORMAT)
-    keys = selection.column("key").to_pylist()[: ep.grid_samples]
-    w = table.w_plus(selection.slice(0, len(keys)))
-    recon = dict(zip(keys, render(g, w, ep.batch_size), strict=True))
-    grids = {e.name: edit_grid(edited, e, keys, options, recon) for e in edits}
+    w = table.w_plus(selection.slice(0, ep.grid_samples))
+    grids = {e.name: edit_grid(g, e, w, ep.batch_size) for e in edits}
     return EditResult(manifest, out, edits, grids)

@@ -75,9 +75,24 @@ def invert_batch(
     images: torch.Tensor,
     generator: Generator | None = None,
     lpips_net: nn.Module | None = None,
+    pad_to: int | None = None,
 ) -> Inversion:
     """Encodes ``images`` (uint8) to W+; with ``generator`` also renders the reconstructions and
-    measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs."""
+    measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs.
+
+    ``pad_to``: run the models on batches of exactly this many images (the last padded with
+    zeros). CPU kernels are chosen by batch size, so an image's code can differ in its last
+    bits with the size of the batch it lands in; with a fixed size it is the same whichever
+    images share its batch, and a re-run reproduces the table bit for bit.
+    """
+    n = images.shape[0]
+    if pad_to is not None and n > pad_to:
+        return _concat([invert_batch(encoder, images[i : i + pad_to], generator, lpips_net, pad_to)
+                        for i in range(0, n, pad_to)])  # fmt: skip
+    if pad_to is not None and n < pad_to:
+        filler = images.new_zeros((pad_to - n, *images.shape[1:]))
+        out = invert_batch(encoder, torch.cat([images, filler]), generator, lpips_net)
+        return Inversion(*(None if v is None else v[:n] for v in (out.w_plus, out.mse, out.ssim, out.lpips)))
     device = encoder.latent_avg.device
     x = prepare_images(images, encoder.config.input_size).to(device)
     w = encoder(x)
@@ -91,3 +106,10 @@ def invert_batch(
         if lpips_net is not None:
             lp = lpips_net(y, x).flatten().cpu().numpy()
     return Inversion(w.float().cpu().numpy(), mse, ss, lp)
+
+
+def _concat(parts: list[Inversion]) -> Inversion:
+    def cat(values):
+        return None if values[0] is None else np.concatenate(values)
+
+    return Inversion(*(cat([getattr(p, f) for p in parts]) for f in ("w_plus", "mse", "ssim", "lpips")))

@@ -90,7 +90,7 @@ class Inverter:
         from mambastyle.invert.core import invert_batch
 
         images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
-        out = invert_batch(self.encoder, images, self.generator, self.lpips)
+        out = invert_batch(self.encoder, images, self.generator, self.lpips, pad_to=self.job.batch_size)
         meta = list(batch["json"])
         rows = {
             "key": [str(k) for k in batch["__key__"]],

@@ -1,0 +1,296 @@
+"""The edit stage on Ray Data: selected latent-table rows -> edited images + a committed edits table."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+from train_helpers import params
+
+from mambastyle.checkpoints import state_sha256
+from mambastyle.config import ConfigError
+from mambastyle.edit.core import render
+from mambastyle.edit.pipeline import EditError, edit_from_params, read_images
+from mambastyle.generate import resolve_generator
+from mambastyle.latents import (
+    EDITS_FORMAT,
+    build_part,
+    commit,
+    open_table,
+    schema,
+    table_metadata,
+    write_part,
+)
+from mambastyle.storage import StorageOptions, list_files, resolve
+
+SPLITS = {"train": 120, "test": 6}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    from mambastyle.runtime import connect_ray
+
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    ray = connect_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _generator():
+    p = params()
+    gp = p.generator
+    return resolve_generator(None, gp.architecture, gp.init_seed, gp.latent_avg_samples)
+
+
+def _table(root_uri: str, options: StorageOptions | None = None, generator_sha: str | None = None):
+    """A latent table of codes from the tiny generator's mapping, with ``yaw`` a planted linear
+    function of the layer-mean code (plus noise). Returns (uri, codes by key, planted direction)."""
+    g = _generator()
+    rng = np.random.default_rng()
+    n = sum(SPLITS.values())
+    with torch.no_grad():
+        w = g.mapping(torch.from_numpy(rng.normal(size=(n, g.style_dim)).astype(np.float32)), 0.7).numpy()
+    codes = w[:, None, :] + 0.05 * rng.normal(size=(n, g.n_styles, g.style_dim)).astype(np.float32)
+    a = rng.normal(size=g.style_dim)
+    a /= np.linalg.norm(a)
+    proj = codes.mean(1) @ a
+    yaw = 15.0 * (proj - proj.mean()) / proj.std() + rng.normal(scale=0.5, size=n)
+    keys = [f"img{i:03d}" for i in range(n)]
+    splits = [s for s, k in SPLITS.items() for _ in range(k)]
+    meta = {
+        "encoder_sha256": "e" * 64,
+        "generator_sha256": generator_sha or state_sha256(g),
+        "run_id": "run-test",
+    }
+    part_schema = schema(g.n_styles, g.style_dim, meta)
+    prefix = resolve(f"{root_uri}/latents/run-test", options)
+    parts = []
+    for split in SPLITS:
+        idx = [i for i, s in enumerate(splits) if s == split]
+        rows = {"key": [keys[i] for i in idx], "shard": ["s.tar"] * len(idx), "w_plus": codes[idx],
+                "yaw": yaw[idx].tolist()}  # fmt: skip
+        path = f"split={split}/part-0.parquet"
+        write_part(build_part(rows, part_schema), prefix.join(path), 16)
+        parts.append({"path": path, "split": split, "rows": len(idx)})
+    commit(prefix, parts, table_metadata(part_schema))
+    return prefix.uri, dict(zip(keys, codes, strict=True)), a
+
+
+def _edit_params(root_uri: str, table: str, endpoint: str | None = None, **edit):
+    entries = edit.pop("edits", None) or [
+        {"name": "yaw", "source": "fit", "uri": None, "component": None, "column": "yaw",
+         "fit_where": "split = 'train'", "space": "W", "strengths": [-2.0, 0.0, 2.0], "layers": None},
+    ]  # fmt: skip
+    section = {"table": table, "where": "split = 'test'", "edits": entries, "batch_size": 4,
+               "rows_per_file": 5, "images_per_shard": 7, "grid_samples": 3, **edit}  # fmt: skip
+    return params(storage={"root": root_uri, "endpoint_url": endpoint}, edit=section)
+
+
+def _ifg(path, arr) -> dict:
+    torch.save(torch.from_numpy(np.asarray(arr, np.float32)), path)
+    return {"name": "ifg", "source": "interfacegan", "uri": str(path), "component": None, "column": None,
+            "fit_where": None, "space": "W", "strengths": [1.5], "layers": [0, 4]}  # fmt: skip
+
+
+def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(tmp_path, ray_local):
+    root = str(tmp_path / "data")
+    uri, codes, planted = _table(root)
+    g = _generator()
+    direction = np.random.default_rng().normal(size=(1, g.style_dim))
+    p = _edit_params(
+        root, uri, edits=[_edit_params(root, uri).edit.edits[0].__dict__, _ifg(tmp_path / "d.pt", direction)]
+    )
+    result = edit_from_params(p, ray_connect=False)
+    m = result.manifest
+    test_keys = sorted(k for k in codes if int(k[3:]) >= SPLITS["train"])
+    assert m["selected"] == 6 and m["rows"] == 6 * 4 and m["splits"] == {"test": 24}
+    assert m["images"]["count"] == 24 and m["images"]["files"] == len(m["shards"]) >= 4  # 7 images per tar
+    t = open_table(result.prefix.uri, fmt=EDITS_FORMAT)
+    rows = t.to_table().to_pylist()
+    triples = [(r["key"], r["edit"], r["strength"]) for r in rows]
+    want = {(k, "yaw", s) for k in test_keys for s in (-2.0, 0.0, 2.0)} | {(k, "ifg", 1.5) for k in test_keys}
+    assert len(triples) == len(set(triples)) == 24 and set(triples) == want
+    by = {(r["key"], r["edit"], r["strength"]): r for r in rows}
+    # strength 0: the code is the table's, bit for bit, and the image is its reconstruction
+    images = read_images([by[k, "yaw", 0.0]["image"] for k in test_keys])
+    recon = render(g, np.stack([codes[k] for k in test_keys]), 3)
+    for k, img, ref in zip(test_keys, images, recon, strict=True):
+        np.testing.assert_array_equal(
+            np.asarray(by[k, "yaw", 0.0]["w_plus"], np.float32), codes[k].reshape(-1)
+        )
+        assert img.shape == (32, 32, 3) and np.abs(img.astype(int) - ref.astype(int)).max() <= 1
+    # the planted attribute and the fitted score rise with strength, for every row
+    yaw = result.edits[0]
+    assert yaw.direction.info["quality"]["cv_correlation"] > 0.9
+    for k in test_keys:
+        w = {
+            s: np.asarray(by[k, "yaw", s]["w_plus"], np.float32).reshape(g.n_styles, -1)
+            for s in (-2.0, 0.0, 2.0)
+        }
+        truth = [w[s].mean(0) @ planted for s in (-2.0, 0.0, 2.0)]
+        scores = [by[k, "yaw", s]["score"] for s in (-2.0, 0.0, 2.0)]
+        assert truth[0] < truth[1] < truth[2] and scores[0] < scores[1] < scores[2]
+        np.testing.assert_allclose(w[2.0] - w[0.0], 2.0 * yaw.direction.vector, atol=1e-5)
+        # the file direction moved layers [0, 4) only, and has no score
+        e = np.asarray(by[k, "ifg", 1.5]["w_plus"], np.float32).reshape(g.n_styles, -1) - codes[k]
+        np.testing.assert_allclose(e[:4], np.broadcast_to(1.5 * direction, (4, g.style_dim)), atol=1e-5)
+        assert np.all(e[4:] == 0) and by[k, "ifg", 1.5]["score"] is None
+    # shards are WebDataset tars: png + json per sample, names without directories
+    prefix = result.prefix
+    for shard in m["shards"]:
+        with tarfile.open(fileobj=io.BytesIO(open(prefix.join(shard["path"]).path, "rb").read())) as tar:
+            names = tar.getnames()
+        assert len(names) == 2 * shard["images"] and all("/" not in n for n in names)
+    # pictures: a row per sample, strengths ascending with the reconstruction in the middle
+    assert result.grids["yaw"].shape == (3 * 34 + 2, 3 * 34 + 2, 3)
+    assert result.grids["ifg"].shape == (3 * 34 + 2, 2 * 34 + 2, 3)  # reconstruction | +1.5
+    assert np.abs(result.grids["yaw"][2:34, 36:68].astype(int) - images[0].astype(int)).max() <= 1
+    # the fitted direction is saved with its record
+    saved = [f for f in list_files(resolve(root).join("edits", "directions")) if f.endswith(".json")]
+    assert len(saved) == 1 and json.loads(open(saved[0]).read())["column"] == "yaw"
+    # a re-run replaces the table: same rows, exactly the new manifest's files
+    again = edit_from_params(p, ray_connect=False)
+    assert again.prefix.uri == prefix.uri
+    rows2 = open_table(prefix.uri, fmt=EDITS_FORMAT).to_table().to_pylist()
+    assert sorted((r["key"], r["edit"], r["strength"], r["w_plus"]) for r in rows2) == sorted(
+        (r["key"], r["edit"], r["strength"], r["w_plus"]) for r in rows
+    )
+    listed = {prefix.join(x["path"]).path for x in again.manifest["parts"] + again.manifest["shards"]}
+    assert set(list_files(prefix)) == listed | {prefix.join("_manifest.json").path}
+    # SQL over the edits table
+    n = t.query("SELECT count(*) AS n FROM edits WHERE edit = 'yaw' AND strength > 0").column("n")[0].as_py()
+    assert n == 6
+    assert t.to_table(filter=pc.field("strength") == 1.5, columns=["key"]).num_rows == 6
+
+
+def test_folder_output_on_s3(s3, ray_local):
+    endpoint, bucket = s3
+    options = StorageOptions(endpoint_url=endpoint)
+    root = f"s3://{bucket}/data"
+    uri, codes, _ = _table(root, options)
+    p = _edit_params(root, uri, endpoint, output="folder")
+    result = edit_from_params(p, ray_connect=False)
+    assert result.prefix.uri.startswith(f"{root}/edits/run-") and result.manifest["rows"] == 18
+    t = open_table(result.prefix.uri, options, fmt=EDITS_FORMAT)
+    uris = t.to_table(columns=["image"]).column("image").to_pylist()
+    assert all(u.startswith(f"{result.prefix.uri}/images/yaw/") and u.endswith(".png") for u in uris)
+    assert len(set(uris)) == 18 and all(img.shape == (32, 32, 3) for img in read_images(uris, options))
+    assert result.grids["yaw"].shape == (3 * 34 + 2, 3 * 34 + 2, 3)
+
+
+def _nothing_written(root: str) -> bool:
+    return not list_files(resolve(root).join("edits"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"where": "nosuch > 1"}, "nosuch"),
+        ({"where": "split = = 'test'"}, "SQL error"),
+        ({"where": "split = 'nope'"}, "matches no rows"),
+        ({"edits": "wrong-shape"}, r"shape \(1, 512\) does not fit codes of shape \(8, 32\)"),
+        ({"edits": "string-column"}, "only numeric or boolean"),
+        ({"edits": "unknown-column"}, "cannot be fitted"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, edit, match):
+    root = str(tmp_path / "data")
+    uri, _, _ = _table(root)
+    base = _edit_params(root, uri).edit.edits[0].__dict__
+    if edit.get("edits") == "wrong-shape":
+        edit = {"edits": [_ifg(tmp_path / "d.pt", np.zeros((1, 512)))]}
+    elif edit.get("edits") == "string-column":
+        edit = {"edits": [{**base, "column": "shard"}]}
+    elif edit.get("edits") == "unknown-column":
+        edit = {"edits": [{**base, "column": "smile"}]}
+    with pytest.raises(EditError, match=match):
+        edit_from_params(_edit_params(root, uri, **edit), ray_connect=False)
+    assert _nothing_written(root)
+
+
+def test_strengths_that_are_not_numbers_and_foreign_tables_are_refused(tmp_path):
+    root = str(tmp_path / "data")
+    uri, _, _ = _table(root, generator_sha="0" * 64)
+    base = _edit_params(root, uri).edit.edits[0].__dict__
+    with pytest.raises(ConfigError, match=r"edit.edits\[0\].strengths\[1\]: must be a number"):
+        _edit_params(root, uri, edits=[{**base, "strengths": [1.0, "big"]}])
+    with pytest.raises(ConfigError, match="repeated"):
+        _edit_params(root, uri, edits=[{**base, "strengths": [1.0, 1.0]}])
+    with pytest.raises(EditError, match="inverted for generator 000000000000"):
+        edit_from_params(_edit_params(root, uri), ray_connect=False)
+    with pytest.raises(EditError, match="_manifest.json is missing"):
+        edit_from_params(_edit_params(root, str(tmp_path / "nothing")), ray_connect=False)
+    assert _nothing_written(root)
+
+
+def _params_file(tmp_path, root: str, uri: str) -> str:
+    import yaml
+
+    from mambastyle.config import to_dict
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(to_dict(_edit_params(root, uri))))
+    return str(path)
+
+
+def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsys):
+    from mambastyle.cli import main
+
+    root = str(tmp_path / "data")
+    uri, codes, planted = _table(root)
+    pf = _params_file(tmp_path, root, uri)
+    out = tmp_path / "dirs" / "yaw.npy"
+    assert main(["edit", "fit-direction", uri, "--params", pf, "--column", "yaw", "--where",
+                 "split = 'train'", "--out", str(out)]) == 0  # fmt: skip
+    assert "cv_correlation" in capsys.readouterr().out
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["rows"] == SPLITS["train"] and record["quality"]["cv_correlation"] > 0.9
+    assert np.load(out).shape == (1, 32) and float(np.load(out)[0] @ planted) > 0.9
+    args = ["edit", "apply", "--params", pf, "--table", uri, "--where", "key IN ('img120', 'img121')",
+            "--load", f"turn={out}", "--direction", "turn:-1,1:2-6", "--direction", "yaw:0.5",
+            "--output", "folder", "--grids", str(tmp_path / "grids")]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "6 edited rows (2 selected x 2 edits), 6 images" in printed
+    prefix = printed.splitlines()[0].rsplit("-> ", 1)[1]
+    t = open_table(prefix, fmt=EDITS_FORMAT).to_table().to_pylist()
+    assert sorted((r["key"], r["edit"], r["strength"]) for r in t) == sorted(
+        [(k, "turn", s) for k in ("img120", "img121") for s in (-1.0, 1.0)]
+        + [(k, "yaw", 0.5) for k in ("img120", "img121")]
+    )
+    for r in (r for r in t if r["edit"] == "turn"):
+        delta = np.asarray(r["w_plus"], np.float32).reshape(8, 32) - codes[r["key"]]
+        assert (
+            np.all(delta[:2] == 0)
+            and np.all(delta[6:] == 0)
+            and np.allclose(np.linalg.norm(delta[2:6], axis=1), 1.0, atol=1e-4)
+        )
+    assert sorted(p.name for p in (tmp_path / "grids").iterdir()) == ["turn.png", "yaw.png"]
+    # bad specs fail with a message and exit status 1, before anything runs
+    bad_specs = [
+        (["--direction", "nope:1"], "unknown direction 'nope'"),
+        (["--direction", "yaw:a,b"], "strength 'a' is not a number"),
+        (["--direction", "yaw:1:x"], "layers must be START-STOP"),
+        (["--ganspace", "g=f.pt", "--direction", "g:1"], "NAME=FILE#COMPONENT"),
+    ]
+    for bad, message in bad_specs:
+        assert main(["edit", "apply", "--params", pf, "--table", uri, *bad]) == 1
+        assert message in capsys.readouterr().err
