@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prepare.py
 	$(BIN)/python benchmarks/train_data.py
 	$(BIN)/python benchmarks/invert.py
+	$(BIN)/python benchmarks/edit.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks

@@ -1,0 +1,101 @@
+"""Edit stage throughput against the bare generator, both measured in the same run.
+
+Edited images/s through the whole Ray Data job (selection -> actor pool applying the edits and
+rendering -> PNG encoding -> WebDataset shards and Parquet edits table -> committed manifest)
+vs the bare generator forward (``synthesis``) on the same number of codes, batch size and
+threads. Target ratio >= 0.85.
+
+Usage:
+    .venv/bin/python benchmarks/edit.py [--rows 64] [--strengths 4] [--resolution 128]
+                                        [--style-dim 256] [--batch-size 16] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+META = {"encoder_sha256": "-", "generator_sha256": "-", "run_id": "bench"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=64, help="selected rows")
+    parser.add_argument("--strengths", type=int, default=4, help="strengths per row (images per row)")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--style-dim", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", choices=["shards", "folder"], default="shards")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import pyarrow as pa
+    import ray
+
+    from mambastyle.config import load_params
+    from mambastyle.edit.core import Edit, apply_edits
+    from mambastyle.edit.directions import Direction
+    from mambastyle.edit.pipeline import EditJob, run_edits
+    from mambastyle.generate import resolve_generator
+    from mambastyle.storage import StorageOptions
+
+    gp = load_params().generator
+    arch = dataclasses.replace(gp.architecture, resolution=args.resolution, style_dim=args.style_dim,
+                               channel_max=args.style_dim)  # fmt: skip
+    gp = dataclasses.replace(gp, architecture=arch, latent_avg_samples=1000)
+    g = resolve_generator(None, arch, gp.init_seed, gp.latent_avg_samples)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        z = torch.from_numpy(rng.standard_normal((args.rows, args.style_dim), dtype=np.float32))
+        w = g.mapping(z, 0.7)[:, None].expand(-1, g.n_styles, -1).contiguous().numpy()
+    vector = rng.standard_normal((g.n_styles, args.style_dim)).astype(np.float32)
+    edit = Edit("bench", Direction(vector / np.linalg.norm(vector[0]), "bench", "-"),
+                tuple(float(s) for s in np.linspace(-2, 2, args.strengths)))  # fmt: skip
+    edited, _ = apply_edits(w, [edit])
+    n_images = len(edited)
+
+    torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        g.synthesis(torch.from_numpy(edited[: args.batch_size]), noise_mode="const")  # warm-up
+        t0 = time.perf_counter()
+        for i in range(0, n_images, args.batch_size):
+            g.synthesis(torch.from_numpy(edited[i : i + args.batch_size]), noise_mode="const")
+        bare = time.perf_counter() - t0
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        selection = pa.table({
+            "key": [f"k{i:06d}" for i in range(args.rows)],
+            "split": ["test"] * args.rows,
+            "w_plus": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1)), g.n_styles * args.style_dim),
+        })  # fmt: skip
+        job = EditJob(out=f"{tmp}/edits", options=StorageOptions(), generator=gp, edits=(edit,),
+                      shape=(g.n_styles, args.style_dim), batch_size=args.batch_size, num_actors=1,
+                      use_gpu=False, output=args.output, images_per_shard=1000, row_group_size=1024,
+                      rows_per_file=100_000, metadata=META, cpus_per_actor=args.threads)  # fmt: skip
+        t0 = time.perf_counter()
+        manifest = run_edits(job, selection)
+        whole = time.perf_counter() - t0
+        assert manifest["rows"] == n_images
+    ray.shutdown()
+    print(f"{args.rows} rows x {args.strengths} strengths = {n_images} images, {args.resolution}px "
+          f"(style_dim {args.style_dim}), batch {args.batch_size}, {args.threads} threads, "
+          f"{args.output}")  # fmt: skip
+    print(f"   bare generator forward: {n_images / bare:7.2f} img/s")
+    print(
+        f"   whole edit job:         {n_images / whole:7.2f} img/s  (incl. actor start, PNG, shards, Parquet)"
+    )
+    print(f"   ratio job/bare:         {bare / whole:.3f}  (target >= 0.85)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
