@@ -235,7 +235,7 @@ def _open_latents(args: argparse.Namespace):
     from mambastyle.latents import LatentTableError, open_table
 
     try:
-        return open_table(args.uri, _load(args.params).storage.options())
+        return open_table(args.uri, _load(args.params).storage.options(), fmt=None)
     except LatentTableError as exc:
         raise CliError(str(exc)) from None
 
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, help="default: invert.num_actors")
     p.add_argument("--no-metrics", action="store_true", help="codes only, no reconstructions")
     p.set_defaults(func=cmd_latents_invert)
-    p = verbs.add_parser("query", help="SQL over a latent table (registered as `latents`)")
+    p = verbs.add_parser("query", help="SQL over a latent table (`latents`) or an edits table (`edits`)")
     _add_params(p)
     p.add_argument("uri", help="the table's prefix (local or s3://)")
     p.add_argument("sql", help="e.g. \"SELECT key, yaw FROM latents WHERE split = 'test' AND yaw > 20\"")

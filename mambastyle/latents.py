@@ -238,12 +238,12 @@ def open_table(
     uri: str,
     options: StorageOptions | None = None,
     expect: Mapping[str, str] | None = None,
-    fmt: str = TABLE_FORMAT,
+    fmt: str | None = TABLE_FORMAT,
 ) -> LatentTable:
     """Opens the committed table at ``uri`` as a pyarrow dataset over the files its manifest lists.
 
     ``expect`` maps metadata keys (e.g. ``generator_sha256``) to required values; ``fmt`` is
-    the table kind (a latent table, or the edit stage's ``EDITS_FORMAT``).
+    the table kind (a latent table, or the edit stage's ``EDITS_FORMAT``; None: either).
 
     Raises:
         LatentTableError: no manifest (not a table, or a run that did not finish), a listed
@@ -259,8 +259,10 @@ def open_table(
         ) from None
     except (OSError, ValueError) as exc:
         raise LatentTableError(f"{loc.uri}: unreadable manifest ({exc})") from None
+    if fmt is None and manifest.get("format") in FORMATS:
+        fmt = manifest["format"]
     if manifest.get("format") != fmt or manifest.get("version") != TABLE_VERSION:
-        what = "latent" if fmt == TABLE_FORMAT else FORMATS[fmt][0]
+        what = "latent" if fmt in (TABLE_FORMAT, None) else FORMATS[fmt][0]
         found = manifest.get("format")
         raise LatentTableError(
             f"{loc.uri}: not a version-{TABLE_VERSION} {what} table manifest (format {found!r})"
