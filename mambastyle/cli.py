@@ -321,12 +321,14 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
 
 def cmd_edit_fit_direction(args: argparse.Namespace) -> int:
     from mambastyle.edit.directions import DirectionError, save_direction
-    from mambastyle.edit.pipeline import fit_direction_from_table
+    from mambastyle.edit.pipeline import fit_direction_from_table, read_labels
 
     table = _open_latents(args)
     try:
-        direction = fit_direction_from_table(table, args.column, args.where, args.space, args.uri)
-        loc = save_direction(direction, args.out, _load(args.params).storage.options())
+        options = _load(args.params).storage.options()
+        labels = read_labels(args.labels, options) if args.labels else None
+        direction = fit_direction_from_table(table, args.column, args.where, args.space, args.uri, labels)
+        loc = save_direction(direction, args.out, options)
     except DirectionError as exc:
         raise CliError(str(exc)) from None
     info = direction.info
@@ -377,8 +379,8 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
 
     params = _load(args.params)
     defined = {e.name: e for e in params.edit.edits}
-    blank = {"uri": None, "component": None, "column": None, "fit_where": None, "space": "W",
-             "strengths": (0.0,), "layers": None}  # fmt: skip
+    blank = {"uri": None, "component": None, "column": None, "labels": args.labels, "fit_where": None,
+             "space": "W", "strengths": (0.0,), "layers": None}  # fmt: skip
     for kind, values in (("interfacegan", args.load), ("ganspace", args.ganspace), ("fit", args.fit)):
         for item in values or []:
             name, sep, target = item.partition("=")
@@ -542,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p)
     p.add_argument("uri", help="the latent table's prefix (local or s3://)")
     p.add_argument("--column", required=True, help="numeric or boolean column, e.g. yaw")
+    p.add_argument("--labels", help="a .csv/.parquet with `key` and COLUMN, joined to the table by key")
     p.add_argument("--where", default="true", help="SQL condition: the rows fitted on (default: all)")
     p.add_argument("--space", choices=["W", "W+"], default="W")
     p.add_argument("--out", required=True, help="output .npy (a .json record is written beside it)")
@@ -568,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--fit", action="append", metavar="NAME=COLUMN", help="a direction fitted to a column")
     p.add_argument("--fit-where", default="true", help="SQL condition: rows --fit uses (default: all)")
+    p.add_argument("--labels", help="a .csv/.parquet with `key` and the --fit columns, joined by key")
     p.add_argument("--space", choices=["W", "W+"], default="W", help="space of --fit directions")
     p.add_argument("--output", choices=["shards", "folder"], help="default: edit.output")
     p.add_argument("--batch-size", type=int, help="default: edit.batch_size")

@@ -288,7 +288,8 @@ class EditEntryParams:
     source: Literal["fit", "interfacegan", "ganspace"]
     uri: str | None  # interfacegan / ganspace: the direction or PCA file (path or s3://)
     component: int | None  # ganspace: the principal component
-    column: str | None  # fit: the numeric or boolean table column
+    column: str | None  # fit: the numeric or boolean column (of the table, or of `labels`)
+    labels: str | None  # fit: a .csv/.parquet with `key` and `column`, joined to the table by key
     fit_where: str | None  # fit: SQL condition choosing the rows fitted on
     space: Literal["W", "W+"]  # fit: one direction for all layers (W) or per layer (W+)
     strengths: tuple[float, ...]

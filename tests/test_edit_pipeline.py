@@ -28,7 +28,7 @@ from mambastyle.latents import (
 )
 from mambastyle.storage import StorageOptions, list_files, resolve
 
-SPLITS = {"train": 120, "test": 6}
+SPLITS = {"train": 300, "test": 6}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def _table(root_uri: str, options: StorageOptions | None = None, generator_sha: 
 
 def _edit_params(root_uri: str, table: str, endpoint: str | None = None, **edit):
     entries = edit.pop("edits", None) or [
-        {"name": "yaw", "source": "fit", "uri": None, "component": None, "column": "yaw",
+        {"name": "yaw", "source": "fit", "uri": None, "component": None, "column": "yaw", "labels": None,
          "fit_where": "split = 'train'", "space": "W", "strengths": [-2.0, 0.0, 2.0], "layers": None},
     ]  # fmt: skip
     section = {"table": table, "where": "split = 'test'", "edits": entries, "batch_size": 4,
@@ -107,7 +107,8 @@ def _edit_params(root_uri: str, table: str, endpoint: str | None = None, **edit)
 def _ifg(path, arr) -> dict:
     torch.save(torch.from_numpy(np.asarray(arr, np.float32)), path)
     return {"name": "ifg", "source": "interfacegan", "uri": str(path), "component": None, "column": None,
-            "fit_where": None, "space": "W", "strengths": [1.5], "layers": [0, 4]}  # fmt: skip
+            "labels": None, "fit_where": None, "space": "W", "strengths": [1.5],
+            "layers": [0, 4]}  # fmt: skip
 
 
 def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(tmp_path, ray_local):
@@ -264,7 +265,7 @@ def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsy
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["rows"] == SPLITS["train"] and record["quality"]["cv_correlation"] > 0.9
     assert np.load(out).shape == (1, 32) and float(np.load(out)[0] @ planted) > 0.9
-    args = ["edit", "apply", "--params", pf, "--table", uri, "--where", "key IN ('img120', 'img121')",
+    args = ["edit", "apply", "--params", pf, "--table", uri, "--where", "key IN ('img300', 'img301')",
             "--load", f"turn={out}", "--direction", "turn:-1,1:2-6", "--direction", "yaw:0.5",
             "--output", "folder", "--grids", str(tmp_path / "grids")]  # fmt: skip
     assert main(args) == 0
@@ -273,8 +274,8 @@ def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsy
     prefix = printed.splitlines()[0].rsplit("-> ", 1)[1]
     t = open_table(prefix, fmt=EDITS_FORMAT).to_table().to_pylist()
     assert sorted((r["key"], r["edit"], r["strength"]) for r in t) == sorted(
-        [(k, "turn", s) for k in ("img120", "img121") for s in (-1.0, 1.0)]
-        + [(k, "yaw", 0.5) for k in ("img120", "img121")]
+        [(k, "turn", s) for k in ("img300", "img301") for s in (-1.0, 1.0)]
+        + [(k, "yaw", 0.5) for k in ("img300", "img301")]
     )
     for r in (r for r in t if r["edit"] == "turn"):
         delta = np.asarray(r["w_plus"], np.float32).reshape(8, 32) - codes[r["key"]]
@@ -294,3 +295,40 @@ def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsy
     for bad, message in bad_specs:
         assert main(["edit", "apply", "--params", pf, "--table", uri, *bad]) == 1
         assert message in capsys.readouterr().err
+
+
+def test_fit_direction_on_joined_boolean_labels(tmp_path, capsys):
+    from mambastyle.cli import main
+
+    root = str(tmp_path / "data")
+    uri, codes, _ = _table(root)
+    pf = _params_file(tmp_path, root, uri)
+    rng = np.random.default_rng()
+    b = rng.normal(size=32)
+    b /= np.linalg.norm(b)
+    keys = sorted(codes)
+    proj = np.array([codes[k].mean(0) @ b for k in keys])
+    smiling = proj > np.median(proj)
+    labelled = keys[::2] + keys[1::4]  # not every row has a label
+    lines = ["key,smiling"] + [f"{k},{'true' if smiling[keys.index(k)] else 'false'}" for k in labelled]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "smiling.npy"
+    args = ["edit", "fit-direction", uri, "--params", pf, "--labels", str(tmp_path / "labels.csv"),
+            "--column", "smiling", "--where", "split = 'train'", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "smiling (boolean" in capsys.readouterr().out
+    record = json.loads(out.with_suffix(".json").read_text())
+    train_labelled = [k for k in labelled if int(k[3:]) < SPLITS["train"]]
+    assert record["rows"] == len(train_labelled) and record["quality"]["cv_accuracy"] > 0.8
+    assert record["labels"] == str(tmp_path / "labels.csv") and len(record["labels_sha256"]) == 64
+    assert float(np.load(out)[0] @ b) > 0.8
+    # a labels file with repeated keys, without the column, or without keys is refused
+    (tmp_path / "dup.csv").write_text("key,smiling\nimg000,true\nimg000,false\n")
+    (tmp_path / "nokey.csv").write_text("name,smiling\nimg000,true\n")
+    for name, message in (("dup.csv", "repeated keys"), ("nokey.csv", "need a 'key' column"),
+                          ("labels.csv", "cannot be fitted")):  # fmt: skip
+        column = "age" if name == "labels.csv" else "smiling"
+        bad = ["edit", "fit-direction", uri, "--params", pf, "--labels", str(tmp_path / name),
+               "--column", column, "--out", str(tmp_path / "x.npy")]  # fmt: skip
+        assert main(bad) == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()

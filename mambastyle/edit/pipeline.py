@@ -179,51 +179,75 @@ def edit_rows(batch: pa.Table, job: EditJob, generator) -> pa.Table:
     )
 
 
-def write_task(table: pa.Table, job: EditJob, task: int) -> list[dict]:
-    """Writes one write task's rows: images first (shards or files), then the Parquet parts
-    that point at them. Returns the parts and image files written."""
-    prefix = resolve(job.out, job.options)
-    order = pa.compute.sort_indices(table, [(c, "ascending") for c in ("edit", "key", "strength")])
-    table = table.take(order)
-    names, pngs = table.column("name").to_pylist(), table.column("png").to_pylist()
-    uris, files = [], []
-    if job.output == "shards":
-        meta = table.select(["key", "edit", "strength"]).to_pylist()
-        for n, start in enumerate(range(0, len(names), job.images_per_shard)):
-            path = f"images/edits-{task:05d}-{n:04d}.tar"
-            members = []
-            for row in range(start, min(start + job.images_per_shard, len(names))):
-                members.append((f"{names[row]}.png", pngs[row]))
-                members.append((f"{names[row]}.json", json.dumps(meta[row], sort_keys=True).encode()))
-                uris.append(f"{prefix.join(path).uri}#{names[row]}.png")
-            data = _tar(members)
-            write_bytes(prefix.join(path), data)
-            files.append({"path": path, "images": len(members) // 2, "bytes": len(data),
-                          "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
-    else:
-        for name, data in zip(names, pngs, strict=True):
-            path = f"images/{name}.png"
-            write_bytes(prefix.join(path), data, durable=False)
-            uris.append(prefix.join(path).uri)
-            files.append({"path": path, "images": 1, "bytes": len(data)})
-    rows = table.drop_columns(["png", "name"]).append_column("image", pa.array(uris, pa.string()))
-    part_schema = edits_schema(*job.shape, job.metadata)
-    written = []
-    splits = rows.column("split").to_pylist()
-    for split in sorted(set(splits)):
-        idx = pa.array([i for i, s in enumerate(splits) if s == split])
-        part = rows.take(idx).drop_columns(["split"]).select(part_schema.names).cast(part_schema)
-        path = f"split={split}/part-{task:05d}.parquet"
-        write_part(part, prefix.join(path), job.row_group_size, sort_by=SORT_BY)
-        triples = list(zip(*(part.column(c).to_pylist() for c in ("key", "edit", "strength")), strict=True))
-        written.append({"path": path, "split": split, "rows": part.num_rows, "triples": triples})
-    return [{"parts": written, "files": files}]
+class TaskWriter:
+    """One write task's output, streamed block by block: images go out as they come (a tar is
+    published whenever it holds ``images_per_shard`` images; folder mode writes each PNG at
+    once), so memory holds one block and one pending tar, not the task's images. The table rows
+    (without image bytes) are kept and written, one Parquet part per split, by :meth:`close`:
+    after the images they point at."""
 
+    def __init__(self, job: EditJob, task: int):
+        self.job, self.task = job, task
+        self.prefix = resolve(job.out, job.options)
+        self.rows: list[pa.Table] = []
+        self.files: list[dict] = []
+        self.members: list[tuple[str, bytes]] = []
 
-def _tar(members: Iterable[tuple[str, bytes]]) -> bytes:
-    from mambastyle.data.prepare import tar_bytes
+    def _tar_path(self) -> str:
+        return f"images/edits-{self.task:05d}-{len(self.files):04d}.tar"
 
-    return tar_bytes(members)
+    def add(self, block: pa.Table) -> None:
+        names, pngs = block.column("name").to_pylist(), block.column("png").to_pylist()
+        meta = block.select(["key", "edit", "strength"]).to_pylist()
+        uris = []
+        for name, data, m in zip(names, pngs, meta, strict=True):
+            if self.job.output == "shards":
+                uris.append(f"{self.prefix.join(self._tar_path()).uri}#{name}.png")
+                self.members += [
+                    (f"{name}.png", data),
+                    (f"{name}.json", json.dumps(m, sort_keys=True).encode()),
+                ]
+                if len(self.members) >= 2 * self.job.images_per_shard:
+                    self._flush()
+            else:
+                path = f"images/{name}.png"
+                write_bytes(self.prefix.join(path), data, durable=False)
+                uris.append(self.prefix.join(path).uri)
+                self.files.append({"path": path, "images": 1, "bytes": len(data)})
+        self.rows.append(
+            block.drop_columns(["png", "name"]).append_column("image", pa.array(uris, pa.string()))
+        )
+
+    def _flush(self) -> None:
+        from mambastyle.data.prepare import tar_bytes
+
+        path = self._tar_path()
+        data = tar_bytes(self.members)
+        write_bytes(self.prefix.join(path), data)
+        self.files.append({"path": path, "images": len(self.members) // 2, "bytes": len(data),
+                           "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+        self.members = []
+
+    def close(self) -> dict:
+        """Publishes the last tar, then the parts; returns what was written."""
+        if self.members:
+            self._flush()
+        if not self.rows:
+            return {"parts": [], "files": self.files}
+        rows = pa.concat_tables(self.rows)
+        part_schema = edits_schema(*self.job.shape, self.job.metadata)
+        written = []
+        splits = rows.column("split").to_pylist()
+        for split in sorted(set(splits)):
+            idx = pa.array([i for i, s in enumerate(splits) if s == split])
+            part = rows.take(idx).drop_columns(["split"]).select(part_schema.names).cast(part_schema)
+            path = f"split={split}/part-{self.task:05d}.parquet"
+            write_part(part, self.prefix.join(path), self.job.row_group_size, sort_by=SORT_BY)
+            triples = list(
+                zip(*(part.column(c).to_pylist() for c in ("key", "edit", "strength")), strict=True)
+            )
+            written.append({"path": path, "split": split, "rows": part.num_rows, "triples": triples})
+        return {"parts": written, "files": self.files}
 
 
 def _datasink(job: EditJob):
@@ -238,11 +262,12 @@ def _datasink(job: EditJob):
             return job.rows_per_file
 
         def write(self, blocks: Iterable, ctx) -> list[dict]:
-            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            if not tables:
-                return []
-            return write_task(pa.concat_tables(tables), job, ctx.task_idx)
+            writer = TaskWriter(job, ctx.task_idx)
+            for block in blocks:
+                block = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                if block.num_rows:
+                    writer.add(block)
+            return [writer.close()]
 
         def on_write_complete(self, write_result) -> None:
             for task_result in write_result.write_returns:
@@ -371,40 +396,100 @@ def build_edit(entry, table: LatentTable, options: StorageOptions, table_name: s
         elif entry.source == "ganspace":
             direction = load_ganspace(entry.uri, entry.component, n_styles, style_dim, options)
         else:
+            labels = read_labels(entry.labels, options) if entry.labels else None
             direction = fit_direction_from_table(
-                table, entry.column, entry.fit_where, entry.space, table_name
+                table, entry.column, entry.fit_where, entry.space, table_name, labels
             )
         return Edit(entry.name, direction, entry.strengths, entry.layers)
     except DirectionError as exc:
         raise EditError(f"edit {entry.name!r}: {exc}") from None
 
 
+def read_labels(uri: str, options: StorageOptions | None = None) -> pa.Table:
+    """A user's labels to join to a latent table by ``key``: a ``.parquet`` or ``.csv`` file."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        data = read_bytes(resolve(uri, options))
+        if uri.endswith(".parquet"):
+            labels = pq.read_table(io.BytesIO(data))
+        elif uri.endswith(".csv"):
+            labels = pacsv.read_csv(io.BytesIO(data))
+        else:
+            raise DirectionError(f"{uri}: labels must be a .parquet or .csv file")
+    except FileNotFoundError:
+        raise DirectionError(f"{uri}: no such labels file") from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DirectionError(f"{uri}: unreadable labels ({exc})") from None
+    if "key" not in labels.schema.names:
+        raise DirectionError(f"{uri}: labels need a 'key' column (the latent table's keys)")
+    keys = labels.column("key").cast(pa.string())
+    if pa.compute.count_distinct(keys).as_py() != labels.num_rows:
+        raise DirectionError(f"{uri}: repeated keys in the labels")
+    labels = labels.set_column(labels.schema.get_field_index("key"), "key", keys)
+    return labels.replace_schema_metadata({"sha256": hashlib.sha256(data).hexdigest(), "uri": uri})
+
+
 def fit_direction_from_table(
-    table: LatentTable, column: str, where: str, space: str = "W", table_name: str = ""
+    table: LatentTable,
+    column: str,
+    where: str,
+    space: str = "W",
+    table_name: str = "",
+    labels: pa.Table | None = None,
 ):
-    """Fits a direction for ``column`` on the rows ``where`` selects (see ``fit_direction``)."""
+    """Fits a direction for ``column`` on the rows ``where`` selects (see ``fit_direction``).
+
+    ``column`` is a numeric or boolean column of the table, or of ``labels`` (a table with a
+    ``key`` column, joined to the latent table by key; ``where`` sees both; see
+    :func:`read_labels`).
+    """
     from mambastyle.edit.directions import fit_direction
 
-    if column in ("key", "split", "w_plus") or column not in table.dataset.schema.names:
-        usable = [f.name for f in table.dataset.schema if pa.types.is_floating(f.type)
-                  or pa.types.is_integer(f.type) or pa.types.is_boolean(f.type)]  # fmt: skip
-        raise DirectionError(f"column {column!r} cannot be fitted: numeric or boolean columns are {usable}")
-    typ = table.dataset.schema.field(column).type
+    source = labels.schema if labels is not None else table.dataset.schema
+    if column in ("key", "split", "w_plus") or column not in source.names:
+        usable = [f.name for f in source if f.name != "key" and (pa.types.is_floating(f.type)
+                  or pa.types.is_integer(f.type) or pa.types.is_boolean(f.type))]  # fmt: skip
+        where_from = "the labels" if labels is not None else "the table"
+        raise DirectionError(
+            f"column {column!r} cannot be fitted: numeric or boolean columns of {where_from} are {usable}"
+        )
+    typ = source.field(column).type
     if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
         raise DirectionError(f"column {column!r} is {typ}: only numeric or boolean columns can be fitted")
+    name = table.name
+    if labels is None:
+        sql = f'SELECT w_plus, "{column}" AS value FROM {name} WHERE {where} ORDER BY key'
+    else:
+        sql = (f'SELECT {name}.w_plus, labels."{column}" AS value FROM {name} JOIN labels USING (key) '
+               f"WHERE {where} ORDER BY key")  # fmt: skip
+    import duckdb
+
+    con = table.duckdb()
     try:
-        rows = table.query(f'SELECT w_plus, "{column}" AS value FROM {table.name} WHERE {where} ORDER BY key')
-    except LatentTableError as exc:
-        raise DirectionError(f"fit rows {where!r}: {exc}") from None
+        if labels is not None:
+            con.register("labels", labels)
+        rows = con.sql(sql).to_arrow_table()
+    except duckdb.Error as exc:
+        raise DirectionError(f"fit rows {where!r}: SQL error: {exc}") from None
+    finally:
+        con.close()
     provenance = {"column": column, "where": where, "table": table_name or table.prefix.uri,
                   "table_run_id": table.metadata.get("run_id")}  # fmt: skip
+    if labels is not None:
+        meta = {k.decode(): v.decode() for k, v in (labels.schema.metadata or {}).items()}
+        provenance["labels"] = meta.get("uri", "")
+        provenance["labels_sha256"] = meta.get("sha256", "")
     return fit_direction(table.w_plus(rows), rows.column("value").to_pylist(), space, provenance=provenance)
 
 
 def run_id(
     table: LatentTable, where: str, edits: Sequence[Edit], generator_sha256: str, settings: dict
 ) -> str:
-    h = hashlib.sha256(json.dumps(table.manifest, sort_keys=True).encode())
+    # the source by its run id (its inputs) and counts: its part names vary between runs
+    source = [table.metadata["run_id"], table.manifest["rows"], table.manifest["splits"]]
+    h = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
     described = [{k: v for k, v in e.describe().items() if k != "fit"} for e in edits]
     h.update(json.dumps([where, described, generator_sha256, settings], sort_keys=True).encode())
     return f"run-{h.hexdigest()[:16]}"
