@@ -6,7 +6,7 @@ vs the bare generator forward (``synthesis``) on the same number of codes, batch
 threads. Target ratio >= 0.85.
 
 Usage:
-    .venv/bin/python benchmarks/edit.py [--rows 64] [--strengths 4] [--resolution 128]
+    .venv/bin/python benchmarks/edit.py [--rows 128] [--strengths 4] [--resolution 128]
                                         [--style-dim 256] [--batch-size 16] [--threads 2]
 """
 
@@ -26,7 +26,7 @@ META = {"encoder_sha256": "-", "generator_sha256": "-", "run_id": "bench"}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=64, help="selected rows")
+    parser.add_argument("--rows", type=int, default=128, help="selected rows")
     parser.add_argument("--strengths", type=int, default=4, help="strengths per row (images per row)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--style-dim", type=int, default=256)

@@ -301,7 +301,9 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
     )
     sink = _datasink(job)
     try:
-        ds.write_datasink(sink)
+        # Writing asks for no CPU slot of its own: the actors hold them all on a CPU machine, and
+        # a write task that waits for one would wait until the last actor is shut down.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:
         raise EditError(f"edit job failed: {_root_cause(exc)}") from exc
     parts = [p for r in sink.results for p in r["parts"]]
