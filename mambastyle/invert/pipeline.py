@@ -27,6 +27,9 @@ from mambastyle.storage import Location, StorageOptions, delete, list_files, rea
 log = logging.getLogger(__name__)
 
 
+CALL_BATCHES = 16  # model batches per actor call
+
+
 class InvertError(RuntimeError):
     """The inversion cannot run or its result is incomplete (the message names the cause)."""
 
@@ -173,7 +176,11 @@ def run_inversion(
     ds = ds.map_batches(
         Inverter,
         fn_constructor_kwargs={"job": job},
-        batch_size=job.batch_size,
+        # Each call gets CALL_BATCHES model batches' worth of rows and runs the models on batches
+        # of exactly batch_size (the last padded, see invert_batch's pad_to). Reading yields blocks
+        # of a few rows, so a call ends wherever its bundle of blocks ends: with one model batch per
+        # call, most calls would be a full batch plus a padded sliver.
+        batch_size=job.batch_size * CALL_BATCHES,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.num_actors),
         num_gpus=1 if job.use_gpu else 0,
@@ -181,7 +188,9 @@ def run_inversion(
     )
     sink = _datasink(job)
     try:
-        ds.write_datasink(sink)
+        # Writing asks for no CPU slot either: with the actors holding every CPU, a write task
+        # would otherwise wait for the last actor to shut down before writing anything.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:  # Ray wraps task errors: find out which shard, if any, is bad
         bad = _damaged_shards(shard_uris, shard_sizes or {}, job.options)
         where = f" (damaged shard: {', '.join(bad)})" if bad else ""
