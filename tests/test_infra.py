@@ -15,3 +15,94 @@ def test_runtime_env_excludes_local_state(repo):
     ignored = {line.strip().lstrip("/") for line in (repo / ".gitignore").read_text().splitlines()}
     for path in ("data/", "dvclive/", ".venv/"):
         assert path in ignored
+
+
+def _pinned(repo, package: str) -> str:
+    import re
+
+    found = re.search(rf"^{package}==(\S+)$", (repo / "constraints.txt").read_text(), re.M)
+    assert found, f"{package} is not pinned in constraints.txt"
+    return found.group(1)
+
+
+def _image_ray_version(image: str) -> str:
+    # rayproject/ray:2.60.0-py311-gpu -> 2.60.0
+    assert image.startswith("rayproject/ray:"), image
+    return image.split(":", 1)[1].split("-")[0]
+
+
+def _entrypoint_ok(repo, entrypoint: str) -> None:
+    """``python -m pipelines.X --flag ...``: the module exists and accepts the flags."""
+    words = entrypoint.split()
+    assert words[:2] == ["python", "-m"], entrypoint
+    module = repo / (words[2].replace(".", "/") + ".py")
+    assert module.is_file(), f"{words[2]} does not exist"
+    source = module.read_text()
+    for flag in (w for w in words[3:] if w.startswith("--")):
+        assert f'"{flag}"' in source, f"{words[2]} has no {flag} option"
+
+
+def test_cluster_launcher_config(repo):
+    cfg = yaml.safe_load((repo / "infra" / "cluster-aws.yaml").read_text())
+    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):  # fmt: skip
+        assert key in cfg, key
+    assert cfg["provider"]["type"] == "aws" and cfg["provider"]["region"]
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert any(v["max_workers"] > 0 and v["node_config"]["InstanceType"][0] in "gp" for v in workers.values())
+    assert sum(v["max_workers"] for v in workers.values()) <= cfg["max_workers"]
+    assert _image_ray_version(cfg["docker"]["image"]) == _pinned(repo, "ray")
+    assert "-py311" in cfg["docker"]["image"]  # the Python the package is pinned and tested on
+    assert any("constraints.txt" in c and "pip install" in c for c in cfg["setup_commands"])
+    assert "." in cfg["file_mounts"].values()
+
+
+def test_kuberay_jobs(repo):
+    jobs = sorted((repo / "infra" / "kuberay").glob("rayjob-*.yaml"))
+    assert [p.stem for p in jobs] == ["rayjob-invert", "rayjob-train"]
+    dockerfile = (repo / "infra" / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert _image_ray_version(base) == _pinned(repo, "ray")
+    for path in jobs:
+        job = yaml.safe_load(path.read_text())
+        assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob", path
+        spec = job["spec"]
+        _entrypoint_ok(repo, spec["entrypoint"])
+        assert spec["shutdownAfterJobFinishes"] is True
+        cluster = spec["rayClusterSpec"]
+        assert cluster["rayVersion"] == _pinned(repo, "ray")
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        workers = [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+        assert workers and all(w["image"] == head["image"] for w in workers)
+        assert any("nvidia.com/gpu" in w["resources"]["limits"] for w in workers)
+        for group in cluster["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_minio_compose_is_local_and_keeps_credentials_out(repo):
+    compose = yaml.safe_load((repo / "infra" / "minio-compose.yaml").read_text())
+    minio = compose["services"]["minio"]
+    assert all(str(p).startswith("127.0.0.1:") for p in minio["ports"])  # loopback only
+    for service in compose["services"].values():
+        for name, value in service.get("environment", {}).items():
+            assert str(value).startswith("${") and ":?" in str(value), (
+                f"{name} must come from the environment"
+            )
+    assert "mb" in compose["services"]["create-bucket"]["entrypoint"]
+
+
+def test_no_credentials_in_deployment_files(repo):
+    import re
+
+    files = [p for p in (repo / "infra").rglob("*") if p.is_file()] + [repo / "params.yaml"]
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"AKIA[0-9A-Z]{16}", text), path
+        secret = r"(?i)aws_secret_access_key\s*[:=]\s*(?!\$)\S{8,}"  # a literal value, not $VAR
+        assert not re.search(secret, text), path
+    # the Docker build context leaves local state out too
+    ignored = (repo / ".dockerignore").read_text().split()
+    for path in (".venv/", ".git/", "data/"):
+        assert path in ignored
