@@ -1,0 +1,55 @@
+"""The stages one after another, as DVC runs them (each its own process), on S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from train_helpers import params
+
+from mambastyle.config import to_dict
+from mambastyle.latents import EDITS_FORMAT, open_table
+from mambastyle.storage import StorageOptions, exists, resolve
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("prepare", "train", "invert", "edit")
+
+
+def test_prepare_train_invert_edit_on_s3(s3, tmp_path, repo):
+    endpoint, bucket = s3
+    root = f"s3://{bucket}/data"
+    p = params(storage={"root": root, "endpoint_url": endpoint}, ray={"num_cpus": 2},
+               prepare={"output_size": 32, "workers": 2}, train={"steps": 6})  # fmt: skip
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(to_dict(p)))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the fixture's test credentials
+    local = {stage: tmp_path / stage for stage in STAGES}
+    for stage in STAGES:
+        cmd = [sys.executable, f"pipelines/{stage}.py", "--params", str(pf), "--out", str(local[stage])]
+        if stage == "edit":
+            cmd += ["--invert-out", str(local["invert"])]
+        run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-4000:]}"
+    options = StorageOptions(endpoint_url=endpoint)
+    # every stage's data is on S3; the local records name it
+    prepared = json.loads((local["prepare"] / "manifest.json").read_text())
+    assert exists(resolve(f"{root}/shards/manifest.json", options))
+    assert prepared["counts"]["written"] > 10
+    encoder = json.loads((local["train"] / "encoder.json").read_text())
+    assert encoder["step"] == 6 and str(encoder["uri"]).startswith(f"{root}/train-runs/")
+    inverted = json.loads((local["invert"] / "manifest.json").read_text())
+    latents = open_table(inverted["table"], options)
+    assert inverted["table"].startswith(f"{root}/latents/run-")
+    assert latents.manifest["rows"] == prepared["counts"]["written"]
+    edited = json.loads((local["edit"] / "metrics.json").read_text())
+    table = open_table(edited["table"], options, fmt=EDITS_FORMAT)
+    n_test = latents.manifest["splits"].get("test", 0)
+    strengths = p.edit.edits[0].strengths
+    assert n_test > 0 and table.manifest["rows"] == n_test * len(strengths) == edited["rows"]
+    assert table.metadata["source_table"] == inverted["table"]
+    assert (local["edit"] / "grids" / "yaw.png").is_file()
