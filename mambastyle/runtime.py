@@ -24,3 +24,40 @@ def connect_ray(address: str | None, num_cpus: int | None = None, num_gpus: int 
     else:
         ray.init(address=address, log_to_driver=False)
     return ray
+
+
+def actor_device(use_gpu: bool, cpus: int):
+    """The torch device of a Ray Data actor: its GPU when asked for and present, else the CPU
+    with ``cpus`` threads (the CPU slots the actor holds)."""
+    import torch
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cpus)
+    return device
+
+
+def collecting_datasink(min_rows: int, write):
+    """A Ray Data datasink whose write tasks call ``write(tables, task_index)`` -> list of records
+    (``tables``: the task's non-empty blocks as Arrow tables, an iterator) and whose ``results``
+    collect every task's records on the driver. Write tasks get at least ``min_rows`` rows."""
+    import pyarrow as pa
+    from ray.data.datasource import Datasink
+
+    class CollectingSink(Datasink):
+        def __init__(self):
+            self.results: list = []
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return min_rows
+
+        def write(self, blocks, ctx) -> list:
+            tables = (b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks)
+            return write((t for t in tables if t.num_rows), ctx.task_idx)
+
+        def on_write_complete(self, write_result) -> None:
+            for task_result in write_result.write_returns:
+                self.results.extend(task_result)
+
+    return CollectingSink()

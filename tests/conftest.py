@@ -87,3 +87,28 @@ def s3(moto_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return moto_server, bucket
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for a test module (stopped after it). Ray's workers inherit the
+    environment Ray starts with, so the S3 tests' (fake) credentials are set first."""
+    import os
+
+    from mambastyle.runtime import connect_ray
+
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    ray = connect_ray(None, num_cpus=2)
+    yield ray
+    ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -31,29 +31,6 @@ from mambastyle.storage import StorageOptions, list_files, resolve
 SPLITS = {"train": 300, "test": 6}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import os
-
-    from mambastyle.runtime import connect_ray
-
-    creds = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    ray = connect_ray(None, num_cpus=2)
-    yield ray
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def _generator():
     p = params()
     gp = p.generator

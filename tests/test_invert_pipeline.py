@@ -27,31 +27,6 @@ pytestmark = pytest.mark.slow
 COUNTS = {"train": [6, 5], "val": [3], "test": [4]}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import os
-
-    from mambastyle.runtime import connect_ray
-
-    # Ray's workers inherit the environment Ray starts with: the S3 test's (fake) credentials
-    # must be there already.
-    creds = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    ray = connect_ray(None, num_cpus=2)
-    yield ray
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def _encoder_bytes(resolution: int = 32) -> bytes:
     p = params()
     arch = p.generator.architecture

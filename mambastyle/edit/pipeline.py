@@ -40,6 +40,7 @@ from mambastyle.latents import (
     table_metadata,
     write_part,
 )
+from mambastyle.runtime import actor_device, collecting_datasink
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,10 @@ class Editor:
     """Ray Data actor: loads the generator once; edits and renders blocks of selected rows."""
 
     def __init__(self, job: EditJob):
-        import torch
-
         from mambastyle.generate import resolve_generator
 
         self.job = job
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(job.cpus_per_actor)
+        self.device = actor_device(job.use_gpu, job.cpus_per_actor)
         gp = job.generator
         self.generator = resolve_generator(
             gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, self.device, job.options
@@ -250,30 +247,12 @@ class TaskWriter:
         return {"parts": written, "files": self.files}
 
 
-def _datasink(job: EditJob):
-    from ray.data.datasource import Datasink
-
-    class EditSink(Datasink):
-        def __init__(self):
-            self.results: list[dict] = []
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return job.rows_per_file
-
-        def write(self, blocks: Iterable, ctx) -> list[dict]:
-            writer = TaskWriter(job, ctx.task_idx)
-            for block in blocks:
-                block = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-                if block.num_rows:
-                    writer.add(block)
-            return [writer.close()]
-
-        def on_write_complete(self, write_result) -> None:
-            for task_result in write_result.write_returns:
-                self.results.extend(task_result)
-
-    return EditSink()
+def write_task(tables: Iterable[pa.Table], job: EditJob, task: int) -> list[dict]:
+    """One write task: streams its blocks through a :class:`TaskWriter`."""
+    writer = TaskWriter(job, task)
+    for table in tables:
+        writer.add(table)
+    return [writer.close()]
 
 
 def run_edits(job: EditJob, selection: pa.Table) -> dict:
@@ -299,7 +278,7 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
         num_gpus=1 if job.use_gpu else 0,
         num_cpus=1 if job.use_gpu else job.cpus_per_actor,
     )
-    sink = _datasink(job)
+    sink = collecting_datasink(job.rows_per_file, lambda tables, task: write_task(tables, job, task))
     try:
         # Writing asks for no CPU slot of its own: the actors hold them all on a CPU machine, and
         # a write task that waits for one would wait until the last actor is shut down.

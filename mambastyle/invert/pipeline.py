@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, schema, write_part
+from mambastyle.runtime import actor_device, collecting_datasink
 from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -63,15 +64,11 @@ class Inverter:
     """Ray Data actor: loads the models once, turns decoded samples into latent-table rows."""
 
     def __init__(self, job: InvertJob):
-        import torch
-
         from mambastyle.checkpoints import checkpoint_source, load_encoder
         from mambastyle.generate import resolve_generator
 
         self.job = job
-        self.device = torch.device("cuda" if job.use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(job.cpus_per_actor)
+        self.device = actor_device(job.use_gpu, job.cpus_per_actor)
         self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
         self.generator = None
         if job.generator is not None:
@@ -109,42 +106,23 @@ class Inverter:
         return table.append_column("split", pa.array([str(m.get("split")) for m in meta], pa.string()))
 
 
-def _datasink(job: InvertJob):
-    from ray.data.datasource import Datasink
-
-    class LatentSink(Datasink):
-        """Each write task writes one part per split; the driver collects what was written."""
-
-        def __init__(self):
-            self.parts: list[dict] = []
-
-        @property
-        def min_rows_per_write(self) -> int:
-            return job.rows_per_file
-
-        def write(self, blocks: Iterable, ctx) -> list[dict]:
-            tables = [b if isinstance(b, pa.Table) else pa.Table.from_pandas(b) for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            if not tables:
-                return []
-            table = pa.concat_tables(tables)
-            prefix = resolve(job.out, job.options)
-            written = []
-            splits = table.column("split").to_pylist()
-            for split in sorted(set(splits)):
-                idx = [i for i, s in enumerate(splits) if s == split]
-                part = table.take(pa.array(idx)).drop_columns(["split"])
-                path = f"split={split}/part-{ctx.task_idx:05d}.parquet"
-                write_part(part, prefix.join(path), job.row_group_size)
-                written.append({"path": path, "split": split, "rows": part.num_rows,
-                                "keys": part.column("key").to_pylist()})  # fmt: skip
-            return written
-
-        def on_write_complete(self, write_result) -> None:
-            for task_result in write_result.write_returns:
-                self.parts.extend(task_result)
-
-    return LatentSink()
+def write_parts(tables: Iterable[pa.Table], job: InvertJob, task: int) -> list[dict]:
+    """One write task: its rows as one Parquet part per split; returns what was written."""
+    tables = list(tables)
+    if not tables:
+        return []
+    table = pa.concat_tables(tables)
+    prefix = resolve(job.out, job.options)
+    written = []
+    splits = table.column("split").to_pylist()
+    for split in sorted(set(splits)):
+        idx = [i for i, s in enumerate(splits) if s == split]
+        part = table.take(pa.array(idx)).drop_columns(["split"])
+        path = f"split={split}/part-{task:05d}.parquet"
+        write_part(part, prefix.join(path), job.row_group_size)
+        written.append({"path": path, "split": split, "rows": part.num_rows,
+                        "keys": part.column("key").to_pylist()})  # fmt: skip
+    return written
 
 
 def clear_prefix(prefix: Location) -> None:
@@ -186,7 +164,7 @@ def run_inversion(
         num_gpus=1 if job.use_gpu else 0,
         num_cpus=1 if job.use_gpu else job.cpus_per_actor,
     )
-    sink = _datasink(job)
+    sink = collecting_datasink(job.rows_per_file, lambda tables, task: write_parts(tables, job, task))
     try:
         # Writing asks for no CPU slot either: with the actors holding every CPU, a write task
         # would otherwise wait for the last actor to shut down before writing anything.
@@ -195,14 +173,14 @@ def run_inversion(
         bad = _damaged_shards(shard_uris, shard_sizes or {}, job.options)
         where = f" (damaged shard: {', '.join(bad)})" if bad else ""
         raise InvertError(f"inversion failed{where}: {_root_cause(exc)}") from exc
-    keys = [k for p in sink.parts for k in p["keys"]]
+    keys = [k for p in sink.results for k in p["keys"]]
     if len(keys) != expected_samples or len(set(keys)) != len(keys):
         dupes = len(keys) - len(set(keys))
         raise InvertError(
             f"incomplete table: {len(set(keys))} distinct keys ({dupes} duplicates) for the "
             f"{expected_samples} samples the shard manifest lists; nothing committed"
         )
-    parts = [{k: v for k, v in p.items() if k != "keys"} for p in sink.parts]
+    parts = [{k: v for k, v in p.items() if k != "keys"} for p in sink.results]
     return commit(prefix, parts, _part_meta(prefix, parts))
 
 
