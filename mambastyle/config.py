@@ -281,6 +281,24 @@ class InvertParams:
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    """Encoder evaluation: reconstructions of one split, latent recovery, size and speed."""
+
+    split: str  # the split whose faces are reconstructed (test)
+    lpips_alexnet: str | None  # LPIPS backbone; null = invert.lpips_alexnet, else the torch hub cache
+    arcface: str | None  # ArcFace IR-SE50 for identity similarity; null = train.pretrained.arcface
+    synthetic_samples: int  # held-out generator samples for latent recovery
+    seed: int  # their z seed (the train stage draws its own from train.seed)
+    truncation: float
+    batch_size: int
+    latency_batches: int  # timed encoder batches (after one warm-up)
+    grid_samples: int  # faces in the reconstruction picture
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "synthetic_samples", "batch_size", "latency_batches", "grid_samples")
+
+
+@dataclass(frozen=True)
 class EditEntryParams:
     """One edit: a direction (fitted from the table, or from a file) and its strengths."""
 
@@ -350,6 +368,7 @@ class Params:
     prepare: PrepareParams
     train: TrainParams
     invert: InvertParams
+    evaluate: EvaluateParams
     edit: EditParams
 
 

@@ -17,10 +17,10 @@ from mambastyle.storage import StorageOptions, exists, resolve
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train", "invert", "edit")
+STAGES = ("prepare", "train", "invert", "evaluate", "edit")
 
 
-def test_prepare_train_invert_edit_on_s3(s3, tmp_path, repo):
+def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     endpoint, bucket = s3
     root = f"s3://{bucket}/data"
     p = params(storage={"root": root, "endpoint_url": endpoint}, ray={"num_cpus": 2},
@@ -31,7 +31,7 @@ def test_prepare_train_invert_edit_on_s3(s3, tmp_path, repo):
     local = {stage: tmp_path / stage for stage in STAGES}
     for stage in STAGES:
         cmd = [sys.executable, f"pipelines/{stage}.py", "--params", str(pf), "--out", str(local[stage])]
-        if stage == "edit":
+        if stage in ("evaluate", "edit"):
             cmd += ["--invert-out", str(local["invert"])]
         run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-4000:]}"
@@ -46,6 +46,10 @@ def test_prepare_train_invert_edit_on_s3(s3, tmp_path, repo):
     latents = open_table(inverted["table"], options)
     assert inverted["table"].startswith(f"{root}/latents/run-")
     assert latents.manifest["rows"] == prepared["counts"]["written"]
+    evaluated = json.loads((local["evaluate"] / "metrics.json").read_text())
+    assert (
+        evaluated["images"] == latents.manifest["splits"]["test"] and evaluated["reconstruction"]["mse"] > 0
+    )
     edited = json.loads((local["edit"] / "metrics.json").read_text())
     table = open_table(edited["table"], options, fmt=EDITS_FORMAT)
     n_test = latents.manifest["splits"].get("test", 0)
