@@ -99,6 +99,12 @@ class GeneratorParams:
     def __post_init__(self) -> None:
         check_at_least(self, 1, "latent_avg_samples")
 
+    def identity(self) -> dict:
+        """What determines the generator's weights and ``latent_avg`` (not ``sample``, which only
+        shapes the generator stage's picture): the part run ids and later stages depend on."""
+        return {"checkpoint": self.checkpoint, "architecture": to_dict(self.architecture),
+                "init_seed": self.init_seed, "latent_avg_samples": self.latent_avg_samples}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class SplitParams:

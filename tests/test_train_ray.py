@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -117,6 +118,22 @@ def test_killed_worker_resumes_from_the_last_s3_checkpoint(s3):
     assert any("checkpoint_00000024/state.pt" in p for p in list_files(job.location(RUNS_DIR, job.run)))
 
 
+def _stop_cluster(temp_dir: str) -> None:
+    """Kills the processes of the Ray started with ``--temp-dir=temp_dir`` (and theirs)."""
+    procs = [p for p in psutil.process_iter() if temp_dir in " ".join(cmdline(p))]
+    for proc in list(procs):
+        try:
+            procs += proc.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
@@ -126,9 +143,14 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
     p = params(train={**TRAIN, "steps": 4}, storage={"root": root.uri}, ray={"address": "auto"})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(p)))
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    # A private temp dir marks this cluster's processes, so the test stops exactly them (`ray stop`
+    # would stop every Ray of the user on the machine). Short: Ray's socket paths live under it.
+    # Free ports throughout: the job agent's default port is taken by any other Ray on the machine.
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     start = [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]  # fmt: skip
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={agent}"]  # fmt: skip
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         runtime_env = {"excludes": [".git", "data", ".venv", ".dvc/cache", "**/__pycache__"]}
@@ -150,10 +172,17 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
             "--out",
             str(tmp_path / "out"),
         ]
-        proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+        deadline = time.time() + 120
+        while True:  # the job agent comes up a little after `ray start` returns (later on a busy machine)
+            proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+                break  # (that answer means nothing was submitted, so retrying is safe)
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not [p for p in psutil.process_iter() if temp_dir in " ".join(cmdline(p))], "Ray left running"
     record = json.loads((tmp_path / "out" / "encoder.json").read_text())
     assert record["step"] == 4 and Path(record["uri"]).is_file()
     assert (tmp_path / "out" / "dvclive" / "metrics.json").is_file()

@@ -526,7 +526,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         if e.direction.source == "fit":
             name = f"{e.name}-{e.direction.sha256[:12]}.npy"
             save_direction(e.direction, root.join("edits", "directions", name).uri, options)
-    settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": str(gp)}
+    settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity()}
     run = run_id(table, ep.where, edits, generator_sha, settings)
     out = root.join("edits", run)
     metadata = {

@@ -285,7 +285,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
             lpips = candidate
         else:
             log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)
-    settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": str(gp)}
+    settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity()}
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
     from mambastyle import __version__

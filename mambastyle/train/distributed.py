@@ -77,7 +77,9 @@ def run_name(train: TrainParams, generator: GeneratorParams, manifest: bytes | N
     """A run id from the inputs (params, shard manifest, code): same inputs -> same run
     (resumed), any change -> a new one."""
     h = hashlib.sha256(code_hash().encode())
-    h.update(json.dumps({"train": to_dict(train), "generator": to_dict(generator)}, sort_keys=True).encode())
+    h.update(
+        json.dumps({"train": to_dict(train), "generator": generator.identity()}, sort_keys=True).encode()
+    )
     h.update(manifest or b"no-real-data")
     return f"run-{h.hexdigest()[:16]}"
 
