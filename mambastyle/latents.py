@@ -29,7 +29,16 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mambastyle import __version__
-from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
+from mambastyle.storage import (
+    Location,
+    StorageOptions,
+    delete,
+    exists,
+    list_files,
+    read_bytes,
+    resolve,
+    write_bytes,
+)
 
 TABLE_FORMAT = "mambastyle-latents"
 EDITS_FORMAT = "mambastyle-edits"  # the edit stage's table: same layout, keyed by (key, edit, strength)
@@ -146,6 +155,24 @@ def write_part(
     finally:
         if exists(Location(loc.fs, tmp, tmp)):
             loc.fs.delete_file(tmp)
+
+
+def withdraw(prefix: Location) -> None:
+    """Withdraws a previous table at ``prefix``: its manifest first (so no reader trusts it any
+    longer), then every file below it."""
+    delete(prefix.join(MANIFEST))
+    for path in list_files(prefix):
+        delete(Location(prefix.fs, path, path))
+
+
+def part_metadata(prefix: Location, parts: list[dict]) -> dict[str, str]:
+    """The ``mambastyle.*`` metadata as the first written part carries it (what readers compare
+    the manifest against)."""
+    if not parts:
+        raise LatentTableError(f"{prefix.uri}: no rows were written")
+    first = prefix.join(parts[0]["path"])
+    with first.fs.open_input_file(first.path) as f:
+        return table_metadata(pq.read_schema(f))
 
 
 def commit(

@@ -61,3 +61,10 @@ def collecting_datasink(min_rows: int, write):
                 self.results.extend(task_result)
 
     return CollectingSink()
+
+
+def root_cause(exc: BaseException) -> str:
+    """The line that names the error in a Ray task failure (Ray wraps it in tracebacks)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()

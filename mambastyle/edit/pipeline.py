@@ -36,11 +36,12 @@ from mambastyle.latents import (
     LatentTable,
     LatentTableError,
     commit,
+    part_metadata,
     schema_metadata,
-    table_metadata,
+    withdraw,
     write_part,
 )
-from mambastyle.runtime import actor_device, collecting_datasink
+from mambastyle.runtime import actor_device, collecting_datasink, root_cause
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -260,10 +261,8 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
     manifest. ``selection`` is :func:`select`'s result."""
     import ray
 
-    from mambastyle.invert.pipeline import _root_cause, clear_prefix
-
     prefix = resolve(job.out, job.options)
-    clear_prefix(prefix)
+    withdraw(prefix)
     n = selection.num_rows
     # enough blocks to keep every actor busy, each a whole number of input batches
     per_block = max(1, min(n, -(-n // (4 * job.num_actors))))
@@ -284,7 +283,7 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
         # a write task that waits for one would wait until the last actor is shut down.
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:
-        raise EditError(f"edit job failed: {_root_cause(exc)}") from exc
+        raise EditError(f"edit job failed: {root_cause(exc)}") from exc
     parts = [p for r in sink.results for p in r["parts"]]
     files = sorted((f for r in sink.results for f in r["files"]), key=lambda f: f["path"])
     triples = [t for p in parts for t in p["triples"]]
@@ -295,7 +294,7 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
             f"({len(triples) - len(set(triples))} repeated) for the {expected} expected; nothing committed"
         )
     parts = [{k: v for k, v in p.items() if k != "triples"} for p in parts]
-    meta = _part_meta(prefix, parts)
+    meta = part_metadata(prefix, parts)
     extra = {
         "images": {
             "output": job.output,
@@ -308,13 +307,6 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
         "edits": [e.describe() for e in job.edits],
     }
     return commit(prefix, parts, meta, extra, fmt=EDITS_FORMAT)
-
-
-def _part_meta(prefix: Location, parts: list[dict]) -> dict:
-    import pyarrow.parquet as pq
-
-    with prefix.fs.open_input_file(prefix.join(parts[0]["path"]).path) as f:
-        return table_metadata(pq.read_schema(f))
 
 
 # --------------------------------------------------------------------------- pictures

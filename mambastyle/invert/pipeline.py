@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mambastyle.latents import build_part, commit, schema, write_part
-from mambastyle.runtime import actor_device, collecting_datasink
-from mambastyle.storage import Location, StorageOptions, delete, list_files, read_bytes, resolve
+from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
+from mambastyle.runtime import actor_device, collecting_datasink, root_cause
+from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,6 @@ def write_parts(tables: Iterable[pa.Table], job: InvertJob, task: int) -> list[d
     return written
 
 
-def clear_prefix(prefix: Location) -> None:
-    """Withdraws a previous table at ``prefix``: its manifest first, then every file."""
-    delete(prefix.join("_manifest.json"))
-    for path in list_files(prefix):
-        delete(Location(prefix.fs, path, path))
-
-
 def run_inversion(
     job: InvertJob, expected_samples: int, shard_uris: list[str], shard_sizes: dict[str, int] | None = None
 ) -> dict:
@@ -143,7 +136,7 @@ def run_inversion(
     import ray
 
     prefix = resolve(job.out, job.options)
-    clear_prefix(prefix)
+    withdraw(prefix)
     if not shard_uris:
         raise InvertError("the shard manifest lists no shards")
     fs = resolve(shard_uris[0], job.options).fs
@@ -172,7 +165,7 @@ def run_inversion(
     except Exception as exc:  # Ray wraps task errors: find out which shard, if any, is bad
         bad = _damaged_shards(shard_uris, shard_sizes or {}, job.options)
         where = f" (damaged shard: {', '.join(bad)})" if bad else ""
-        raise InvertError(f"inversion failed{where}: {_root_cause(exc)}") from exc
+        raise InvertError(f"inversion failed{where}: {root_cause(exc)}") from exc
     keys = [k for p in sink.results for k in p["keys"]]
     if len(keys) != expected_samples or len(set(keys)) != len(keys):
         dupes = len(keys) - len(set(keys))
@@ -181,20 +174,9 @@ def run_inversion(
             f"{expected_samples} samples the shard manifest lists; nothing committed"
         )
     parts = [{k: v for k, v in p.items() if k != "keys"} for p in sink.results]
-    return commit(prefix, parts, _part_meta(prefix, parts))
-
-
-def _part_meta(prefix: Location, parts: list[dict]) -> dict:
-    """The metadata as the part files carry it (what readers compare the manifest against)."""
-    import pyarrow.parquet as pq
-
-    from mambastyle.latents import table_metadata
-
-    first = prefix.join(parts[0]["path"]) if parts else None
-    if first is None:
+    if not parts:
         raise InvertError("no rows were written")
-    with first.fs.open_input_file(first.path) as f:
-        return table_metadata(pq.read_schema(f))
+    return commit(prefix, parts, part_metadata(prefix, parts))
 
 
 def _damaged_shards(uris: list[str], sizes: dict[str, int], options: StorageOptions) -> list[str]:
@@ -208,13 +190,6 @@ def _damaged_shards(uris: list[str], sizes: dict[str, int], options: StorageOpti
         if info.type == pafs.FileType.NotFound or (uri in sizes and info.size != sizes[uri]):
             bad.append(uri)
     return bad
-
-
-def _root_cause(exc: BaseException) -> str:
-    text = str(exc)
-    lines = [line for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
 
 
 def read_manifest(root: Location) -> tuple[bytes, dict]:
