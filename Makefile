@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/dvc repro
+	$(BIN)/mambastyle report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -434,6 +434,17 @@ def _cell(value) -> str:
     return str(value)
 
 
+# --------------------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mambastyle.report import pipeline_report
+
+    root = _load(args.params).storage.root
+    print("\n".join(pipeline_report(args.records, root)))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -580,6 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", help="also write one grid PNG per edit into this folder")
     p.add_argument("--invert-out", default="data/invert", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_edit_apply)
+
+    p = nouns.add_parser("report", help="where the pipeline's results are: tables, metrics, pictures")
+    _add_params(p)
+    p.add_argument(
+        "--records", default="data", help="folder of the stages' DVC records (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_report)
     return parser
 
 

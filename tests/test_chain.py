@@ -13,6 +13,7 @@ from train_helpers import params
 
 from mambastyle.config import to_dict
 from mambastyle.latents import EDITS_FORMAT, open_table
+from mambastyle.report import pipeline_report
 from mambastyle.storage import StorageOptions, exists, resolve
 
 pytestmark = pytest.mark.slow
@@ -57,3 +58,19 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     assert n_test > 0 and table.manifest["rows"] == n_test * len(strengths) == edited["rows"]
     assert table.metadata["source_table"] == inverted["table"]
     assert (local["edit"] / "grids" / "yaw.png").is_file()
+    # the summary `make demo` ends with names every result, read from these records
+    report = "\n".join(pipeline_report(tmp_path, root))
+    pictures = [local["edit"] / "grids" / "yaw.png", local["evaluate"] / "reconstructions.png"]
+    for where in [inverted["table"], edited["table"], encoder["uri"], f"{root}/shards/", *pictures]:
+        assert str(where) in report
+    assert "not run yet: generator " in report  # this test runs the generator in-process
+
+
+def test_report_lists_stages_that_have_not_run(tmp_path, capsys):
+    from mambastyle.cli import main
+
+    pf = tmp_path / "params.yaml"
+    pf.write_text(yaml.safe_dump(to_dict(params())))
+    assert main(["report", "--params", str(pf), "--records", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    assert f"not run yet: {', '.join(('generator',) + STAGES)} (no records under {tmp_path / 'none'}/" in out

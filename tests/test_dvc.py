@@ -89,3 +89,105 @@ def test_generator_sample_settings_do_not_change_run_ids():
     assert run_name(p.train, other, b"m") == run_name(p.train, p.generator, b"m")
     seeded = dataclasses.replace(p.generator, init_seed=7)
     assert run_name(p.train, seeded, b"m") != run_name(p.train, p.generator, b"m")
+
+
+def _clone_with_env(repo, tmp_path) -> tuple[Path, Path, dict[str, str]]:
+    """A git clone of ``repo`` carrying this checkout's pipeline files, its dvc, and an env for it."""
+    import os
+
+    dvc = Path(sys.executable).with_name("dvc")
+    if not dvc.exists() or shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs dvc and a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=120)
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", "pipelines/generator.py"):
+        shutil.copy(repo / name, clone / name)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # stage `python`
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }  # fmt: skip
+    return clone, dvc, env
+
+
+def _sh(cmd, cwd, env, ok=True) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _sample_nums(node, found=None) -> dict[str, int]:
+    """rev -> generator.sample.num for every revision in `dvc exp show --json` (baseline, experiments)."""
+    found = {} if found is None else found
+    if isinstance(node, dict):
+        params = ((node.get("data") or {}).get("params") or {}).get("params.yaml", {}).get("data", {})
+        if node.get("rev") not in (None, "workspace") and "generator" in params:
+            found[node["rev"]] = params["generator"]["sample"]["num"]
+        for value in node.values():
+            _sample_nums(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _sample_nums(value, found)
+    return found
+
+
+def test_dvc_exp_run_sets_a_param_and_runs_the_stage(repo, tmp_path):
+    import yaml
+
+    clone, dvc, env = _clone_with_env(repo, tmp_path)
+    _sh([str(dvc), "exp", "run", "-S", "generator.sample.num=4", "generator"], clone, env)
+    # the experiment ran with the value: the stage's record, the workspace params and the lock agree
+    info = json.loads((clone / "data/generator/info.json").read_text())
+    assert info["sample"]["num"] == 4
+    assert yaml.safe_load((clone / "params.yaml").read_text())["generator"]["sample"]["num"] == 4
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    assert lock["stages"]["generator"]["params"]["params.yaml"]["generator"]["sample"]["num"] == 4
+    # and the experiment is recorded under a name with its params (`dvc exp show`)
+    shown = json.loads(_sh([str(dvc), "exp", "show", "--json"], clone, env).stdout)
+    head = yaml.safe_load(_sh(["git", "show", "HEAD:params.yaml"], clone, env).stdout)
+    assert sorted(_sample_nums(shown).values()) == sorted([4, head["generator"]["sample"]["num"]])
+    # a value the params loader refuses fails the experiment with the key named
+    bad = _sh([str(dvc), "exp", "run", "-S", "generator.sample.num=0", "generator"], clone, env, ok=False)
+    assert bad.returncode != 0 and "generator.sample.num" in bad.stdout + bad.stderr
+
+
+def test_dvc_remote_on_s3_round_trip_keeps_credentials_out_of_git(repo, tmp_path, s3):
+    import hashlib
+
+    import boto3
+
+    endpoint, bucket = s3
+    clone, dvc, env = _clone_with_env(repo, tmp_path)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(key, None)  # the remote's credentials come from .dvc/config.local alone
+    _sh([str(dvc), "repro", "generator"], clone, env)
+    secret = "not-in-git-" + bucket
+    for cmd in (
+        ["remote", "add", "-d", "store", f"s3://{bucket}/dvc-store"],
+        ["remote", "modify", "store", "endpointurl", endpoint],
+        ["remote", "modify", "--local", "store", "access_key_id", "testing"],
+        ["remote", "modify", "--local", "store", "secret_access_key", secret],
+    ):
+        _sh([str(dvc), *cmd], clone, env)
+    _sh([str(dvc), "push", "generator"], clone, env)
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        .list_objects_v2(Bucket=bucket, Prefix="dvc-store/")
+        .get("Contents", [])
+    ]
+    model = clone / "data/generator/generator.pt"
+    digest = hashlib.md5(model.read_bytes()).hexdigest()
+    assert any(k.endswith(digest[2:]) for k in keys), keys
+    # what git would commit names the remote but holds no credential
+    committed = _sh(["git", "status", "--porcelain", "--untracked-files=all"], clone, env).stdout
+    assert ".dvc/config.local" not in committed and ".dvc/config" in committed
+    assert secret not in (clone / ".dvc/config").read_text()
+    # a fresh copy of the outputs comes back from the remote
+    shutil.rmtree(clone / ".dvc/cache")
+    model.unlink()
+    _sh([str(dvc), "pull", "generator"], clone, env)
+    assert hashlib.md5(model.read_bytes()).hexdigest() == digest

@@ -1,0 +1,102 @@
+"""Where a pipeline run's results are: one summary of the stages' records (``mambastyle report``).
+
+Each DVC stage writes small local records under ``{records}/{stage}/`` (``data/`` by default)
+while the data itself lives under ``storage.root`` (local or S3). The report reads only those
+records, never the data, so it is instant and works the same for a local and an S3 run. A stage
+without records is listed as not run; the report never guesses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+STAGES = ("generator", "prepare", "train", "invert", "evaluate", "edit")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pictures(*paths: Path) -> str:
+    return ", ".join(str(p) for p in paths if p.is_file()) or "none"
+
+
+def pipeline_report(records: str | Path = "data", storage_root: str = "data") -> list[str]:
+    """Lines naming each stage's outputs and headline figures, from the records under ``records``."""
+    rec = Path(records)
+    lines: list[str] = []
+    missing: list[str] = []
+
+    def section(stage: str, record: str) -> dict[str, Any] | None:
+        data = _read(rec / stage / record)
+        if data is None:
+            missing.append(stage)
+        return data
+
+    if gen := section("generator", "info.json"):
+        cfg = gen.get("config", {})
+        lines += [
+            f"generator   {rec / 'generator' / 'generator.pt'}: {cfg.get('resolution')} px, "
+            f"{gen.get('n_styles')} styles x {cfg.get('style_dim')}, source {gen.get('source')}",
+            f"            samples: {_pictures(rec / 'generator' / 'samples.png')}",
+        ]
+    if prep := section("prepare", "manifest.json"):
+        counts = prep.get("counts", {})
+        splits = ", ".join(f"{k} {v.get('samples')}" for k, v in sorted(prep.get("splits", {}).items()))
+        lines += [
+            f"prepare     shards: {storage_root.rstrip('/')}/shards/ ({splits})",
+            f"            {counts.get('inputs')} inputs = {counts.get('written')} faces written + "
+            f"{counts.get('quarantined')} quarantined (reasons: {rec / 'prepare' / 'quarantine.jsonl'})",
+        ]
+    if enc := section("train", "encoder.json"):
+        final = enc.get("final_metrics", {})
+        figures = ", ".join(
+            f"{k.split('/')[-1]} {_fmt(final[k])}" for k in ("eval/latent_rel", "eval/real_mse") if k in final
+        )
+        lines += [
+            f"train       encoder: {enc.get('uri')} ({enc.get('encoder', {}).get('arch')}, step "
+            f"{enc.get('step')}{', ' + figures if figures else ''})",
+            f"            curves: {rec / 'train' / 'dvclive'} (dvc plots show)",
+        ]
+    if inv := section("invert", "manifest.json"):
+        splits = ", ".join(f"{k} {v}" for k, v in sorted(inv.get("splits", {}).items()))
+        lines += [
+            f"invert      latent table: {inv.get('table')} ({inv.get('rows')} rows: {splits})",
+            f"            query: mambastyle latents query {inv.get('table')} "
+            '"SELECT key, split, yaw, mse FROM latents ORDER BY mse"',
+        ]
+    if ev := section("evaluate", "metrics.json"):
+        rec_m = ev.get("reconstruction", {})
+        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in rec_m.items())
+        rel = ev.get("latent_recovery", {}).get("latent_rel")
+        lat = _read(rec / "evaluate" / "latency.json") or {}
+        lines += [
+            f"evaluate    {rec / 'evaluate' / 'metrics.json'}: {ev.get('split')} split, {ev.get('images')} "
+            f"images: {figures}; latent_rel {_fmt(rel)}"
+            + (f"; {_fmt(lat['ms_per_image'])} ms/image" if "ms_per_image" in lat else ""),
+        ]
+        if ev.get("not_measured"):
+            lines.append(
+                f"            not measured: {', '.join(sorted(ev['not_measured']))} (see metrics.json)"
+            )
+        lines.append(f"            reconstructions: {_pictures(rec / 'evaluate' / 'reconstructions.png')}")
+    if ed := section("edit", "metrics.json"):
+        grids = sorted((rec / "edit" / "grids").glob("*.png"))
+        lines += [
+            f"edit        edits table + images: {ed.get('table')} ({ed.get('rows')} rows, "
+            f"{ed.get('images')} images, edits: {', '.join(sorted(ed.get('edits', {})))})",
+            f"            grids: {_pictures(*grids)}",
+        ]
+    if missing:
+        lines.append(f"not run yet: {', '.join(missing)} (no records under {rec}/; run `dvc repro`)")
+    lines.append("all metrics: dvc metrics show; all pictures: dvc plots show")
+    return lines
