@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/edit.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check mambastyle pipelines tests benchmarks
+	$(BIN)/ruff check mambastyle pipelines tests benchmarks docs
 
 # Re-pin every package after a dependency change in pyproject.toml.
 constraints: $(STAMP)
