@@ -174,3 +174,22 @@ def test_state_dict_excludes_latent_avg():
     g = small()
     assert "latent_avg" not in g.state_dict()
     assert "noises.noise_0" in g.state_dict()
+
+
+def test_features_at_a_block_are_returned_with_the_same_image_and_depend_only_on_earlier_codes():
+    g = small()
+    w_plus = torch.randn(2, g.n_styles, g.style_dim)
+    image, feats = g.synthesis(w_plus, return_features_at=16)
+    assert torch.equal(image, g.synthesis(w_plus)) and feats.shape == (2, g.config.channels(16), 16, 16)
+    # codes 0..4 drive the layers up to 16 px (conv1, then two convs per block); later codes do not
+    later, earlier = w_plus.clone(), w_plus.clone()
+    later[:, 5:] += 1.0
+    earlier[:, 3] += 1.0
+    assert torch.equal(g.synthesis(later, return_features_at=16)[1], feats)
+    assert not torch.allclose(g.synthesis(earlier, return_features_at=16)[1], feats)
+    # the features are the generator's own, whatever offset is added at that block
+    offset = torch.randn(2, g.config.channels(16), 16, 16)
+    shifted, same = g.synthesis(w_plus, feature_offset=(16, offset), return_features_at=16)
+    assert torch.equal(same, feats) and not torch.allclose(shifted, image)
+    with pytest.raises(ValueError, match="return_features_at"):
+        g.synthesis(w_plus, return_features_at=24)

@@ -413,7 +413,8 @@ class Generator(nn.Module):
         noise: Sequence[torch.Tensor | None] | None = None,
         generator: torch.Generator | None = None,
         feature_offset: tuple[int, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        return_features_at: int | None = None,
+    ):
         """Renders images from W+ codes.
 
         Args:
@@ -425,9 +426,12 @@ class Generator(nn.Module):
             feature_offset: ``(res, delta)`` adds ``delta`` (B or 1, C_res, res, res) to the
                 features after the last convolution at resolution ``res``, before its ToRGB;
                 a zero tensor leaves the output unchanged.
+            return_features_at: also return the generator's own features at this resolution
+                (after its last convolution there, before any ``feature_offset``).
 
         Returns:
-            (B, 3, R, R) images, nominally in [-1, 1].
+            (B, 3, R, R) images, nominally in [-1, 1]; with ``return_features_at``, the pair
+            (images, (B, C_res, res, res) features).
         """
         cfg = self.config
         if w_plus.ndim != 3 or w_plus.shape[1:] != (cfg.n_styles, cfg.style_dim):
@@ -441,12 +445,17 @@ class Generator(nn.Module):
         elif len(noise) != cfg.num_noise_layers:
             raise ValueError(f"expected {cfg.num_noise_layers} noise maps, got {len(noise)}")
         inject_res, inject = feature_offset if feature_offset is not None else (None, None)
-        if inject_res is not None and inject_res not in {2**i for i in range(2, cfg.log_size + 1)}:
-            raise ValueError(
-                f"feature_offset resolution {inject_res} is not a block of a {cfg.resolution}-px generator"
-            )
+        blocks = {2**i for i in range(2, cfg.log_size + 1)}
+        for name, res_ in (("feature_offset", inject_res), ("return_features_at", return_features_at)):
+            if res_ is not None and res_ not in blocks:
+                raise ValueError(
+                    f"{name} resolution {res_} is not a block of a {cfg.resolution}-px generator"
+                )
+        features = None
 
         out = self.conv1(self.input(b), w_plus[:, 0], noise[0])  # (B, C4, 4, 4)
+        if return_features_at == 4:
+            features = out
         if inject_res == 4:
             out = out + inject
         skip = self.to_rgb1(out, w_plus[:, 1])  # (B, 3, 4, 4)
@@ -455,11 +464,13 @@ class Generator(nn.Module):
             res *= 2
             out = conv_up(out, w_plus[:, i], noise[i])  # (B, C, res, res)
             out = conv(out, w_plus[:, i + 1], noise[i + 1])
+            if return_features_at == res:
+                features = out
             if inject_res == res:
                 out = out + inject
             skip = to_rgb(out, w_plus[:, i + 2], skip)  # (B, 3, res, res)
             i += 2
-        return skip
+        return skip if return_features_at is None else (skip, features)
 
     def forward(
         self,
