@@ -289,6 +289,8 @@ def save_encoder(encoder: torch.nn.Module, dst: str | os.PathLike | BinaryIO, **
 def load_encoder(src: PathOrFile, *, scan_backend: str = "auto", device: str | torch.device = "cpu"):
     """Rebuilds an encoder from its checkpoint alone (architecture from the stored config).
 
+    A fuser checkpoint gives the encoder it was trained with.
+
     Returns:
         (encoder in eval mode, the checkpoint dict without its state dict).
 
@@ -298,6 +300,16 @@ def load_encoder(src: PathOrFile, *, scan_backend: str = "auto", device: str | t
     """
     name = _name(src)
     ckpt = read_checkpoint(src)
+    if isinstance(ckpt, Mapping) and ckpt.get("format") == FUSER_FORMAT:  # the encoder a fuser works with
+        encoder = _encoder_from(ckpt.get("encoder"), name, scan_backend, device)
+        meta = {k: v for k, v in ckpt["encoder"].items() if k != "state_dict"}
+        return encoder, {**meta, "format": FUSER_FORMAT}
+    encoder = _encoder_from(ckpt, name, scan_backend, device)
+    return encoder, {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+def _encoder_from(ckpt: Any, name: str, scan_backend: str, device) -> Encoder:
+    """The encoder an encoder checkpoint dict describes (see :func:`load_encoder`)."""
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != ENCODER_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise CheckpointError(f"{name}: not a mambastyle encoder checkpoint (format: {found!r})")
@@ -319,9 +331,87 @@ def load_encoder(src: PathOrFile, *, scan_backend: str = "auto", device: str | t
             f"{name}: weights do not match the stored {config.arch} config: {exc}"
         ) from None
     encoder.load_state_dict(sd, strict=True)
-    encoder.to(device).eval()
-    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-    return encoder, meta
+    return encoder.to(device).eval()
+
+
+FUSER_FORMAT = "mambastyle-fuser"
+FUSER_FORMAT_VERSION = 1
+
+
+def fuser_payload(
+    encoder: torch.nn.Module,
+    fuser: torch.nn.Module,
+    *,
+    generator: Mapping[str, Any] | None = None,
+    step: int = 0,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """The dict a fuser checkpoint holds: the encoder it works with (a whole encoder checkpoint)
+    and the fuser (config + unwrapped weights), the generator identity and the step."""
+    from mambastyle.models.fuser import Fuser
+
+    if not isinstance(fuser, Fuser):
+        raise TypeError(f"expected a Fuser, got {type(fuser).__name__}")
+    payload = {
+        "format": FUSER_FORMAT,
+        "version": FUSER_FORMAT_VERSION,
+        "encoder": encoder_payload(encoder, generator=generator, step=step),
+        "fuser": {
+            "config": fuser.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in unwrap_state_dict(fuser.state_dict()).items()},
+        },
+        "generator": dict(generator or {}),
+        "step": int(step),
+    }
+    for key, value in (extra or {}).items():
+        if key in payload:
+            raise ValueError(f"extra entry {key!r} would overwrite a checkpoint field")
+        payload[key] = value
+    return payload
+
+
+def load_fuser(src: PathOrFile, *, scan_backend: str = "auto", device: str | torch.device = "cpu"):
+    """Rebuilds the encoder and the fuser of a fuser checkpoint from the file alone.
+
+    Returns:
+        (encoder, fuser, the checkpoint dict without weights), both modules in eval mode.
+
+    Raises:
+        CheckpointError: unreadable/unsafe file, not a fuser checkpoint, unknown version,
+            invalid configs, weights that do not fit, or an encoder and fuser that do not fit
+            each other.
+    """
+    from mambastyle.models.fuser import FuserConfig, build_fuser_from_config
+
+    name = _name(src)
+    ckpt = read_checkpoint(src)
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != FUSER_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(f"{name}: not a mambastyle fuser checkpoint (format: {found!r})")
+    if ckpt.get("version") != FUSER_FORMAT_VERSION:
+        raise CheckpointError(f"{name}: fuser checkpoint version {ckpt.get('version')!r} is not supported")
+    encoder = _encoder_from(ckpt.get("encoder"), f"{name} (encoder)", scan_backend, device)
+    part = ckpt.get("fuser") or {}
+    try:
+        config = FuserConfig.from_dict(dict(part["config"]))
+    except (KeyError, TypeError, InvalidConfig) as exc:
+        raise CheckpointError(f"{name}: invalid fuser config: {exc}") from None
+    enc = encoder.config
+    if (config.in_channels, config.feature_size, config.n_styles, config.style_dim) != (
+        enc.fpn_dim,
+        enc.input_size // 4,
+        enc.n_styles,
+        enc.style_dim,
+    ):
+        raise CheckpointError(f"{name}: the fuser does not fit its encoder's features or codes")
+    fuser = build_fuser_from_config(config, scan_backend=scan_backend)
+    sd = unwrap_state_dict(part.get("state_dict") or {})
+    check_state_dict(fuser, sd)
+    fuser.load_state_dict(sd, strict=True)
+    meta = {k: v for k, v in ckpt.items() if k not in ("encoder", "fuser")}
+    meta["encoder"] = {k: v for k, v in ckpt["encoder"].items() if k != "state_dict"}
+    meta["fuser"] = {"config": config.to_dict()}
+    return encoder, fuser.to(device).eval(), meta
 
 
 def state_sha256(module: torch.nn.Module) -> str:

@@ -270,10 +270,95 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class FuserDirectionParams:
+    """A family of edits the fuser is trained on: ``d = s * direction``, s ~ U(strength)."""
+
+    source: Literal["interfacegan", "ganspace", "random"]  # random: a fresh unit direction in W per sample
+    uri: str | None  # interfacegan / ganspace: the file (path or s3://)
+    component: int | None  # ganspace: the principal component
+    strength: tuple[float, float]  # [low, high]; ganspace and random: in standard deviations of W
+    layers: tuple[int, int] | None  # [start, stop) of the styles edited; null = all
+
+    def __post_init__(self) -> None:
+        needs = {"interfacegan": ("uri",), "ganspace": ("uri", "component"), "random": ()}
+        for key in needs[self.source]:
+            if getattr(self, key) is None:
+                raise InvalidConfig(key, f"must be set for source {self.source!r}")
+        if len(self.strength) != 2 or self.strength[0] > self.strength[1]:
+            raise InvalidConfig(
+                "strength", f"must be [low, high] with low <= high, got {list(self.strength)}"
+            )
+        if self.layers is not None and (len(self.layers) != 2 or not 0 <= self.layers[0] < self.layers[1]):
+            raise InvalidConfig("layers", f"must be [start, stop) with 0 <= start < stop, got {self.layers}")
+
+
+@dataclass(frozen=True)
+class FuserLossParams:
+    """Weights of the fuser's loss terms (0 switches a term off)."""
+
+    l2: float  # pixel MSE of the (edited) reconstruction against its target
+    lpips: float  # LPIPS (AlexNet); weights from train.pretrained
+    id: float  # ArcFace identity; weights from train.pretrained
+    feature: float  # smooth L1 of the correction to what the W+ code misses at the injected block
+    cycle: float  # re-encode the edited output, undo the edit, compare with the source image
+    w_norm: float  # ||w+ - latent_avg|| when the encoder is trained too
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "l2", "lpips", "id", "feature", "cycle", "w_norm")
+
+
+@dataclass(frozen=True)
+class FuserParams:
+    """F-space fuser training (Ray Train, like the encoder's) and its use by invert and edit."""
+
+    enabled: bool  # run the fuser stage; invert and edit use the fuser only when true
+    name: str  # a registered fuser (fuser, fuser_small, fuser_tiny)
+    encoder: str | None  # the encoder checkpoint it refines; null = the train stage's
+    inject_res: int | None  # generator block the correction is added to; null = matching the features
+    train_encoder: bool  # also fine-tune the encoder (else only the fuser and the encoder's feature adapter)
+    steps: int
+    batch_size: int  # per worker
+    real_every: int  # every n-th step inverts a real batch (zero direction); 0 = synthetic edits only
+    synthetic: SyntheticParams
+    directions: tuple[FuserDirectionParams, ...]
+    optimizer: OptimizerParams
+    loss: FuserLossParams
+    flip: bool
+    amp: bool
+    max_nonfinite: int
+    log_every: int
+    eval_every: int
+    eval_images: int  # held-out real images (val, then test split) for the with/without-fuser metrics
+    checkpoint_every: int
+    image_every: int
+    num_workers: int
+    cpus_per_worker: int
+    use_gpu: bool
+    max_failures: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        from mambastyle.models.fuser import FUSERS
+
+        if self.name not in FUSERS:
+            raise InvalidConfig("name", f"unknown fuser {self.name!r}; registered: {sorted(FUSERS)}")
+        check_at_least(self, 1, "steps", "batch_size", "num_workers", "cpus_per_worker", "log_every",
+                       "eval_every", "eval_images", "checkpoint_every")  # fmt: skip
+        check_at_least(self, 0, "real_every", "max_nonfinite", "max_failures", "image_every")
+        if self.real_every != 1 and not self.directions:
+            raise InvalidConfig("directions", "list at least one edit family (or set real_every: 1)")
+
+    @property
+    def synthetic_ratio(self) -> float:
+        """The fraction of edit steps (the rest invert real batches)."""
+        return 1.0 if self.real_every == 0 else 1.0 - 1.0 / self.real_every
+
+
+@dataclass(frozen=True)
 class InvertParams:
     """Bulk inversion into a Parquet latent table (Ray Data)."""
 
-    encoder: str | None  # an encoder checkpoint (path or s3://); null = the train stage's encoder
+    encoder: str | None  # an encoder or fuser checkpoint (path or s3://); null = the fuser or train stage's
     metrics: bool  # render reconstructions and record mse/ssim (and lpips when available)
     lpips_alexnet: str | None  # LPIPS backbone file; null = the torch hub cache when present
     batch_size: int
@@ -345,6 +430,7 @@ class EditParams:
     table: str | None  # a latent table URI; null = the invert stage's table
     where: str  # SQL condition over the table's columns choosing the rows to edit
     edits: tuple[EditEntryParams, ...]
+    mode: Literal["w_plus", "fuser"]  # render codes alone, or re-encode each source face for the fuser
     output: Literal["shards", "folder"]  # WebDataset tar shards, or one PNG per image (small jobs)
     images_per_shard: int
     batch_size: int  # images per generator forward
@@ -373,6 +459,7 @@ class Params:
     generator: GeneratorParams
     prepare: PrepareParams
     train: TrainParams
+    fuser: FuserParams
     invert: InvertParams
     evaluate: EvaluateParams
     edit: EditParams

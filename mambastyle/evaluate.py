@@ -21,37 +21,55 @@ from mambastyle.invert.core import prepare_images, ssim
 
 @torch.no_grad()
 def reconstruction_metrics(
-    encoder, generator, images: Iterable[torch.Tensor], batch_size: int, lpips_net=None, identity=None
-) -> tuple[dict, list[torch.Tensor]]:
+    encoder, generator, images: Iterable[torch.Tensor], batch_size: int, lpips_net=None, identity=None,
+    fuser=None,
+) -> tuple[dict, list[torch.Tensor]]:  # fmt: skip
     """Per-image MSE, SSIM (and LPIPS, identity cosine) of uint8 (3, H, W) ``images``.
 
-    Returns (the per-image values as lists, keyed by metric; the reconstructions and inputs as
-    (2, 3, S, S) pairs in [-1, 1], for pictures).
+    With a ``fuser`` (trained with ``encoder``), every metric is measured again for the
+    reconstruction with its feature correction (zero edit direction), as ``{metric}_fuser``.
+
+    Returns (the per-image values as lists, keyed by metric; the inputs and reconstructions as
+    (2, 3, S, S) pairs in [-1, 1] (triples with the fuser's), for pictures).
     """
     size = encoder.config.input_size
     device = encoder.latent_avg.device
-    values: dict[str, list[float]] = {"mse": [], "ssim": []}
-    if lpips_net is not None:
-        values["lpips"] = []
-    if identity is not None:
-        values["id_similarity"] = []
+    names = ["mse", "ssim"] + (["lpips"] if lpips_net is not None else [])
+    names += ["id_similarity"] if identity is not None else []
+    values: dict[str, list[float]] = {n + suffix: [] for suffix in ("", "_fuser")[: 1 + (fuser is not None)]
+                                      for n in names}  # fmt: skip
     pairs: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
 
-    def flush() -> None:
-        x = prepare_images(torch.stack(batch), size).to(device)
-        y = generator.synthesis(encoder(x), noise_mode="const")
+    def measure(y: torch.Tensor, x: torch.Tensor, suffix: str) -> torch.Tensor:
         if y.shape[-1] != size:
             y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        values["mse"] += (y - x).pow(2).flatten(1).mean(1).tolist()
-        values["ssim"] += ssim(y.clamp(-1, 1), x).tolist()
+        values["mse" + suffix] += (y - x).pow(2).flatten(1).mean(1).tolist()
+        values["ssim" + suffix] += ssim(y.clamp(-1, 1), x).tolist()
         if lpips_net is not None:
-            values["lpips"] += lpips_net(y, x).flatten().tolist()
+            values["lpips" + suffix] += lpips_net(y, x).flatten().tolist()
         if identity is not None:
             e_y = F.normalize(identity.embed(y.clamp(-1, 1)), dim=1)  # the picture, as in ssim
             e_x = F.normalize(identity.embed(x), dim=1)
-            values["id_similarity"] += (e_y * e_x).sum(1).tolist()
-        pairs.extend(torch.stack([x, y.clamp(-1, 1)], 1).cpu())
+            values["id_similarity" + suffix] += (e_y * e_x).sum(1).tolist()
+        return y.clamp(-1, 1)
+
+    def flush() -> None:
+        x = prepare_images(torch.stack(batch), size).to(device)
+        if fuser is None:
+            shown = [x, measure(generator.synthesis(encoder(x), noise_mode="const"), x, "")]
+        else:
+            w, features = encoder(x, return_features=True)
+            offset = fuser(features, w.new_zeros(1, *w.shape[1:]))
+            fused = generator.synthesis(
+                w, noise_mode="const", feature_offset=(fuser.config.inject_res, offset)
+            )
+            shown = [
+                x,
+                measure(generator.synthesis(w, noise_mode="const"), x, ""),
+                measure(fused, x, "_fuser"),
+            ]
+        pairs.extend(torch.stack(shown, 1).cpu())
         batch.clear()
 
     for image in images:

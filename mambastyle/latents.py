@@ -53,7 +53,8 @@ FORMATS = {
     EDITS_FORMAT: ("edits", {"key": pa.string(), "edit": pa.string(), "strength": pa.float64(),
                              "image": pa.string()}, ("source_table", "edits")),
 }  # fmt: skip
-METRIC_COLUMNS = ("mse", "ssim", "lpips")
+# reconstruction metrics of the W+ code, and with the fuser's feature correction (null without one)
+METRIC_COLUMNS = ("mse", "ssim", "lpips", "mse_fuser", "ssim_fuser", "lpips_fuser")
 SOURCE_COLUMNS = ("yaw", "pitch", "roll", "score")
 
 

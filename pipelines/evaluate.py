@@ -5,8 +5,10 @@ Reads the `evaluate`, `generator`, `storage` sections of params.yaml (and `train
 data/invert/manifest.json). On the `evaluate.split` faces of the prepare stage's shards: MSE, SSIM,
 LPIPS and ArcFace identity similarity of the reconstructions (the last two only when their weights
 are there; otherwise listed under `not_measured` with the reason); latent recovery on held-out
-generator samples; the encoder's parameter count. Writes data/evaluate/metrics.json and
-data/evaluate/reconstructions.png (each face next to its reconstruction). The encoder's speed
+generator samples; the encoder's parameter count. When the table was inverted with a fuser, the
+reconstruction metrics are measured with its feature correction too (`reconstruction_fuser`).
+Writes data/evaluate/metrics.json and data/evaluate/reconstructions.png (each face next to its
+reconstruction, and the fuser's). The encoder's speed
 (ms/image, which varies from run to run) goes to data/evaluate/latency.json, a metric DVC shows
 but does not lock.
 """
@@ -57,7 +59,13 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     record = json.loads(record_path.read_text())
     encoder_uri = record["metadata"]["encoder_uri"]
     options = params.storage.options()
-    encoder, _ = load_encoder(checkpoint_source(encoder_uri, options))
+    fuser = None
+    if record["metadata"].get("fuser_uri"):  # the table was inverted with a fuser: measure both
+        from mambastyle.checkpoints import load_fuser
+
+        encoder, fuser, _ = load_fuser(checkpoint_source(record["metadata"]["fuser_uri"], options))
+    else:
+        encoder, _ = load_encoder(checkpoint_source(encoder_uri, options))
     gp, ep = params.generator, params.evaluate
     g = resolve_generator(
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
@@ -92,14 +100,16 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
                 yield decode_png(png, f"{shard.uri}#{key}")
 
     with torch.no_grad():
-        values, pairs = reconstruction_metrics(encoder, g, images(), ep.batch_size, lpips_net, identity)
+        values, pairs = reconstruction_metrics(
+            encoder, g, images(), ep.batch_size, lpips_net, identity, fuser
+        )
     n = len(values["mse"])
     if n == 0:
         raise FileNotFoundError(f"the shards hold no {ep.split!r} faces to evaluate")
     metrics: dict = {
         "split": ep.split,
         "images": n,
-        "reconstruction": {k: _summary(v) for k, v in values.items()},
+        "reconstruction": {k: _summary(v) for k, v in values.items() if not k.endswith("_fuser")},
         "latent_recovery": {
             k: (float(f"{v:.6g}") if isinstance(v, float) else v)
             for k, v in latent_recovery(
@@ -113,12 +123,18 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
         },  # fmt: skip
         "not_measured": not_measured,
     }
+    if fuser is not None:  # the same faces with the fuser's feature correction
+        metrics["reconstruction_fuser"] = {k[: -len("_fuser")]: _summary(v) for k, v in values.items()
+                                           if k.endswith("_fuser")}  # fmt: skip
+        metrics["fuser"] = {"parameters": sum(p.numel() for p in fuser.parameters()),
+                            "inject_res": fuser.config.inject_res}  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     (local_out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     speed = latency(encoder, ep.batch_size, ep.latency_batches)
     (local_out / "latency.json").write_text(json.dumps(speed, indent=2, sort_keys=True) + "\n")
-    shown = pairs[: ep.grid_samples]  # up to 4 faces a row, each followed by its reconstruction
-    grid = make_grid(to_uint8(torch.stack(shown).flatten(0, 1)), ncols=2 * min(4, len(shown)))
+    # up to 4 faces a row, each followed by its reconstruction (and the fuser's)
+    shown = pairs[: ep.grid_samples]
+    grid = make_grid(to_uint8(torch.stack(shown).flatten(0, 1)), ncols=shown[0].shape[0] * min(4, len(shown)))
     save_png(grid, local_out / "reconstructions.png")
     log.info("%d %s faces: %s; latent recovery %s; %.2f ms/image; not measured: %s (%.1fs)", n, ep.split,
              metrics["reconstruction"], metrics["latent_recovery"], speed["ms_per_image"],

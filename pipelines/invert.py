@@ -39,11 +39,12 @@ def run(params: Params, local_out: Path) -> dict:
     }
     # Means with exact (order-independent) sums, rounded: which rows share a batch and a part
     # varies between runs, and the DVC-tracked summary must not.
-    rows = table.to_table(columns=["split", "mse", "ssim", "lpips"]).to_pylist()
+    metrics = ("mse", "ssim", "lpips", "mse_fuser", "ssim_fuser", "lpips_fuser")
+    rows = table.to_table(columns=["split", *metrics]).to_pylist()
     for split in sorted({r["split"] for r in rows}):
         mine = [r for r in rows if r["split"] == split]
         entry: dict = {"n": len(mine)}
-        for metric in ("mse", "ssim", "lpips"):
+        for metric in metrics:
             values = [r[metric] for r in mine if r[metric] is not None]
             if values:  # 6 digits: per-image values vary in the last float32 bit with batching
                 entry[metric] = float(f"{math.fsum(values) / len(values):.6g}")

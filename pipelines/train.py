@@ -25,30 +25,20 @@ from pathlib import Path
 
 from mambastyle.config import Params, load_params, to_dict
 from mambastyle.errors import CheckpointError, InvalidConfig
-from mambastyle.storage import exists, list_files, read_bytes, resolve
+from mambastyle.storage import exists, read_bytes, resolve
 from mambastyle.train.data import ShardError, ShardStream, manifest_shards
-from mambastyle.train.distributed import RUNS_DIR, TrainJob, export_encoder, fit, load_state, run_name
+from mambastyle.train.distributed import (
+    RUNS_DIR,
+    TrainJob,
+    export_encoder,
+    fit,
+    load_state,
+    run_name,
+    write_run_records,
+)
 from mambastyle.train.losses import MissingWeights
 
 log = logging.getLogger("pipelines.train")
-
-
-def write_dvclive(history: list[dict], images: dict[str, bytes], out: Path) -> None:
-    """Metrics per step (curves for `dvc plots`), the final values, and the pictures."""
-    from dvclive import Live
-
-    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in history:
-            live.step = record["step"]
-            for key, value in sorted(record.items()):
-                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
-                # on how busy the machine was
-                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
-                    live.log_metric(key, value)
-        for name, data in images.items():
-            path = out / "plots" / "images" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
 
 
 def run(params: Params, local_out: Path) -> dict:
@@ -78,15 +68,7 @@ def run(params: Params, local_out: Path) -> dict:
     state = load_state(result.checkpoint)
     loc, sha, meta = export_encoder(job, state)
 
-    history = [
-        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
-    ]
-    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
-    images = {}
-    if grids:
-        images["reconstruction.png"] = read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1]))
-    local_out.mkdir(parents=True, exist_ok=True)
-    write_dvclive(history, images, local_out / "dvclive")
+    history = write_run_records(job, local_out / "dvclive")
     final = next((m for m in reversed(history) if "eval/latent_rel" in m), history[-1] if history else {})
     record = {
         # as the params name it (e.g. data/... stays relative), so the record is the same in any checkout

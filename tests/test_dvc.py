@@ -74,7 +74,9 @@ def test_a_param_reruns_only_the_stages_that_read_it(repo, tmp_path):
     assert _params_changed(repo, tmp_path / "b", lambda p: p["train"].update(steps=301)) == {"train"}
     # the generator's weights: every stage that uses the generator
     changed = _params_changed(repo, tmp_path / "c", lambda p: p["generator"].update(init_seed=1))
-    assert changed == {"generator", "train", "invert", "evaluate", "edit"}
+    assert changed == {"generator", "train", "fuser", "invert", "evaluate", "edit"}
+    # a fuser param: the fuser and the invert stage (which uses it); the rest follow through outputs
+    assert _params_changed(repo, tmp_path / "d", lambda p: p["fuser"].update(steps=201)) == {"fuser", "invert"}
 
 
 def test_generator_sample_settings_do_not_change_run_ids():

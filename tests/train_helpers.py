@@ -28,6 +28,11 @@ def params(**sections) -> Params:
     data["generator"]["latent_avg_samples"] = 2000
     data["train"].update(input_size=32, batch_size=4, log_every=2, eval_every=4, eval_samples=8,
                          checkpoint_every=4, image_every=0)  # fmt: skip
+    # the W+ path unless a test asks for the fuser (fuser={"enabled": True}, edit={"mode": "fuser"})
+    data["fuser"].update(
+        enabled=False, log_every=2, eval_every=4, eval_images=4, checkpoint_every=4, image_every=0
+    )
+    data["edit"]["mode"] = "w_plus"
     data = _merge(data, sections)
     return parse_params(data)
 

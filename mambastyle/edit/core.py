@@ -131,3 +131,58 @@ def png_bytes(image: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def fused_edits(
+    generator, model, images: np.ndarray, edits: Sequence[Edit], batch_size: int
+) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray]:
+    """F-space edits of source images: each image is re-encoded by ``model`` (a
+    ``FuserModel``: the encoder and the fuser trained with it) into its code ``w`` and
+    features ``C``; every (edit, strength) adds ``d`` to ``w`` and renders
+    ``G(w + d, feature_offset = fuser(C, d))``. Strength 0 is the fuser's reconstruction.
+
+    ``images`` (n, H, W, 3) uint8. Encoding and rendering run in batches of exactly
+    ``batch_size`` (the last padded), so an image does not depend on its batch.
+
+    Returns (edited codes (m, S, D) float32, per output row (input row, edit, strength index)
+    as :func:`apply_edits`, images (m, R, R, 3) uint8).
+    """
+    import torch
+
+    from mambastyle.invert.core import prepare_images
+    from mambastyle.visual import to_uint8
+
+    device = model.latent_avg.device
+    n = len(images)
+    codes, features = [], []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+            k = len(chunk)
+            if k < batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros((batch_size - k, *chunk.shape[1:]))])
+            x = prepare_images(chunk, model.input_size).to(device)
+            w, c = model.encoder(x, return_features=True)
+            codes.append(w[:k].float().cpu().numpy())
+            features.append(c[:k])
+    w = np.concatenate(codes) if codes else np.zeros((0, *generator.latent_avg.shape), np.float32)
+    feats = torch.cat(features) if features else None
+    edited, index = apply_edits(w, edits)
+    rows = np.array([r for r, _, _ in index], dtype=np.int64)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(edited), batch_size):
+            code = np.array(edited[start : start + batch_size], np.float32)
+            k = len(code)
+            src = rows[start : start + batch_size]
+            delta = code - w[src]
+            if k < batch_size:
+                pad = np.zeros((batch_size - k, *code.shape[1:]), np.float32)
+                code, delta = np.concatenate([code, pad]), np.concatenate([delta, pad])
+                src = np.concatenate([src, np.full(batch_size - k, src[0])])
+            code_t, delta_t = torch.from_numpy(code).to(device), torch.from_numpy(delta).to(device)
+            offset = model.fuser(feats[torch.from_numpy(src).to(feats.device)], delta_t)
+            y = generator.synthesis(code_t, noise_mode="const", feature_offset=(model.inject_res, offset))
+            out.append(to_uint8(y)[:k])
+    r = generator.resolution
+    return edited, index, np.concatenate(out) if out else np.zeros((0, r, r, 3), np.uint8)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from mambastyle.edit.core import Edit, apply_edits, png_bytes, render, strength_label
+from mambastyle.edit.core import Edit, apply_edits, fused_edits, png_bytes, render, strength_label
 from mambastyle.edit.directions import DirectionError
 from mambastyle.latents import (
     EDITS_FORMAT,
@@ -71,6 +71,8 @@ class EditJob:
     rows_per_file: int
     metadata: dict
     cpus_per_actor: int = 1
+    fuser: str | None = None  # fuser mode: the fuser checkpoint (encoder + fuser)
+    root: str | None = None  # fuser mode: the storage root whose shards/ hold the source faces
 
     @property
     def per_row(self) -> int:
@@ -89,8 +91,9 @@ def edits_schema(n_styles: int, style_dim: int, metadata: dict) -> pa.Schema:
     return pa.schema(fields, metadata=schema_metadata(EDITS_FORMAT, n_styles, style_dim, metadata))
 
 
-def select(table: LatentTable, where) -> pa.Table:
-    """The rows to edit as (key, split, w_plus), ordered by key.
+def select(table: LatentTable, where, sources: bool = False) -> pa.Table:
+    """The rows to edit as (key, split, w_plus), ordered by key; with ``sources``, also the
+    ``shard`` each face came from, ordered by (split, shard, key) so a block reads few shards.
 
     ``where`` is an SQL condition over the table's columns (DuckDB; the table is ``latents``)
     or a pyarrow compute expression.
@@ -101,15 +104,18 @@ def select(table: LatentTable, where) -> pa.Table:
     """
     import pyarrow.compute as pc
 
-    columns = ["key", "split", "w_plus"]
+    columns = ["key", "split", "w_plus", *(["shard"] if sources else [])]
+    order = ["split", "shard", "key"] if sources else ["key"]
     try:
         if isinstance(where, pc.Expression):
             rows = table.to_table(filter=where, columns=columns)
-            rows = rows.take(pc.sort_indices(rows, [("key", "ascending")]))
+            rows = rows.take(pc.sort_indices(rows, [(c, "ascending") for c in order]))
         else:
             if not str(where).strip():
                 raise EditError("the selection is empty: give an SQL condition (e.g. \"split = 'test'\")")
-            rows = table.query(f"SELECT {', '.join(columns)} FROM {table.name} WHERE {where} ORDER BY key")
+            rows = table.query(
+                f"SELECT {', '.join(columns)} FROM {table.name} WHERE {where} ORDER BY {', '.join(order)}"
+            )
     except LatentTableError as exc:
         raise EditError(f"selection {where!r}: {exc}") from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
@@ -122,8 +128,32 @@ def select(table: LatentTable, where) -> pa.Table:
     return rows
 
 
+def load_fuser_model(uri: str, options: StorageOptions | None, device="cpu"):
+    """The ``FuserModel`` (encoder + fuser) of a fuser checkpoint, in eval mode."""
+    from mambastyle.checkpoints import checkpoint_source, load_fuser
+    from mambastyle.train.fuser import FuserModel
+
+    encoder, fuser, _ = load_fuser(checkpoint_source(uri, options), device=device)
+    return FuserModel(encoder, fuser).eval()
+
+
+def read_sources(
+    root: Location, keys: Sequence[str], splits: Sequence[str], shards: Sequence[str], options=None
+) -> np.ndarray:
+    """The aligned faces of table rows from the prepare stage's shards (``{root}/shards/{split}/{shard}``,
+    member ``{key}.png``): (n, H, W, 3) uint8 in the order of ``keys``; each shard is read once."""
+    uris = [f"{root.join('shards', split, shard).uri}#{key}.png" for key, split, shard in
+            zip(keys, splits, shards, strict=True)]  # fmt: skip
+    try:
+        return np.stack(read_images(uris, options))
+    except FileNotFoundError as exc:
+        raise EditError(f"fuser mode: a source shard is missing ({exc}); the table's faces must be under "
+                        f"{root.join('shards').uri}") from None  # fmt: skip
+
+
 class Editor:
-    """Ray Data actor: loads the generator once; edits and renders blocks of selected rows."""
+    """Ray Data actor: loads the generator (and in fuser mode the encoder and fuser) once;
+    edits and renders blocks of selected rows."""
 
     def __init__(self, job: EditJob):
         from mambastyle.generate import resolve_generator
@@ -134,20 +164,27 @@ class Editor:
         self.generator = resolve_generator(
             gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, self.device, job.options
         )
+        self.model = None if job.fuser is None else load_fuser_model(job.fuser, job.options, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return edit_rows(batch, self.job, self.generator)
+        return edit_rows(batch, self.job, self.generator, self.model)
 
 
-def edit_rows(batch: pa.Table, job: EditJob, generator) -> pa.Table:
-    """Selected rows (key, split, w_plus) -> one row per (key, edit, strength) with the edited
-    code, its score, the PNG bytes and the image's member/file name."""
+def edit_rows(batch: pa.Table, job: EditJob, generator, model=None) -> pa.Table:
+    """Selected rows (key, split, w_plus[, shard]) -> one row per (key, edit, strength) with the
+    edited code, its score, the PNG bytes and the image's member/file name. With ``model``
+    (fuser mode) each row's face is re-encoded from its shard and rendered with the fuser."""
     n_styles, style_dim = job.shape
-    col = batch.column("w_plus").combine_chunks()
-    w = col.values.to_numpy(zero_copy_only=False).reshape(-1, n_styles, style_dim)
-    edited, index = apply_edits(w, job.edits)
-    images = render(generator, edited, job.batch_size)
     keys, splits = batch.column("key").to_pylist(), batch.column("split").to_pylist()
+    if model is None:
+        col = batch.column("w_plus").combine_chunks()
+        w = col.values.to_numpy(zero_copy_only=False).reshape(-1, n_styles, style_dim)
+        edited, index = apply_edits(w, job.edits)
+        images = render(generator, edited, job.batch_size)
+    else:
+        shards = batch.column("shard").to_pylist()
+        sources = read_sources(resolve(job.root, job.options), keys, splits, shards, job.options)
+        edited, index, images = fused_edits(generator, model, sources, job.edits, job.batch_size)
     scores = np.full(len(index), np.nan, np.float32)
     for e_idx, edit in enumerate(job.edits):
         mine = [i for i, (_, e, _) in enumerate(index) if e == e_idx]
@@ -336,9 +373,12 @@ def read_images(uris: Sequence[str], options: StorageOptions | None = None) -> l
     return out
 
 
-def edit_grid(generator, edit: Edit, w_plus: np.ndarray, batch_size: int = 8) -> np.ndarray:
+def edit_grid(
+    generator, edit: Edit, w_plus: np.ndarray, batch_size: int = 8, model=None, sources=None
+) -> np.ndarray:
     """One picture per edit: a row per code of ``w_plus`` (n, S, D), a column per strength
-    (ascending) with the unedited reconstruction in the middle.
+    (ascending) with the unedited reconstruction in the middle. In fuser mode (``model`` and the
+    rows' source faces ``sources``), the faces are re-encoded and rendered with the fuser.
 
     Rendered here, from the codes, with the function the actors use (so it shows what they
     wrote, up to float rounding) in a fixed batch order: the picture is the same in every run,
@@ -348,9 +388,13 @@ def edit_grid(generator, edit: Edit, w_plus: np.ndarray, batch_size: int = 8) ->
 
     columns = [*sorted(s for s in edit.strengths if s < 0), 0.0, *sorted(s for s in edit.strengths if s > 0)]
     one = Edit(edit.name, edit.direction, tuple(columns), edit.layers)
-    edited, index = apply_edits(w_plus, [one])  # strength-major: reorder to a row per code
+    if model is None:
+        edited, index = apply_edits(w_plus, [one])  # strength-major: reorder to a row per code
+        images = render(generator, edited, batch_size)
+    else:
+        _, index, images = fused_edits(generator, model, sources, [one], batch_size)
     order = sorted(range(len(index)), key=lambda i: (index[i][0], index[i][2]))
-    return make_grid(render(generator, edited[order], batch_size), ncols=len(columns))
+    return make_grid(images[order], ncols=len(columns))
 
 
 # --------------------------------------------------------------------------- from params
@@ -511,14 +555,19 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
             f"{table.prefix.uri}: its codes were inverted for generator "
             f"{table.metadata['generator_sha256'][:12]}..., not the configured one ({generator_sha[:12]}...)"
         )
+    fuser_uri = None
+    if ep.mode == "fuser":
+        fuser_uri = fuser_checkpoint(params, table)
     edits = [build_edit(entry, table, options, uri) for entry in ep.edits]
-    selection = select(table, ep.where)
+    selection = select(table, ep.where, sources=fuser_uri is not None)
     # inputs are valid: from here on things are written
     for e in edits:
         if e.direction.source == "fit":
             name = f"{e.name}-{e.direction.sha256[:12]}.npy"
             save_direction(e.direction, root.join("edits", "directions", name).uri, options)
-    settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity()}
+    fuser_sha = table.metadata.get("fuser_sha256") if fuser_uri else None
+    settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity(),
+                "mode": ep.mode, "fuser": fuser_sha}  # fmt: skip
     run = run_id(table, ep.where, edits, generator_sha, settings)
     out = root.join("edits", run)
     metadata = {
@@ -527,6 +576,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         "source_run_id": table.metadata.get("run_id", ""),
         "edits": json.dumps([e.describe() for e in edits], sort_keys=True),
         "where": ep.where,
+        "mode": ep.mode,
         "run_id": run,
         "package_version": __version__,
     }
@@ -534,13 +584,42 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         out=out.uri, options=options, generator=gp, edits=tuple(edits), shape=table.shape,
         batch_size=ep.batch_size, num_actors=ep.num_actors, use_gpu=ep.use_gpu, output=ep.output,
         images_per_shard=ep.images_per_shard, row_group_size=ep.row_group_size,
-        rows_per_file=ep.rows_per_file, metadata=metadata,
+        rows_per_file=ep.rows_per_file, metadata=metadata, fuser=fuser_uri, root=root.uri,
     )  # fmt: skip
     if ray_connect:
         from mambastyle.runtime import connect_ray
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     manifest = run_edits(job, selection)
-    w = table.w_plus(selection.slice(0, ep.grid_samples))
-    grids = {e.name: edit_grid(g, e, w, ep.batch_size) for e in edits}
+    shown = selection.slice(0, ep.grid_samples)
+    model = sources = None
+    if fuser_uri is not None:
+        model = load_fuser_model(fuser_uri, options)
+        sources = read_sources(
+            root, *(shown.column(c).to_pylist() for c in ("key", "split", "shard")), options
+        )
+    grids = {e.name: edit_grid(g, e, table.w_plus(shown), ep.batch_size, model, sources) for e in edits}
     return EditResult(manifest, out, edits, grids)
+
+
+def fuser_checkpoint(params, table: LatentTable) -> str:
+    """Fuser mode: the fuser checkpoint the table was inverted with (``fuser_uri`` in its
+    metadata, resolved under ``storage.root``); refused for a table inverted without one."""
+    from mambastyle.checkpoints import checkpoint_source, file_sha256
+
+    meta = table.metadata
+    if not meta.get("fuser_sha256"):
+        raise EditError(
+            f"edit.mode is fuser, but {table.prefix.uri} was inverted without a fuser "
+            "(set fuser.enabled: true and re-run the invert stage, or edit.mode: w_plus)"
+        )
+    options = params.storage.options()
+    loc = resolve(meta["fuser_uri"], options)
+    try:
+        src = checkpoint_source(loc.uri, options)
+    except FileNotFoundError:
+        raise EditError(f"fuser mode: the table's fuser checkpoint {loc.uri} is missing") from None
+    sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
+    if sha != meta["fuser_sha256"]:
+        raise EditError(f"fuser mode: {loc.uri} is not the fuser the table was inverted with")
+    return loc.uri

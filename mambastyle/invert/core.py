@@ -55,6 +55,22 @@ class Inversion:
     mse: np.ndarray | None
     ssim: np.ndarray | None
     lpips: np.ndarray | None
+    mse_fuser: np.ndarray | None = None  # the same metrics with the fuser's feature correction
+    ssim_fuser: np.ndarray | None = None
+    lpips_fuser: np.ndarray | None = None
+
+
+FIELDS = ("w_plus", "mse", "ssim", "lpips", "mse_fuser", "ssim_fuser", "lpips_fuser")
+
+
+def _metrics(y: torch.Tensor, x: torch.Tensor, lpips_net: nn.Module | None):
+    """Per-image MSE, SSIM and LPIPS (None without ``lpips_net``) of reconstructions ``y`` of ``x``."""
+    if y.shape[-1] != x.shape[-1]:
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+    mse = (y - x).pow(2).flatten(1).mean(1).cpu().numpy()
+    ss = ssim(y.clamp(-1, 1), x).cpu().numpy()
+    lp = lpips_net(y, x).flatten().cpu().numpy() if lpips_net is not None else None
+    return mse, ss, lp
 
 
 def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,9 +92,12 @@ def invert_batch(
     generator: Generator | None = None,
     lpips_net: nn.Module | None = None,
     pad_to: int | None = None,
+    fuser: nn.Module | None = None,
 ) -> Inversion:
     """Encodes ``images`` (uint8) to W+; with ``generator`` also renders the reconstructions and
-    measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs.
+    measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs. With a
+    ``fuser`` (trained with this encoder), the same metrics are measured again for the
+    reconstruction with its feature correction (zero edit direction): ``*_fuser``.
 
     ``pad_to``: run the models on batches of exactly this many images (the last padded with
     zeros). CPU kernels are chosen by batch size, so an image's code can differ in its last
@@ -87,29 +106,31 @@ def invert_batch(
     """
     n = images.shape[0]
     if pad_to is not None and n > pad_to:
-        return _concat([invert_batch(encoder, images[i : i + pad_to], generator, lpips_net, pad_to)
+        return _concat([invert_batch(encoder, images[i : i + pad_to], generator, lpips_net, pad_to, fuser)
                         for i in range(0, n, pad_to)])  # fmt: skip
     if pad_to is not None and n < pad_to:
         filler = images.new_zeros((pad_to - n, *images.shape[1:]))
-        out = invert_batch(encoder, torch.cat([images, filler]), generator, lpips_net)
-        return Inversion(*(None if v is None else v[:n] for v in (out.w_plus, out.mse, out.ssim, out.lpips)))
+        out = invert_batch(encoder, torch.cat([images, filler]), generator, lpips_net, fuser=fuser)
+        return Inversion(*(None if getattr(out, f) is None else getattr(out, f)[:n] for f in FIELDS))
     device = encoder.latent_avg.device
     x = prepare_images(images, encoder.config.input_size).to(device)
-    w = encoder(x)
-    mse = ss = lp = None
+    if fuser is None:
+        w, features = encoder(x), None
+    else:
+        w, features = encoder(x, return_features=True)
+    out = Inversion(w.float().cpu().numpy(), None, None, None)
     if generator is not None:
-        y = generator.synthesis(w, noise_mode="const")
-        if y.shape[-1] != x.shape[-1]:
-            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-        mse = (y - x).pow(2).flatten(1).mean(1).cpu().numpy()
-        ss = ssim(y.clamp(-1, 1), x).cpu().numpy()
-        if lpips_net is not None:
-            lp = lpips_net(y, x).flatten().cpu().numpy()
-    return Inversion(w.float().cpu().numpy(), mse, ss, lp)
+        out.mse, out.ssim, out.lpips = _metrics(generator.synthesis(w, noise_mode="const"), x, lpips_net)
+        if fuser is not None:
+            zero = w.new_zeros(1, *w.shape[1:])
+            offset = (fuser.config.inject_res, fuser(features, zero))
+            y = generator.synthesis(w, noise_mode="const", feature_offset=offset)
+            out.mse_fuser, out.ssim_fuser, out.lpips_fuser = _metrics(y, x, lpips_net)
+    return out
 
 
 def _concat(parts: list[Inversion]) -> Inversion:
     def cat(values):
         return None if values[0] is None else np.concatenate(values)
 
-    return Inversion(*(cat([getattr(p, f) for p in parts]) for f in ("w_plus", "mse", "ssim", "lpips")))
+    return Inversion(*(cat([getattr(p, f) for p in parts]) for f in FIELDS))

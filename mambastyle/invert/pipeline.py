@@ -52,6 +52,7 @@ class InvertJob:
     metadata: dict
     lpips_alexnet: str | None = None  # LPIPS backbone file (checked to exist by the caller)
     cpus_per_actor: int = 1  # CPU slots (and torch threads) per actor when not on a GPU
+    fuser: str | None = None  # a fuser checkpoint: its encoder makes the codes, its fuser the *_fuser metrics
 
 
 def run_id(manifest: bytes, encoder_sha256: str, generator_sha256: str, settings: dict) -> str:
@@ -69,7 +70,14 @@ class Inverter:
 
         self.job = job
         self.device = actor_device(job.use_gpu, job.cpus_per_actor)
-        self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
+        self.fuser = None
+        if job.fuser is not None:
+            from mambastyle.checkpoints import load_fuser
+
+            src = checkpoint_source(job.fuser, job.options)
+            self.encoder, self.fuser, _ = load_fuser(src, device=self.device)
+        else:
+            self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
         self.generator = None
         if job.generator is not None:
             gp = job.generator
@@ -90,7 +98,7 @@ class Inverter:
         from mambastyle.invert.core import invert_batch
 
         images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
-        out = invert_batch(self.encoder, images, self.generator, self.lpips, pad_to=self.job.batch_size)
+        out = invert_batch(self.encoder, images, self.generator, self.lpips, self.job.batch_size, self.fuser)
         meta = list(batch["json"])
         rows = {
             "key": [str(k) for k in batch["__key__"]],
@@ -99,6 +107,9 @@ class Inverter:
             "mse": out.mse,
             "ssim": out.ssim,
             "lpips": out.lpips,
+            "mse_fuser": out.mse_fuser,
+            "ssim_fuser": out.ssim_fuser,
+            "lpips_fuser": out.lpips_fuser,
             **{name: [m.get(name) for m in meta] for name in ("yaw", "pitch", "roll", "source")},
             "score": [m.get("detector_score") for m in meta],
         }
@@ -208,34 +219,50 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     Returns (the table's manifest, its prefix).
     """
 
-    from mambastyle.checkpoints import checkpoint_source, file_sha256, load_encoder, state_sha256
+    from mambastyle.checkpoints import (
+        FUSER_FORMAT,
+        checkpoint_source,
+        file_sha256,
+        load_encoder,
+        state_sha256,
+    )
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
-    from mambastyle.train.distributed import RUNS_DIR, run_name
+    from mambastyle.train.data import ShardError
+    from mambastyle.train.distributed import FUSER_RUNS_DIR, fuser_job, trained_encoder
     from mambastyle.train.losses import alexnet_hub_path, weights_available
 
     options = params.storage.options()
     root = resolve(params.storage.root, options)
     manifest_bytes, manifest = read_manifest(root)
     ip = params.invert
-    if ip.encoder is not None:
+    fuser_loc = None
+    if (
+        ip.encoder is None and params.fuser.enabled
+    ):  # the fuser stage's checkpoint: its encoder makes the codes
+        try:
+            fuser_run, _ = fuser_job(params)
+        except (CheckpointError, ShardError) as exc:
+            raise InvertError(f"fuser.enabled: {exc}") from None
+        fuser_loc = fuser_run.artifacts.join("fuser.pt")
+        encoder_loc = fuser_loc
+        encoder_name = "/".join((params.storage.root.rstrip("/"), FUSER_RUNS_DIR, fuser_run.run, "artifacts",
+                                 "fuser.pt"))  # fmt: skip
+    elif ip.encoder is not None:
         encoder_loc, encoder_name = resolve(ip.encoder, options), ip.encoder
     else:
-        parts = (
-            RUNS_DIR,
-            run_name(params.train, params.generator, manifest_bytes),
-            "artifacts",
-            "encoder.pt",
-        )
-        encoder_loc = root.join(*parts)
-        encoder_name = "/".join((params.storage.root.rstrip("/"), *parts))  # as the params name it
+        encoder_loc, encoder_name = trained_encoder(params, manifest_bytes)
     try:
         src = checkpoint_source(encoder_loc.uri, options)
         encoder, meta = load_encoder(src)
     except CheckpointError as exc:
-        hint = "" if ip.encoder is not None else " (the train stage's encoder for these params: run it first)"
+        stage = "fuser" if fuser_loc is not None else "train"
+        hint = "" if ip.encoder is not None and fuser_loc is None else (
+            f" (the {stage} stage's checkpoint for these params: run it first)")  # fmt: skip
         raise InvertError(f"{exc}{hint}") from None
     encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
+    if fuser_loc is None and meta.get("format") == FUSER_FORMAT:  # a fuser checkpoint named explicitly
+        fuser_loc = encoder_loc
     gp = params.generator
     g = resolve_generator(
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
@@ -260,12 +287,15 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
             lpips = candidate
         else:
             log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)
-    settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity()}
+    settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity(),
+                "fuser": fuser_loc is not None}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
     from mambastyle import __version__
 
     measured = "lpips,mse,ssim" if lpips else ("mse,ssim" if ip.metrics else "none")
+    if ip.metrics and fuser_loc is not None:
+        measured += "".join(f",{m}_fuser" for m in measured.split(","))
     metadata = {
         "encoder_sha256": encoder_sha,
         "encoder_uri": encoder_name,
@@ -274,6 +304,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         "run_id": run,
         "package_version": __version__,
         "metrics": measured,
+        **({"fuser_sha256": encoder_sha, "fuser_uri": encoder_name} if fuser_loc is not None else {}),
     }
     job = InvertJob(
         root=root.uri, encoder=encoder_loc.uri, out=out.uri, options=options,
@@ -281,6 +312,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         use_gpu=ip.use_gpu, row_group_size=ip.row_group_size, rows_per_file=ip.rows_per_file,
         metadata=metadata,
         lpips_alexnet=lpips,
+        fuser=None if fuser_loc is None else fuser_loc.uri,
     )  # fmt: skip
     if ray_connect:
         from mambastyle.runtime import connect_ray

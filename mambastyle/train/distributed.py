@@ -16,6 +16,7 @@ not trained again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,23 +30,37 @@ from pathlib import Path
 import torch
 
 from mambastyle.checkpoints import encoder_payload, read_checkpoint, state_sha256
-from mambastyle.config import GeneratorParams, StorageParams, TrainParams, to_dict
+from mambastyle.config import (
+    FuserParams,
+    GeneratorParams,
+    PretrainedParams,
+    StorageParams,
+    TrainParams,
+    to_dict,
+)
 from mambastyle.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 RUNS_DIR = "train-runs"  # under storage.root
+FUSER_RUNS_DIR = "fuser-runs"
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a worker needs (plain, picklable): the params sections and where data lives."""
+    """Everything a worker needs (plain, picklable): the params sections and where data lives.
 
-    train: TrainParams
+    ``train`` is the encoder's training params, or a fuser's (``FuserParams``, with the encoder
+    it refines in ``encoder_uri`` and the pretrained files in ``pretrained``)."""
+
+    train: TrainParams | FuserParams
     generator: GeneratorParams
     storage: StorageParams
     run: str
+    runs_dir: str = RUNS_DIR
+    encoder_uri: str | None = None
+    pretrained: PretrainedParams | None = None
 
     @property
     def root(self) -> str:
@@ -56,7 +71,7 @@ class TrainJob:
 
     @property
     def artifacts(self) -> Location:
-        return self.location(RUNS_DIR, self.run, "artifacts")
+        return self.location(self.runs_dir, self.run, "artifacts")
 
 
 def code_hash() -> str:
@@ -73,13 +88,17 @@ def code_hash() -> str:
     return h.hexdigest()
 
 
-def run_name(train: TrainParams, generator: GeneratorParams, manifest: bytes | None) -> str:
-    """A run id from the inputs (params, shard manifest, code): same inputs -> same run
-    (resumed), any change -> a new one."""
+def run_name(
+    train: TrainParams | FuserParams,
+    generator: GeneratorParams,
+    manifest: bytes | None,
+    extra: dict | None = None,
+) -> str:
+    """A run id from the inputs (params, shard manifest, code; for a fuser also the encoder it
+    refines and the pretrained files): same inputs -> same run (resumed), any change -> a new one."""
     h = hashlib.sha256(code_hash().encode())
-    h.update(
-        json.dumps({"train": to_dict(train), "generator": generator.identity()}, sort_keys=True).encode()
-    )
+    inputs = {"train": to_dict(train), "generator": generator.identity(), **(extra or {})}
+    h.update(json.dumps(inputs, sort_keys=True).encode())
     h.update(manifest or b"no-real-data")
     return f"run-{h.hexdigest()[:16]}"
 
@@ -92,13 +111,14 @@ def _metrics_history(loc: Location, upto: int) -> list[dict]:
     return [m for m in lines if m["step"] <= upto]
 
 
-def _val_images(job: TrainJob, n: int) -> torch.Tensor | None:
-    """Up to ``n`` real images for evaluation and pictures: the val split, topped up from train."""
+def _val_images(job: TrainJob, n: int, splits: tuple[str, ...] = ("val", "train")) -> torch.Tensor | None:
+    """Up to ``n`` real images for evaluation and pictures: the val split, topped up from the
+    next of ``splits`` (train for the encoder's pictures; test for the fuser's held-out metrics)."""
     from mambastyle.train.data import ShardError, ShardStream, manifest_shards
 
     root = resolve(job.root, job.storage.options())
     images: list[torch.Tensor] = []
-    for split in ("val", "train"):
+    for split in splits:
         try:
             shards = manifest_shards(root, split)
         except ShardError:
@@ -111,35 +131,39 @@ def _val_images(job: TrainJob, n: int) -> torch.Tensor | None:
     return torch.stack(images) if images else None
 
 
-def train_worker(config: dict) -> None:
-    """``train_loop_per_worker``: builds everything, restores the latest checkpoint, trains."""
+def _setup(job: TrainJob):
+    """Per worker: Ray context, threads, device, the frozen generator."""
     import ray.train
-    import torch.distributed as dist
-    from PIL import Image
-    from torch.nn.parallel import DistributedDataParallel
 
     from mambastyle.generate import resolve_generator
-    from mambastyle.models.encoders import build_encoder
-    from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards
-    from mambastyle.train.loop import Trainer, run
-    from mambastyle.train.losses import build_loss
-    from mambastyle.visual import make_grid, to_uint8
 
-    job: TrainJob = config["job"]
-    p, options = job.train, job.storage.options()
+    p = job.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(p.cpus_per_worker)
     device = ray.train.torch.get_device() if p.use_gpu else torch.device("cpu")
+    gp = job.generator
+    g = resolve_generator(gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples,
+                          device=device, options=job.storage.options())  # fmt: skip
+    return ctx.get_world_rank(), ctx.get_world_size(), device, g
 
-    g = resolve_generator(job.generator.checkpoint, job.generator.architecture, job.generator.init_seed,
-                          job.generator.latent_avg_samples, device=device, options=options)  # fmt: skip
+
+def train_worker(config: dict) -> None:
+    """``train_loop_per_worker`` of the encoder: builds everything, restores the latest checkpoint, trains."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mambastyle.models.encoders import build_encoder
+    from mambastyle.train.loop import Trainer
+    from mambastyle.train.losses import build_loss
+
+    job: TrainJob = config["job"]
+    p = job.train
+    rank, world, device, g = _setup(job)
     encoder = build_encoder(
         p.encoder, g.resolution, seed=p.seed, input_size=p.input_size, style_dim=g.style_dim
     )
     encoder = encoder.to(device)
     encoder.set_latent_avg(g.latent_avg)
-    loss, status = build_loss(p.loss, p.pretrained, options)
+    loss, status = build_loss(p.loss, p.pretrained, job.storage.options())
     if hasattr(encoder, "feature_adapter"):
         # Only the F-space path uses it; W+ training never does, and DDP refuses parameters
         # that get no gradient (unless it searches for them every step).
@@ -148,7 +172,50 @@ def train_worker(config: dict) -> None:
     if world > 1:
         model = DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(model, g, loss, p, rank=rank, device=device)
+    _train(
+        job, trainer, g, rank, world, device, {"loss_status": {"active": status.active, "off": status.off}}
+    )
 
+
+def fuser_worker(config: dict) -> None:
+    """``train_loop_per_worker`` of the fuser: the encoder from ``job.encoder_uri``, a new fuser."""
+    from mambastyle.checkpoints import checkpoint_source, load_encoder
+    from mambastyle.config import LossParams
+    from mambastyle.models.fuser import build_fuser
+    from mambastyle.train.fuser import EditSampler, FuserModel, FuserTrainer
+    from mambastyle.train.losses import build_loss
+
+    job: TrainJob = config["job"]
+    p: FuserParams = job.train
+    options = job.storage.options()
+    rank, world, device, g = _setup(job)
+    encoder, meta = load_encoder(checkpoint_source(job.encoder_uri, options), device=device)
+    encoder.set_latent_avg(g.latent_avg)
+    fuser = build_fuser(p.name, encoder.config, g.config, seed=p.seed, inject_res=p.inject_res).to(device)
+    wt = p.loss
+    image_loss = LossParams(l2=wt.l2, lpips=wt.lpips, id=wt.id, w_norm=wt.w_norm if p.train_encoder else 0.0,
+                            latent=0.0)  # fmt: skip
+    loss, status = build_loss(image_loss, job.pretrained, options)
+    sampler = EditSampler(g, p.directions, options)
+    trainer = FuserTrainer(
+        FuserModel(encoder, fuser), g, loss, p, sampler, rank=rank, world=world, device=device
+    )
+    extra = {"loss_status": {"active": status.active, "off": status.off}, "encoder_source": {
+        "uri": job.encoder_uri, "step": meta.get("step"), "generator": meta.get("generator")}}  # fmt: skip
+    _train(job, trainer, g, rank, world, device, extra)
+
+
+def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state: dict) -> None:
+    """Restores the latest checkpoint, trains to the end, reports and checkpoints (rank 0 writes)."""
+    import ray.train
+    import torch.distributed as dist
+    from PIL import Image
+
+    from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards
+    from mambastyle.train.loop import run
+    from mambastyle.visual import make_grid, to_uint8
+
+    p, options = job.train, job.storage.options()
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -158,12 +225,16 @@ def train_worker(config: dict) -> None:
         log.info("rank %d: resumed at step %d", rank, start)
 
     real_batches = None
-    if p.synthetic_ratio < 1.0:
+    if any(not trainer.is_synthetic(s) for s in range(p.steps)):
         stream = ShardStream(
             manifest_shards(job.location(), "train"), rank, world, seed=p.seed, options=options
         )
         real_batches = lambda position: Prefetcher(lambda: stream.batches(p.batch_size, position))  # noqa: E731
-    shown = _val_images(job, 8) if rank == 0 else None
+    held_out = isinstance(p, FuserParams)  # the fuser's metrics are on faces it never trained on
+    n_shown = p.eval_images if held_out else 8
+    shown = (
+        _val_images(job, n_shown, ("val", "test") if held_out else ("val", "train")) if rank == 0 else None
+    )
 
     artifacts = job.artifacts
     history = _metrics_history(artifacts.join("metrics.jsonl"), start) if rank == 0 else []
@@ -171,7 +242,7 @@ def train_worker(config: dict) -> None:
     generator_id = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
     t_last = time.perf_counter()
 
-    def report(trainer: Trainer, metrics: dict, final: bool = False) -> None:
+    def report(trainer, metrics: dict, final: bool = False) -> None:
         nonlocal t_last
         step = trainer.step
         due_ckpt = final or step % p.checkpoint_every == 0
@@ -203,7 +274,7 @@ def train_worker(config: dict) -> None:
             if due_eval:
                 out.update(trainer.evaluate(shown))
             if shown is not None and (final or (p.image_every and step % p.image_every == 0)):
-                grid = make_grid(to_uint8(trainer.reconstructions(shown)), ncols=4)
+                grid = make_grid(to_uint8(trainer.reconstructions(shown)), ncols=trainer.grid_columns)
                 buf = io.BytesIO()
                 Image.fromarray(grid).save(buf, format="PNG")
                 write_bytes(artifacts.join("images", f"recon-{step:06d}.png"), buf.getvalue(), durable=False)
@@ -214,14 +285,14 @@ def train_worker(config: dict) -> None:
                 tmp = tempfile.mkdtemp(prefix="mambastyle-ckpt-")
                 state = trainer.state_dict()
                 state["generator"] = generator_id
-                state["loss_status"] = {"active": status.active, "off": status.off}
+                state.update(extra_state)
                 torch.save(state, os.path.join(tmp, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
         name = f"checkpoint_{step:08d}" if due_ckpt else None
         ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=name,
                          delete_local_checkpoint_after_upload=ckpt is not None)  # fmt: skip
 
-    def on_step(trainer: Trainer, metrics: dict) -> None:
+    def on_step(trainer, metrics: dict) -> None:
         window.append(metrics)
         report(trainer, metrics, final=trainer.step == p.steps)
 
@@ -231,17 +302,18 @@ def train_worker(config: dict) -> None:
     run(trainer, real_batches, [on_step])
 
 
-def fit(job: TrainJob):
-    """Runs the job on the connected Ray cluster; returns Ray's Result (raises on failure)."""
+def fit(job: TrainJob, worker=train_worker):
+    """Runs the job (``train_worker`` or ``fuser_worker``) on the connected Ray cluster; returns
+    Ray's Result (raises on failure)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     p = job.train
-    ray_dir = job.location(RUNS_DIR)
+    ray_dir = job.location(job.runs_dir)
     if not ray_dir.is_s3:
         os.makedirs(ray_dir.path, exist_ok=True)
     trainer = TorchTrainer(
-        train_worker,
+        worker,
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if p.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -291,3 +363,96 @@ def export_encoder(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
     write_bytes(loc, data)
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     return loc, hashlib.sha256(data).hexdigest(), meta
+
+
+def export_fuser(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
+    """Writes the fuser checkpoint (the encoder it was trained with and the fuser) to
+    ``artifacts/fuser.pt``; returns (location, sha256, payload without weights)."""
+    from mambastyle.checkpoints import fuser_payload
+    from mambastyle.models.encoders import EncoderConfig, build_encoder_from_config
+    from mambastyle.models.fuser import FuserConfig, build_fuser_from_config
+
+    encoder = build_encoder_from_config(EncoderConfig.from_dict(dict(state["encoder_config"])))
+    encoder.load_state_dict(state["encoder"])
+    fuser = build_fuser_from_config(FuserConfig.from_dict(dict(state["fuser_config"])))
+    fuser.load_state_dict(state["fuser"])
+    info = {"run": job.run, "params": state["params"], "loss_status": state.get("loss_status"),
+            "encoder_source": state.get("encoder_source")}  # fmt: skip
+    extra = {"fuser_train": info}
+    payload = fuser_payload(encoder, fuser, generator=state["generator"], step=state["step"], extra=extra)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    loc = job.artifacts.join("fuser.pt")
+    write_bytes(loc, data)
+    meta = {k: v for k, v in payload.items() if k not in ("encoder", "fuser")}
+    meta["fuser_config"] = payload["fuser"]["config"]
+    return loc, hashlib.sha256(data).hexdigest(), meta
+
+
+def write_run_records(job: TrainJob, out: Path) -> list[dict]:
+    """The run's DVCLive records under ``out``: metrics per step (curves for ``dvc plots``), the
+    final values and the last reconstruction picture; returns the metrics history."""
+    from dvclive import Live
+
+    from mambastyle.storage import list_files
+
+    history = [
+        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
+    ]
+    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
+    out.mkdir(parents=True, exist_ok=True)
+    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in history:
+            live.step = record["step"]
+            for key, value in sorted(record.items()):
+                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
+                # on how busy the machine was
+                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
+                    live.log_metric(key, value)
+    if grids:
+        path = out / "plots" / "images" / "reconstruction.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1])))
+    return history
+
+
+def trained_encoder(params, manifest_bytes: bytes | None) -> tuple[Location, str]:
+    """Where the train stage puts the encoder for these params: (location, URI as the params name it)."""
+    parts = (RUNS_DIR, run_name(params.train, params.generator, manifest_bytes), "artifacts", "encoder.pt")
+    root = resolve(params.storage.root, params.storage.options())
+    return root.join(*parts), "/".join((params.storage.root.rstrip("/"), *parts))
+
+
+def fuser_job(params) -> tuple[TrainJob, dict]:
+    """The fuser run these params describe (its id covers the encoder file and the pretrained
+    files), and the encoder it refines ({uri as the params name it, sha256})."""
+    from mambastyle.checkpoints import checkpoint_source, file_sha256
+    from mambastyle.errors import CheckpointError
+    from mambastyle.train.data import ShardError, ShardStream, manifest_shards
+
+    options = params.storage.options()
+    root = resolve(params.storage.root, options)
+    fp = params.fuser
+    manifest_loc = root.join("shards", "manifest.json")
+    manifest = read_bytes(manifest_loc) if exists(manifest_loc) else None
+    if fp.real_every > 0:
+        if manifest is None:
+            raise ShardError(f"no shard manifest at {manifest_loc.uri}: run the prepare stage first")
+        ShardStream(manifest_shards(root, "train"), 0, fp.num_workers)  # fails early, clearly
+    if fp.encoder is not None:
+        encoder_loc, encoder_name = resolve(fp.encoder, options), fp.encoder
+    else:
+        encoder_loc, encoder_name = trained_encoder(params, manifest)
+    if not exists(encoder_loc):
+        hint = "" if fp.encoder is not None else " (the train stage's encoder for these params: run it first)"
+        raise CheckpointError(f"no encoder at {encoder_loc.uri}{hint}")
+    src = checkpoint_source(encoder_loc.uri, options)
+    encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
+    extra = {"encoder_sha256": encoder_sha, "pretrained": to_dict(params.train.pretrained)}
+    # Workers run elsewhere (another directory, another node): give them absolute locations.
+    storage = dataclasses.replace(params.storage, root=root.uri)
+    job = TrainJob(fp, params.generator, storage, run_name(fp, params.generator, manifest, extra),
+                   runs_dir=FUSER_RUNS_DIR, encoder_uri=encoder_loc.uri,
+                   pretrained=params.train.pretrained)  # fmt: skip
+    return job, {"uri": encoder_name, "sha256": encoder_sha}

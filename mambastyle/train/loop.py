@@ -107,9 +107,12 @@ class Trainer:
         self.params = params
         self.rank = rank
         self.device = torch.device(device)
+        # what the model sees: the encoder's input size (a fuser model reports its encoder's)
+        self.input_size: int = getattr(self.module, "input_size", None) or self.module.config.input_size
         opt = params.optimizer
+        self.trainable = [t for t in self.trainable_parameters() if t.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.module.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay
+            self.trainable, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, params.steps, opt.warmup_steps, opt.min_lr_ratio)
@@ -120,12 +123,16 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ema: Encoder | None = None
-        if params.ema_decay > 0:
+        if getattr(params, "ema_decay", 0.0) > 0:
             self.ema = copy.deepcopy(self.module).eval().requires_grad_(False)
         self.step = 0
         self.real_samples = 0  # position in this rank's real-image stream
         self.nonfinite = 0
         self._eval_set: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates (the whole encoder here)."""
+        return list(self.module.parameters())
 
     # ------------------------------------------------------------------ step
 
@@ -143,7 +150,7 @@ class Trainer:
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
     def _render(self, w_plus: torch.Tensor) -> torch.Tensor:
-        return resize(self.generator.synthesis(w_plus, noise_mode="const"), self.params.input_size)
+        return resize(self.generator.synthesis(w_plus, noise_mode="const"), self.input_size)
 
     def train_step(self, real: torch.Tensor | None = None) -> dict[str, float]:
         """One optimisation step; ``real`` is a (B, 3, H, W) uint8 batch on real steps.
@@ -155,31 +162,17 @@ class Trainer:
         p = self.params
         synthetic = self.is_synthetic(self.step)
         self.model.train()
-        w_true = None
-        if synthetic:
-            w_true = sample_w_plus(self.generator, p.batch_size, p.synthetic.truncation,
-                                   p.synthetic.mixing, self._rng("synthetic"))  # fmt: skip
-            with torch.no_grad():
-                x = self._render(w_true)
-        else:
-            if real is None:
-                raise ValueError(f"step {self.step} is a real-image step but no batch was given")
-            x = resize(to_unit_range(real.to(self.device)), p.input_size)
-            if p.flip:
-                flip = (torch.rand(x.shape[0], generator=self._rng("flip")) < 0.5).to(self.device)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            self.real_samples += real.shape[0]
+        if not synthetic and real is None:
+            raise ValueError(f"step {self.step} is a real-image step but no batch was given")
         # A skipped step must leave no trace, including BatchNorm statistics of a bad batch.
         saved_buffers = [b.detach().clone() for b in self.module.buffers()]
-        with self._autocast():
-            w_hat = self.model(x)
-            y_hat = self._render(w_hat)
-            total, terms = self.loss(y_hat.float(), x, w_hat.float(), self.module.latent_avg, w_true)
+        total, terms = self.compute_loss(synthetic, real)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        self.sync_gradients()
         self.scaler.unscale_(self.optimizer)
         clip = p.optimizer.grad_clip if p.optimizer.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         finite = torch.isfinite(total.detach()) & torch.isfinite(grad_norm)
         if dist.is_available() and dist.is_initialized():  # every rank must take the same decision
             flag = finite.to(torch.float32).to(self.device)
@@ -214,6 +207,37 @@ class Trainer:
             "synthetic": float(synthetic),
             "skipped": float(not bool(finite)),
         }
+
+    def real_images(self, real: torch.Tensor) -> torch.Tensor:
+        """A real uint8 batch as encoder input: [-1, 1], resized, randomly flipped (``flip``)."""
+        p = self.params
+        x = resize(to_unit_range(real.to(self.device)), self.input_size)
+        if p.flip:
+            flip = (torch.rand(x.shape[0], generator=self._rng("flip")) < 0.5).to(self.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        self.real_samples += real.shape[0]
+        return x
+
+    def compute_loss(
+        self, synthetic: bool, real: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss: a rendered generator sample (known code) or a real batch."""
+        p = self.params
+        w_true = None
+        if synthetic:
+            w_true = sample_w_plus(self.generator, p.batch_size, p.synthetic.truncation,
+                                   p.synthetic.mixing, self._rng("synthetic"))  # fmt: skip
+            with torch.no_grad():
+                x = self._render(w_true)
+        else:
+            x = self.real_images(real)
+        with self._autocast():
+            w_hat = self.model(x)
+            y_hat = self._render(w_hat)
+            return self.loss(y_hat.float(), x, w_hat.float(), self.module.latent_avg, w_true)
+
+    def sync_gradients(self) -> None:
+        """Averages gradients over the workers when the model is not DDP-wrapped (DDP does it)."""
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -268,7 +292,7 @@ class Trainer:
             "eval/synthetic_mse": float(F.mse_loss(self._render(w_hat), x)),
         }
         if real is not None and real.shape[0] > 0:
-            xr = resize(to_unit_range(real.to(self.device)), self.params.input_size)
+            xr = resize(to_unit_range(real.to(self.device)), self.input_size)
             out["eval/real_mse"] = float(F.mse_loss(self._render(model(xr)), xr))
         model.train(was_training)
         return out
@@ -279,24 +303,40 @@ class Trainer:
         model = self.export_model
         was_training = model.training
         model.eval()
-        x = resize(to_unit_range(images.to(self.device)), self.params.input_size)
+        x = resize(to_unit_range(images.to(self.device)), self.input_size)
         y = self._render(model(x))
         model.train(was_training)
         return torch.stack([x, y], dim=1).flatten(0, 1).cpu()
 
     # ------------------------------------------------------------------ state
 
+    STATE_FORMAT = STATE_FORMAT
+    grid_columns = 4  # reconstruction pictures: two (input, reconstruction) pairs per row
+
+    def model_state(self) -> dict:
+        """The trained weights and their architecture (part of :meth:`state_dict`)."""
+        return {
+            "encoder_config": self.module.config.to_dict(),
+            "encoder": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.state_dict().items()},
+        }
+
+    def load_model_state(self, state: dict) -> None:
+        if state["encoder_config"] != self.module.config.to_dict():
+            raise ValueError("the training state was saved for a different encoder architecture")
+        self.module.load_state_dict(state["encoder"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"] if state["ema"] is not None else state["encoder"])
+
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (plain types and tensors: ``weights_only``-safe)."""
         return {
-            "format": STATE_FORMAT,
+            "format": self.STATE_FORMAT,
             "version": STATE_VERSION,
             "step": self.step,
             "real_samples": self.real_samples,
             "nonfinite": self.nonfinite,
-            "encoder_config": self.module.config.to_dict(),
-            "encoder": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-            "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.state_dict().items()},
+            **self.model_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -304,15 +344,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"not a training state (format {state.get('format')!r}, version {state.get('version')!r})"
-            )
-        if state["encoder_config"] != self.module.config.to_dict():
-            raise ValueError("the training state was saved for a different encoder architecture")
-        self.module.load_state_dict(state["encoder"])
-        if self.ema is not None:
-            self.ema.load_state_dict(state["ema"] if state["ema"] is not None else state["encoder"])
+        if state.get("format") != self.STATE_FORMAT or state.get("version") != STATE_VERSION:
+            found = f"format {state.get('format')!r}, version {state.get('version')!r}"
+            raise ValueError(f"not a {self.STATE_FORMAT} ({found})")
+        self.load_model_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,106 @@
+"""DVC stage `fuser`: F-space fuser training on Ray Train, refining the train stage's encoder.
+
+Reads the `fuser`, `generator`, `storage` and `ray` sections of params.yaml (and `train`, to
+find the train stage's encoder when `fuser.encoder` is null, and for the pretrained files of
+the LPIPS and identity terms). The same module is the cluster entry point:
+
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \\
+        --runtime-env infra/runtime-env.yaml -- python -m pipelines.fuser
+
+Checkpoints, metrics and the exported fuser (``fuser.pt``: the encoder and the fuser with their
+configs) live under {storage.root}/fuser-runs/{run}/; the stage's DVC outputs are small local
+files under data/fuser/: fuser.json (where the checkpoint is, its sha256, step, the held-out
+MSE with and without the fuser) and DVCLive metrics, curves and pictures (input | W+ | fuser).
+With `fuser.enabled: false` the stage records that and trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import sys
+import time
+from pathlib import Path
+
+from mambastyle.config import Params, load_params, to_dict
+from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.storage import resolve
+from mambastyle.train.data import ShardError
+from mambastyle.train.distributed import (
+    export_fuser,
+    fit,
+    fuser_job,
+    fuser_worker,
+    load_state,
+    write_run_records,
+)
+from mambastyle.train.losses import MissingWeights
+
+log = logging.getLogger("pipelines.fuser")
+
+
+def run(params: Params, local_out: Path) -> dict:
+    """Trains (or resumes) and exports the fuser; returns the fuser.json record."""
+    from mambastyle.runtime import connect_ray
+
+    t0 = time.perf_counter()
+    local_out.mkdir(parents=True, exist_ok=True)
+    if not params.fuser.enabled:  # the declared outputs, saying so
+        record = {"enabled": False}
+        (local_out / "fuser.json").write_text(json.dumps(record, indent=2) + "\n")
+        for sub in ("metrics", "images"):
+            (local_out / "dvclive" / "plots" / sub).mkdir(parents=True, exist_ok=True)
+        (local_out / "dvclive" / "metrics.json").write_text(json.dumps(record) + "\n")
+        log.info("fuser.enabled is false: nothing to train")
+        return record
+    job, encoder = fuser_job(params)
+    root = resolve(params.storage.root, params.storage.options())
+    log.info("run %s: %d steps on %d worker(s), refining %s", job.run, params.fuser.steps,
+             params.fuser.num_workers, job.encoder_uri)  # fmt: skip
+    connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    result = fit(job, fuser_worker)
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {job.run} finished without a checkpoint")
+    state = load_state(result.checkpoint)
+    loc, sha, meta = export_fuser(job, state)
+    history = write_run_records(job, local_out / "dvclive")
+    final = next((m for m in reversed(history) if "eval/edit_mse_fuser" in m), history[-1] if history else {})
+    record = {
+        "enabled": True,
+        # as the params name it (e.g. data/... stays relative), so the record is the same in any checkout
+        "uri": posixpath.join(params.storage.root, loc.uri[len(root.uri) :].lstrip("/")),
+        "sha256": sha,
+        "run": job.run,
+        "step": meta["step"],
+        "fuser": meta["fuser_config"],
+        "encoder": encoder,
+        "generator": meta["generator"],
+        "loss_status": state.get("loss_status"),
+        "params": to_dict(params.fuser),
+        "final_metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "loss/"))},
+    }
+    (local_out / "fuser.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    log.info("fuser (step %d) -> %s in %.1fs; %s", meta["step"], loc.uri, time.perf_counter() - t0,
+             {k: round(v, 4) for k, v in record["final_metrics"].items()})  # fmt: skip
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/fuser", help="local directory for the DVC outputs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        record = run(load_params(args.params), Path(args.out))
+    except (InvalidConfig, CheckpointError, ShardError, MissingWeights, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps({k: record[k] for k in ("uri", "step", "final_metrics") if k in record}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
