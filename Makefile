@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_data.py
 	$(BIN)/python benchmarks/invert.py
 	$(BIN)/python benchmarks/edit.py
+	$(BIN)/python benchmarks/fuser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks docs

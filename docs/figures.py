@@ -51,61 +51,50 @@ def _arrow(ax, points, dashed=False):
 
 
 def pipeline(out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 4.4), dpi=110)
     xs = [1.2 + 2.3 * i for i in range(5)]
-    y1, y2, y3 = 3.0, 1.6, 0.3
-    row1 = [
-        ("photos", "folder, S3 or FFHQ json", False),
-        ("prepare", "dlib alignment", True),
-        ("shards", "WebDataset tars, manifest", False),
-        ("train", "Ray Train, DDP", True),
-        ("encoder.pt", "MambaStyle, VSS blocks", False),
-    ]
-    row2 = [
-        ("invert", "Ray Data actor pool", True),
-        ("latent table", "Parquet W+ per split", False),
-        ("edit", "SQL selection, directions", True),
-        ("edited images", "tars + edits table", False),
-    ]
-    for x, (t, s, st) in zip(xs, row1, strict=True):
-        _box(ax, x, y1, t, s, st)
-    for x, (t, s, st) in zip(xs, row2, strict=False):
-        _box(ax, x, y2, t, s, st)
+    y1, y2, y3 = 3.0, 1.6, 0.2
+    row1 = [("photos", "folder, S3 or FFHQ json", False), ("prepare", "dlib alignment", True),
+            ("shards", "WebDataset tars, manifest", False), ("train", "Ray Train, DDP", True),
+            ("encoder.pt", "MambaStyle, VSS blocks", False)]  # fmt: skip
+    # the second row runs right to left, under the first
+    row2 = [("edit", "SQL selection, directions", True), ("latent table", "Parquet W+ per split", False),
+            ("invert", "Ray Data actor pool", True), ("fuser.pt", "encoder + F-space fuser", False),
+            ("fuser", "Ray Train, edit pairs", True)]  # fmt: skip
     for row, y in ((row1, y1), (row2, y2)):
-        for i in range(len(row) - 1):
-            _arrow(ax, [(xs[i] + W / 2, y), (xs[i + 1] - W / 2, y)])
-    mid = (y1 + y2) / 2
-    _arrow(ax, [(xs[4], y1 - H / 2), (xs[4], mid), (xs[0], mid), (xs[0], y2 + H / 2)])
-    _arrow(
-        ax,
-        [(xs[2], y1 - H / 2), (xs[2], mid + 0.12), (xs[0] + 0.35, mid + 0.12), (xs[0] + 0.35, y2 + H / 2)],
-        dashed=True,
-    )
+        for x, (t, sub, stage) in zip(xs, row, strict=True):
+            _box(ax, x, y, t, sub, stage)
+    for i in range(4):
+        _arrow(ax, [(xs[i] + W / 2, y1), (xs[i + 1] - W / 2, y1)])
+        _arrow(ax, [(xs[i + 1] - W / 2, y2), (xs[i] + W / 2, y2)])
+    _arrow(ax, [(xs[4], y1 - H / 2), (xs[4], y2 + H / 2)])
+    _arrow(ax, [(xs[2], y1 - H / 2), (xs[2], y2 + H / 2)], dashed=True)  # invert reads the shards
+    _box(ax, xs[0], y3, "edited images", "tars + edits table", False)
     _box(ax, xs[1], y3, "evaluate", "MSE, SSIM, LPIPS, identity", True)
     _box(ax, xs[2], y3, "metrics, grids", "dvc metrics / plots", False)
+    _arrow(ax, [(xs[0], y2 - H / 2), (xs[0], y3 + H / 2)])
     _arrow(ax, [(xs[1], y2 - H / 2), (xs[1], y3 + H / 2)])
     _arrow(ax, [(xs[1] + W / 2, y3), (xs[2] - W / 2, y3)])
-    _box(ax, xs[4], y2, "generator.pt", "StyleGAN2, frozen", False)
     ax.text(
         xs[4],
-        y2 - 0.55,
-        "used by train, invert,\nevaluate and edit",
-        ha="center",
-        va="top",
-        fontsize=8,
-        color="#555555",
-    )
-    ax.text(
-        xs[3] + 1.1,
-        y3,
-        "stages: dvc repro (dvc.yaml)\ndata: a local folder or s3://bucket/prefix",
+        y3 + 0.12,
+        "generator.pt (StyleGAN2, frozen): used by\ntrain, fuser, invert, evaluate, edit",
         ha="center",
         va="center",
-        fontsize=9,
+        fontsize=8.5,
+        color="#333333",
+    )
+    ax.text(
+        xs[4],
+        y3 - 0.3,
+        "stages: dvc repro; data: a folder or s3://bucket/prefix",
+        ha="center",
+        va="center",
+        fontsize=8.5,
         color="#333333",
     )
     ax.set_xlim(0, xs[-1] + 1.2)
-    ax.set_ylim(-0.2, 3.5)
+    ax.set_ylim(-0.3, 3.5)
     ax.axis("off")
     fig.tight_layout(pad=0.2)
     fig.savefig(out)
@@ -122,7 +111,7 @@ def demo(records: Path, out: Path) -> Path:
     grid = Image.open(grids[0]).convert("RGB")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), dpi=110, gridspec_kw={"width_ratios": [1.6, 1]})
     axes[0].imshow(recon)
-    axes[0].set_title("evaluate: each test face, then its reconstruction", fontsize=10)
+    axes[0].set_title("evaluate: each test face, its W+ reconstruction, then with the fuser", fontsize=10)
     axes[1].imshow(grid)
     axes[1].set_title(f"edit '{grids[0].stem}': strengths left to right, 0 in the middle", fontsize=10)
     for ax in axes:

@@ -400,7 +400,7 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
     changes: dict = {}
     if args.direction:
         changes["edits"] = tuple(_edit_entries(args, defined))
-    for key in ("where", "output", "batch_size"):
+    for key in ("where", "output", "batch_size", "mode"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
     if args.actors is not None:
@@ -585,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="a .csv/.parquet with `key` and the --fit columns, joined by key")
     p.add_argument("--space", choices=["W", "W+"], default="W", help="space of --fit directions")
     p.add_argument("--output", choices=["shards", "folder"], help="default: edit.output")
+    p.add_argument("--mode", choices=["w_plus", "fuser"],
+                   help="fuser: re-encode each face from its shard and render with the table's fuser "
+                        "(default: edit.mode)")  # fmt: skip
     p.add_argument("--batch-size", type=int, help="default: edit.batch_size")
     p.add_argument("--actors", type=int, help="default: edit.num_actors")
     p.add_argument("--root", help="storage root for edits/ (default: storage.root)")

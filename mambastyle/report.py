@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-STAGES = ("generator", "prepare", "train", "invert", "evaluate", "edit")
+STAGES = ("generator", "prepare", "train", "fuser", "invert", "evaluate", "edit")
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -67,6 +67,17 @@ def pipeline_report(records: str | Path = "data", storage_root: str = "data") ->
             f"{enc.get('step')}{', ' + figures if figures else ''})",
             f"            curves: {rec / 'train' / 'dvclive'} (dvc plots show)",
         ]
+    if (fus := section("fuser", "fuser.json")) and fus.get("enabled"):
+        final = fus.get("final_metrics", {})
+        figures = ", ".join(f"{k.split('/')[-1]} {_fmt(final[k])}" for k in
+                            ("eval/real_mse_wplus", "eval/real_mse_fuser") if k in final)  # fmt: skip
+        cfg = fus.get("fuser", {})
+        lines.append(
+            f"fuser       checkpoint: {fus.get('uri')} ({cfg.get('dim')} channels at "
+            f"{cfg.get('inject_res')} px, step {fus.get('step')}{', ' + figures if figures else ''})"
+        )
+    elif fus:
+        lines.append("fuser       off (fuser.enabled: false)")
     if inv := section("invert", "manifest.json"):
         splits = ", ".join(f"{k} {v}" for k, v in sorted(inv.get("splits", {}).items()))
         lines += [
@@ -84,6 +95,9 @@ def pipeline_report(records: str | Path = "data", storage_root: str = "data") ->
             f"images: {figures}; latent_rel {_fmt(rel)}"
             + (f"; {_fmt(lat['ms_per_image'])} ms/image" if "ms_per_image" in lat else ""),
         ]
+        if ev.get("reconstruction_fuser"):
+            fused = ", ".join(f"{k} {_fmt(v)}" for k, v in ev["reconstruction_fuser"].items())
+            lines.append(f"            with the fuser: {fused}")
         if ev.get("not_measured"):
             lines.append(
                 f"            not measured: {', '.join(sorted(ev['not_measured']))} (see metrics.json)"

@@ -18,14 +18,15 @@ from mambastyle.storage import StorageOptions, exists, resolve
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("prepare", "train", "invert", "evaluate", "edit")
+STAGES = ("prepare", "train", "fuser", "invert", "evaluate", "edit")
 
 
 def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     endpoint, bucket = s3
     root = f"s3://{bucket}/data"
     p = params(storage={"root": root, "endpoint_url": endpoint}, ray={"num_cpus": 2},
-               prepare={"output_size": 32, "workers": 2}, train={"steps": 6})  # fmt: skip
+               prepare={"output_size": 32, "workers": 2}, train={"steps": 6},
+               fuser={"enabled": True, "steps": 4}, edit={"mode": "fuser"})  # fmt: skip
     pf = tmp_path / "params.yaml"
     pf.write_text(yaml.safe_dump(to_dict(p)))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the fixture's test credentials
@@ -43,25 +44,37 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     assert prepared["counts"]["written"] > 10
     encoder = json.loads((local["train"] / "encoder.json").read_text())
     assert encoder["step"] == 6 and str(encoder["uri"]).startswith(f"{root}/train-runs/")
+    fused = json.loads((local["fuser"] / "fuser.json").read_text())
+    assert fused["step"] == 4 and str(fused["uri"]).startswith(f"{root}/fuser-runs/")
+    assert fused["encoder"]["uri"] == encoder["uri"]
     inverted = json.loads((local["invert"] / "manifest.json").read_text())
     latents = open_table(inverted["table"], options)
     assert inverted["table"].startswith(f"{root}/latents/run-")
     assert latents.manifest["rows"] == prepared["counts"]["written"]
+    assert latents.metadata["fuser_uri"] == fused["uri"] and "mse_fuser" in latents.metadata["metrics"]
     evaluated = json.loads((local["evaluate"] / "metrics.json").read_text())
     assert (
         evaluated["images"] == latents.manifest["splits"]["test"] and evaluated["reconstruction"]["mse"] > 0
     )
+    assert evaluated["reconstruction_fuser"]["mse"] > 0
     edited = json.loads((local["edit"] / "metrics.json").read_text())
     table = open_table(edited["table"], options, fmt=EDITS_FORMAT)
     n_test = latents.manifest["splits"].get("test", 0)
     strengths = p.edit.edits[0].strengths
     assert n_test > 0 and table.manifest["rows"] == n_test * len(strengths) == edited["rows"]
-    assert table.metadata["source_table"] == inverted["table"]
+    assert table.metadata["source_table"] == inverted["table"] and table.metadata["mode"] == "fuser"
     assert (local["edit"] / "grids" / "yaw.png").is_file()
     # the summary `make demo` ends with names every result, read from these records
     report = "\n".join(pipeline_report(tmp_path, root))
     pictures = [local["edit"] / "grids" / "yaw.png", local["evaluate"] / "reconstructions.png"]
-    for where in [inverted["table"], edited["table"], encoder["uri"], f"{root}/shards/", *pictures]:
+    for where in [
+        inverted["table"],
+        edited["table"],
+        encoder["uri"],
+        fused["uri"],
+        f"{root}/shards/",
+        *pictures,
+    ]:
         assert str(where) in report
     assert "not run yet: generator " in report  # this test runs the generator in-process
 

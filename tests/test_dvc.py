@@ -76,7 +76,10 @@ def test_a_param_reruns_only_the_stages_that_read_it(repo, tmp_path):
     changed = _params_changed(repo, tmp_path / "c", lambda p: p["generator"].update(init_seed=1))
     assert changed == {"generator", "train", "fuser", "invert", "evaluate", "edit"}
     # a fuser param: the fuser and the invert stage (which uses it); the rest follow through outputs
-    assert _params_changed(repo, tmp_path / "d", lambda p: p["fuser"].update(steps=201)) == {"fuser", "invert"}
+    assert _params_changed(repo, tmp_path / "d", lambda p: p["fuser"].update(steps=201)) == {
+        "fuser",
+        "invert",
+    }
 
 
 def test_generator_sample_settings_do_not_change_run_ids():
