@@ -274,6 +274,11 @@ def encoder_payload(
         "generator": dict(generator or {}),
         "step": int(step),
     }
+    return _with_extra(payload, extra)
+
+
+def _with_extra(payload: dict, extra: Mapping[str, Any] | None) -> dict:
+    """``payload`` with the ``extra`` entries added; none may replace a checkpoint field."""
     for key, value in (extra or {}).items():
         if key in payload:
             raise ValueError(f"extra entry {key!r} would overwrite a checkpoint field")
@@ -363,11 +368,7 @@ def fuser_payload(
         "generator": dict(generator or {}),
         "step": int(step),
     }
-    for key, value in (extra or {}).items():
-        if key in payload:
-            raise ValueError(f"extra entry {key!r} would overwrite a checkpoint field")
-        payload[key] = value
-    return payload
+    return _with_extra(payload, extra)
 
 
 def load_fuser(src: PathOrFile, *, scan_backend: str = "auto", device: str | torch.device = "cpu"):

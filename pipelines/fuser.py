@@ -19,23 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import posixpath
 import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params, to_dict
+from mambastyle.config import Params, load_params
 from mambastyle.errors import CheckpointError, InvalidConfig
-from mambastyle.storage import resolve
 from mambastyle.train.data import ShardError
-from mambastyle.train.distributed import (
-    export_fuser,
-    fit,
-    fuser_job,
-    fuser_worker,
-    load_state,
-    write_run_records,
-)
+from mambastyle.train.distributed import export_fuser, finish_run, fit, fuser_job, fuser_worker
 from mambastyle.train.losses import MissingWeights
 
 log = logging.getLogger("pipelines.fuser")
@@ -56,33 +47,15 @@ def run(params: Params, local_out: Path) -> dict:
         log.info("fuser.enabled is false: nothing to train")
         return record
     job, encoder = fuser_job(params)
-    root = resolve(params.storage.root, params.storage.options())
     log.info("run %s: %d steps on %d worker(s), refining %s", job.run, params.fuser.steps,
              params.fuser.num_workers, job.encoder_uri)  # fmt: skip
     connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     result = fit(job, fuser_worker)
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {job.run} finished without a checkpoint")
-    state = load_state(result.checkpoint)
-    loc, sha, meta = export_fuser(job, state)
-    history = write_run_records(job, local_out / "dvclive")
-    final = next((m for m in reversed(history) if "eval/edit_mse_fuser" in m), history[-1] if history else {})
-    record = {
-        "enabled": True,
-        # as the params name it (e.g. data/... stays relative), so the record is the same in any checkout
-        "uri": posixpath.join(params.storage.root, loc.uri[len(root.uri) :].lstrip("/")),
-        "sha256": sha,
-        "run": job.run,
-        "step": meta["step"],
-        "fuser": meta["fuser_config"],
-        "encoder": encoder,
-        "generator": meta["generator"],
-        "loss_status": state.get("loss_status"),
-        "params": to_dict(params.fuser),
-        "final_metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "loss/"))},
-    }
+    root = params.storage.root
+    record, _, meta = finish_run(job, result, export_fuser, root, local_out, "eval/edit_mse_fuser")
+    record.update(enabled=True, fuser=meta["fuser_config"], encoder=encoder)
     (local_out / "fuser.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    log.info("fuser (step %d) -> %s in %.1fs; %s", meta["step"], loc.uri, time.perf_counter() - t0,
+    log.info("fuser (step %d) -> %s in %.1fs; %s", record["step"], record["uri"], time.perf_counter() - t0,
              {k: round(v, 4) for k, v in record["final_metrics"].items()})  # fmt: skip
     return record
 

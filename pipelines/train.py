@@ -18,12 +18,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import posixpath
 import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params, to_dict
+from mambastyle.config import Params, load_params
 from mambastyle.errors import CheckpointError, InvalidConfig
 from mambastyle.storage import exists, read_bytes, resolve
 from mambastyle.train.data import ShardError, ShardStream, manifest_shards
@@ -31,10 +30,9 @@ from mambastyle.train.distributed import (
     RUNS_DIR,
     TrainJob,
     export_encoder,
+    finish_run,
     fit,
-    load_state,
     run_name,
-    write_run_records,
 )
 from mambastyle.train.losses import MissingWeights
 
@@ -63,27 +61,12 @@ def run(params: Params, local_out: Path) -> dict:
              params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
     connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     result = fit(job)
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {job.run} finished without a checkpoint")
-    state = load_state(result.checkpoint)
-    loc, sha, meta = export_encoder(job, state)
-
-    history = write_run_records(job, local_out / "dvclive")
-    final = next((m for m in reversed(history) if "eval/latent_rel" in m), history[-1] if history else {})
-    record = {
-        # as the params name it (e.g. data/... stays relative), so the record is the same in any checkout
-        "uri": posixpath.join(params.storage.root, loc.uri[len(root.uri) :].lstrip("/")),
-        "sha256": sha,
-        "run": job.run,
-        "step": meta["step"],
-        "encoder": meta["config"],
-        "generator": meta["generator"],
-        "loss_status": state.get("loss_status"),
-        "params": to_dict(params.train),
-        "final_metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "loss/"))},
-    }
+    record, _, meta = finish_run(
+        job, result, export_encoder, params.storage.root, local_out, "eval/latent_rel"
+    )
+    record["encoder"] = meta["config"]
     (local_out / "encoder.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    log.info("encoder (step %d) -> %s in %.1fs; %s", meta["step"], loc.uri, time.perf_counter() - t0,
+    log.info("encoder (step %d) -> %s in %.1fs; %s", record["step"], record["uri"], time.perf_counter() - t0,
              {k: round(v, 4) for k, v in record["final_metrics"].items()})  # fmt: skip
     return record
 

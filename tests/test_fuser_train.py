@@ -217,7 +217,8 @@ def test_fuser_on_ray_train_with_two_workers(tmp_path):
     ident = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
     save_encoder(enc, tmp_path / "encoder.pt", generator=ident)
     job = TrainJob(p.fuser, p.generator, p.storage, "run-fuser-test", runs_dir=FUSER_RUNS_DIR,
-                   encoder_uri=str(tmp_path / "encoder.pt"), pretrained=p.train.pretrained)  # fmt: skip
+                   encoder_uri=str(tmp_path / "encoder.pt"), encoder_sha256="e" * 64,
+                   pretrained=p.train.pretrained)  # fmt: skip
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
@@ -249,5 +250,10 @@ def test_fuser_on_ray_train_with_two_workers(tmp_path):
     loc, sha, meta = export_fuser(job, state)
     enc2, fuser2, info = load_fuser(loc.path)
     assert info["generator"]["n_styles"] == g.n_styles and info["fuser_train"]["run"] == "run-fuser-test"
+    # the checkpoint names its encoder by content, never by a path of this checkout
+    assert (
+        str(tmp_path) not in repr(info)
+        and info["fuser_train"]["encoder_source"]["sha256"] == job.encoder_sha256
+    )
     assert torch.equal(enc2.state_dict()["latent_avg"], enc.state_dict()["latent_avg"])
     assert list_files(job.artifacts.join("images"))

@@ -86,11 +86,15 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EncoderConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InvalidConfig(unknown[0], "unknown encoder config key")
-        return cls(**data)
+        return config_from_dict(cls, data, "encoder")
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """Architecture config dataclass ``cls`` from a checkpoint's dict; an unknown key is an error."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise InvalidConfig(unknown[0], f"unknown {what} config key")
+    return cls(**data)
 
 
 # --------------------------------------------------------------------------- IR-SE backbone

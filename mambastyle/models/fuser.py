@@ -33,6 +33,7 @@ from torch import nn
 from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
+from mambastyle.models.encoders import config_from_dict
 from mambastyle.models.stylegan2 import GeneratorConfig, ModulatedConv2d
 
 
@@ -67,11 +68,7 @@ class FuserConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> FuserConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InvalidConfig(unknown[0], "unknown fuser config key")
-        return cls(**data)
+        return config_from_dict(cls, data, "fuser")
 
 
 class Fuser(nn.Module):

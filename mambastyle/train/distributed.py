@@ -60,6 +60,7 @@ class TrainJob:
     run: str
     runs_dir: str = RUNS_DIR
     encoder_uri: str | None = None
+    encoder_sha256: str | None = None
     pretrained: PretrainedParams | None = None
 
     @property
@@ -200,8 +201,9 @@ def fuser_worker(config: dict) -> None:
     trainer = FuserTrainer(
         FuserModel(encoder, fuser), g, loss, p, sampler, rank=rank, world=world, device=device
     )
-    extra = {"loss_status": {"active": status.active, "off": status.off}, "encoder_source": {
-        "uri": job.encoder_uri, "step": meta.get("step"), "generator": meta.get("generator")}}  # fmt: skip
+    # the encoder by content, not path: the checkpoint is the same whichever checkout trained it
+    source = {"sha256": job.encoder_sha256, "step": meta.get("step"), "generator": meta.get("generator")}
+    extra = {"loss_status": {"active": status.active, "off": status.off}, "encoder_source": source}
     _train(job, trainer, g, rank, world, device, extra)
 
 
@@ -453,6 +455,36 @@ def fuser_job(params) -> tuple[TrainJob, dict]:
     # Workers run elsewhere (another directory, another node): give them absolute locations.
     storage = dataclasses.replace(params.storage, root=root.uri)
     job = TrainJob(fp, params.generator, storage, run_name(fp, params.generator, manifest, extra),
-                   runs_dir=FUSER_RUNS_DIR, encoder_uri=encoder_loc.uri,
+                   runs_dir=FUSER_RUNS_DIR, encoder_uri=encoder_loc.uri, encoder_sha256=encoder_sha,
                    pretrained=params.train.pretrained)  # fmt: skip
     return job, {"uri": encoder_name, "sha256": encoder_sha}
+
+
+def finish_run(job: TrainJob, result, export, storage_root: str, local_out: Path, final_key: str):
+    """After ``fit``: the last checkpoint exported with ``export(job, state)``, the DVCLive records
+    written under ``local_out/dvclive``, and the fields a stage's JSON record shares.
+
+    Returns (record, state, export's metadata). The record names the file as ``storage_root``
+    does (a relative ``data/...`` stays relative), so it is the same in any checkout; its final
+    metrics are from the last report holding ``final_key``.
+    """
+    import posixpath
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {job.run} finished without a checkpoint")
+    state = load_state(result.checkpoint)
+    loc, sha, meta = export(job, state)
+    history = write_run_records(job, local_out / "dvclive")
+    final = next((m for m in reversed(history) if final_key in m), history[-1] if history else {})
+    root = job.location()
+    record = {
+        "uri": posixpath.join(storage_root, loc.uri[len(root.uri) :].lstrip("/")),
+        "sha256": sha,
+        "run": job.run,
+        "step": meta["step"],
+        "generator": meta["generator"],
+        "loss_status": state.get("loss_status"),
+        "params": to_dict(job.train),
+        "final_metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "loss/"))},
+    }
+    return record, state, meta
