@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params
+from mambastyle.config import Params
 from mambastyle.edit.pipeline import EditError, edit_from_params
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
+from mambastyle.runtime import stage_main
 from mambastyle.visual import save_png
 
 log = logging.getLogger("pipelines.edit")
@@ -93,21 +94,16 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/edit", help="local directory for the DVC outputs")
-    parser.add_argument("--invert-out", default="data/invert", help="the invert stage's local outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        summary = run(load_params(args.params), Path(args.out), Path(args.invert_out))
-    except (InvalidConfig, CheckpointError, EditError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/edit",
+        run,
+        (CheckpointError, EditError, FileNotFoundError),
+        log,
+        show=lambda summary: summary,
+        invert_out=True,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ but does not lock.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -23,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.config import Params
+from mambastyle.errors import CheckpointError
+from mambastyle.runtime import stage_main
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -143,21 +143,18 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/evaluate", help="local directory for the DVC outputs")
-    parser.add_argument("--invert-out", default="data/invert", help="the invert stage's local outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from mambastyle.train.data import ShardError
 
-    try:
-        metrics = run(load_params(args.params), Path(args.out), Path(args.invert_out))
-    except (InvalidConfig, CheckpointError, ShardError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(metrics))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/evaluate",
+        run,
+        (CheckpointError, ShardError, FileNotFoundError),
+        log,
+        show=lambda metrics: metrics,
+        invert_out=True,
+    )
 
 
 if __name__ == "__main__":

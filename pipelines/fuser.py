@@ -16,15 +16,15 @@ With `fuser.enabled: false` the stage records that and trains nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.config import Params
+from mambastyle.errors import CheckpointError
+from mambastyle.runtime import stage_main
 from mambastyle.train.data import ShardError
 from mambastyle.train.distributed import export_fuser, finish_run, fit, fuser_job, fuser_worker
 from mambastyle.train.losses import MissingWeights
@@ -61,18 +61,15 @@ def run(params: Params, local_out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/fuser", help="local directory for the DVC outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        record = run(load_params(args.params), Path(args.out))
-    except (InvalidConfig, CheckpointError, ShardError, MissingWeights, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps({k: record[k] for k in ("uri", "step", "final_metrics") if k in record}))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/fuser",
+        run,
+        (CheckpointError, ShardError, MissingWeights, FileNotFoundError),
+        log,
+        show=lambda record: {k: record[k] for k in ("uri", "step", "final_metrics") if k in record},
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Reads the `generator` section of params.yaml and writes, under data/generator/:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -17,9 +16,10 @@ import time
 from pathlib import Path
 
 from mambastyle.checkpoints import file_sha256, save_generator
-from mambastyle.config import GeneratorParams, load_params, to_dict
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.config import GeneratorParams, to_dict
+from mambastyle.errors import CheckpointError
 from mambastyle.generate import render_samples, resolve_generator, sample_grid
+from mambastyle.runtime import stage_main
 from mambastyle.visual import save_png
 
 log = logging.getLogger("pipelines.generator")
@@ -56,20 +56,11 @@ def run(params: GeneratorParams, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/generator", help="output directory (DVC outs)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        params = load_params(args.params).generator
-        out_dir = Path(args.out)
+    def stage(params, out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        run(params, out_dir)
-    except (InvalidConfig, CheckpointError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+        run(params.generator, out_dir)
+
+    return stage_main(argv, __doc__, "data/generator", stage, (CheckpointError,), log)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the table's manifest and a metrics summary under data/invert/. Query the table w
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -18,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.config import Params
+from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
 from mambastyle.latents import open_table
+from mambastyle.runtime import stage_main
 
 log = logging.getLogger("pipelines.invert")
 
@@ -70,18 +70,15 @@ def run(params: Params, local_out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/invert", help="local directory for the DVC outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        summary = run(load_params(args.params), Path(args.out))
-    except (InvalidConfig, CheckpointError, InvertError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(summary))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/invert",
+        run,
+        (CheckpointError, InvertError, FileNotFoundError),
+        log,
+        show=lambda summary: summary,
+    )
 
 
 if __name__ == "__main__":

@@ -8,16 +8,14 @@ the data does.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import PrepareParams, RayParams, StorageParams, load_params
+from mambastyle.config import PrepareParams, RayParams, StorageParams
 from mambastyle.data.prepare import run_from_source
-from mambastyle.errors import InvalidConfig
+from mambastyle.runtime import stage_main
 from mambastyle.storage import read_bytes
 
 log = logging.getLogger("pipelines.prepare")
@@ -42,19 +40,15 @@ def run(params: PrepareParams, storage: StorageParams, ray: RayParams, local_out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/prepare", help="local directory for the DVC outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        params = load_params(args.params)
-        manifest = run(params.prepare, params.storage, params.ray, Path(args.out))
-    except (InvalidConfig, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps(manifest["counts"]))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/prepare",
+        lambda params, out: run(params.prepare, params.storage, params.ray, out),
+        (FileNotFoundError, ValueError),
+        log,
+        show=lambda manifest: manifest["counts"],
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ reconstruction grids. Re-running the same inputs resumes the run from its last c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -22,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import Params, load_params
-from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.config import Params
+from mambastyle.errors import CheckpointError
+from mambastyle.runtime import stage_main
 from mambastyle.storage import exists, read_bytes, resolve
 from mambastyle.train.data import ShardError, ShardStream, manifest_shards
 from mambastyle.train.distributed import (
@@ -72,18 +72,15 @@ def run(params: Params, local_out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/train", help="local directory for the DVC outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        record = run(load_params(args.params), Path(args.out))
-    except (InvalidConfig, CheckpointError, ShardError, MissingWeights, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps({"encoder": record["uri"], "step": record["step"], **record["final_metrics"]}))
-    return 0
+    return stage_main(
+        argv,
+        __doc__,
+        "data/train",
+        run,
+        (CheckpointError, ShardError, MissingWeights, FileNotFoundError),
+        log,
+        show=lambda r: {"encoder": r["uri"], "step": r["step"], **r["final_metrics"]},
+    )
 
 
 if __name__ == "__main__":
