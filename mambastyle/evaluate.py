@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mambastyle.invert.core import prepare_images, ssim
+from mambastyle.models.fuser import fused_synthesis
 
 
 @torch.no_grad()
@@ -60,10 +61,7 @@ def reconstruction_metrics(
             shown = [x, measure(generator.synthesis(encoder(x), noise_mode="const"), x, "")]
         else:
             w, features = encoder(x, return_features=True)
-            offset = fuser(features, w.new_zeros(1, *w.shape[1:]))
-            fused = generator.synthesis(
-                w, noise_mode="const", feature_offset=(fuser.config.inject_res, offset)
-            )
+            fused = fused_synthesis(generator, fuser, w, features)
             shown = [
                 x,
                 measure(generator.synthesis(w, noise_mode="const"), x, ""),

@@ -150,6 +150,7 @@ def fused_edits(
     import torch
 
     from mambastyle.invert.core import prepare_images
+    from mambastyle.models.fuser import fused_synthesis
     from mambastyle.visual import to_uint8
 
     device = model.latent_avg.device
@@ -181,8 +182,9 @@ def fused_edits(
                 code, delta = np.concatenate([code, pad]), np.concatenate([delta, pad])
                 src = np.concatenate([src, np.full(batch_size - k, src[0])])
             code_t, delta_t = torch.from_numpy(code).to(device), torch.from_numpy(delta).to(device)
-            offset = model.fuser(feats[torch.from_numpy(src).to(feats.device)], delta_t)
-            y = generator.synthesis(code_t, noise_mode="const", feature_offset=(model.inject_res, offset))
+            y = fused_synthesis(
+                generator, model.fuser, code_t, feats[torch.from_numpy(src).to(feats.device)], delta_t
+            )
             out.append(to_uint8(y)[:k])
     r = generator.resolution
     return edited, index, np.concatenate(out) if out else np.zeros((0, r, r, 3), np.uint8)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambastyle.models.encoders import Encoder
+from mambastyle.models.fuser import fused_synthesis
 from mambastyle.models.stylegan2 import Generator
 
 
@@ -122,9 +123,7 @@ def invert_batch(
     if generator is not None:
         out.mse, out.ssim, out.lpips = _metrics(generator.synthesis(w, noise_mode="const"), x, lpips_net)
         if fuser is not None:
-            zero = w.new_zeros(1, *w.shape[1:])
-            offset = (fuser.config.inject_res, fuser(features, zero))
-            y = generator.synthesis(w, noise_mode="const", feature_offset=offset)
+            y = fused_synthesis(generator, fuser, w, features)
             out.mse_fuser, out.ssim_fuser, out.lpips_fuser = _metrics(y, x, lpips_net)
     return out
 

@@ -133,6 +133,17 @@ class Fuser(nn.Module):
         return out
 
 
+def fused_synthesis(generator, fuser: Fuser, w_plus: torch.Tensor, features: torch.Tensor,
+                    direction: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``G(w_plus, feature_offset = fuser(features, direction))`` with constant noise: the picture of
+    codes ``w_plus`` (any edit already added) corrected by the fuser for the edit ``direction``
+    ((B or 1, n_styles, D); zero, plain inversion, when None)."""
+    if direction is None:
+        direction = w_plus.new_zeros(1, *w_plus.shape[1:])
+    offset = fuser(features, direction)
+    return generator.synthesis(w_plus, noise_mode="const", feature_offset=(fuser.config.inject_res, offset))
+
+
 # --------------------------------------------------------------------------- registry
 
 

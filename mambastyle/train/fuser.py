@@ -27,7 +27,7 @@ from torch import nn
 
 from mambastyle.config import FuserDirectionParams, FuserParams
 from mambastyle.models.encoders import Encoder
-from mambastyle.models.fuser import Fuser
+from mambastyle.models.fuser import Fuser, fused_synthesis
 from mambastyle.models.stylegan2 import Generator
 from mambastyle.storage import StorageOptions
 from mambastyle.train.loop import Trainer, resize, sample_w_plus, step_seed, to_unit_range
@@ -65,13 +65,9 @@ def image_with_fuser(
     generator: Generator, model: FuserModel, x: torch.Tensor, direction: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``G(w_hat + d, offset = fuser(C, d))`` for images ``x`` (d = 0 when None): (image, w_hat)."""
-    if direction is None:
-        direction = torch.zeros(1, generator.n_styles, generator.style_dim, device=x.device)
-    w_hat, offset = model(x, direction)
-    image = generator.synthesis(
-        w_hat + direction, noise_mode="const", feature_offset=(model.inject_res, offset)
-    )
-    return image, w_hat
+    w_hat, features = model.encoder(x, return_features=True)
+    code = w_hat if direction is None else w_hat + direction
+    return fused_synthesis(generator, model.fuser, code, features, direction), w_hat
 
 
 class EditSampler:
