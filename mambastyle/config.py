@@ -348,11 +348,6 @@ class FuserParams:
         if self.real_every != 1 and not self.directions:
             raise InvalidConfig("directions", "list at least one edit family (or set real_every: 1)")
 
-    @property
-    def synthetic_ratio(self) -> float:
-        """The fraction of edit steps (the rest invert real batches)."""
-        return 1.0 if self.real_every == 0 else 1.0 - 1.0 / self.real_every
-
 
 @dataclass(frozen=True)
 class InvertParams:

@@ -26,7 +26,7 @@ from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.runtime import stage_main
 from mambastyle.train.data import ShardError
-from mambastyle.train.distributed import export_fuser, finish_run, fit, fuser_job, fuser_worker
+from mambastyle.train.distributed import export_fuser, fuser_job, fuser_worker, train_and_export
 from mambastyle.train.losses import MissingWeights
 
 log = logging.getLogger("pipelines.fuser")
@@ -34,8 +34,6 @@ log = logging.getLogger("pipelines.fuser")
 
 def run(params: Params, local_out: Path) -> dict:
     """Trains (or resumes) and exports the fuser; returns the fuser.json record."""
-    from mambastyle.runtime import connect_ray
-
     t0 = time.perf_counter()
     local_out.mkdir(parents=True, exist_ok=True)
     if not params.fuser.enabled:  # the declared outputs, saying so
@@ -49,10 +47,7 @@ def run(params: Params, local_out: Path) -> dict:
     job, encoder = fuser_job(params)
     log.info("run %s: %d steps on %d worker(s), refining %s", job.run, params.fuser.steps,
              params.fuser.num_workers, job.encoder_uri)  # fmt: skip
-    connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    result = fit(job, fuser_worker)
-    root = params.storage.root
-    record, _, meta = finish_run(job, result, export_fuser, root, local_out, "eval/edit_mse_fuser")
+    record, meta = train_and_export(params, job, fuser_worker, export_fuser, local_out, "eval/edit_mse_fuser")
     record.update(enabled=True, fuser=meta["fuser_config"], encoder=encoder)
     (local_out / "fuser.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info("fuser (step %d) -> %s in %.1fs; %s", record["step"], record["uri"], time.perf_counter() - t0,

@@ -20,7 +20,7 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
-from mambastyle.latents import open_table
+from mambastyle.latents import METRIC_COLUMNS, open_table
 from mambastyle.runtime import stage_main
 
 log = logging.getLogger("pipelines.invert")
@@ -39,12 +39,11 @@ def run(params: Params, local_out: Path) -> dict:
     }
     # Means with exact (order-independent) sums, rounded: which rows share a batch and a part
     # varies between runs, and the DVC-tracked summary must not.
-    metrics = ("mse", "ssim", "lpips", "mse_fuser", "ssim_fuser", "lpips_fuser")
-    rows = table.to_table(columns=["split", *metrics]).to_pylist()
+    rows = table.to_table(columns=["split", *METRIC_COLUMNS]).to_pylist()
     for split in sorted({r["split"] for r in rows}):
         mine = [r for r in rows if r["split"] == split]
         entry: dict = {"n": len(mine)}
-        for metric in metrics:
+        for metric in METRIC_COLUMNS:
             values = [r[metric] for r in mine if r[metric] is not None]
             if values:  # 6 digits: per-image values vary in the last float32 bit with batching
                 entry[metric] = float(f"{math.fsum(values) / len(values):.6g}")

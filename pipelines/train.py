@@ -14,7 +14,6 @@ reconstruction grids. Re-running the same inputs resumes the run from its last c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -24,16 +23,8 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.runtime import stage_main
-from mambastyle.storage import exists, read_bytes, resolve
-from mambastyle.train.data import ShardError, ShardStream, manifest_shards
-from mambastyle.train.distributed import (
-    RUNS_DIR,
-    TrainJob,
-    export_encoder,
-    finish_run,
-    fit,
-    run_name,
-)
+from mambastyle.train.data import ShardError
+from mambastyle.train.distributed import RUNS_DIR, encoder_job, export_encoder, train_and_export, train_worker
 from mambastyle.train.losses import MissingWeights
 
 log = logging.getLogger("pipelines.train")
@@ -41,29 +32,11 @@ log = logging.getLogger("pipelines.train")
 
 def run(params: Params, local_out: Path) -> dict:
     """Trains (or resumes) and exports the encoder; returns the encoder.json record."""
-    from mambastyle.runtime import connect_ray
-
     t0 = time.perf_counter()
-    options = params.storage.options()
-    root = resolve(params.storage.root, options)
-    manifest_loc = root.join("shards", "manifest.json")
-    manifest = read_bytes(manifest_loc) if exists(manifest_loc) else None
-    if manifest is None and params.train.synthetic_ratio < 1.0:
-        raise ShardError(f"no shard manifest at {manifest_loc.uri}: run the prepare stage first")
-    if params.train.synthetic_ratio < 1.0:
-        ShardStream(manifest_shards(root, "train"), 0, params.train.num_workers)  # fails early, clearly
-    # Workers run elsewhere (another directory, another node): give them an absolute root.
-    storage = dataclasses.replace(params.storage, root=root.uri)
-    job = TrainJob(
-        params.train, params.generator, storage, run_name(params.train, params.generator, manifest)
-    )
+    job = encoder_job(params)
     log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run, params.train.steps,
              params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
-    connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    result = fit(job)
-    record, _, meta = finish_run(
-        job, result, export_encoder, params.storage.root, local_out, "eval/latent_rel"
-    )
+    record, meta = train_and_export(params, job, train_worker, export_encoder, local_out, "eval/latent_rel")
     record["encoder"] = meta["config"]
     (local_out / "encoder.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info("encoder (step %d) -> %s in %.1fs; %s", record["step"], record["uri"], time.perf_counter() - t0,

@@ -137,7 +137,7 @@ def test_fuser_reconstructs_held_out_demo_faces_better_than_w_plus_at_the_same_b
         before, rel=1e-5
     )  # frozen encoder
     with torch.no_grad():
-        fused = float(F.mse_loss(image_with_fuser(g, fuser.model_.eval(), x)[0], x))
+        fused = float(F.mse_loss(image_with_fuser(g, fuser.module.eval(), x)[0], x))
     assert fused < 0.95 * before and fused < continued, (before, continued, fused)
 
 
@@ -155,7 +155,7 @@ def test_fuser_training_resumes_exactly():
         assert torch.equal(x, y)
     # the frozen encoder did not move; only its feature adapter trained with the fuser
     fresh = _encoder(g)
-    moved = {k for k, v in a.model_.encoder.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}
+    moved = {k for k, v in a.module.encoder.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}
     assert moved and all(k.startswith("feature_adapter.") for k in moved)
     with pytest.raises(ValueError, match="not a mambastyle-fuser-train-state"):
         b.load_state_dict({**state, "format": "mambastyle-train-state"})

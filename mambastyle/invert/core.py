@@ -7,6 +7,7 @@ size (antialiased bilinear, as in training); reconstructions are compared at tha
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +62,7 @@ class Inversion:
     lpips_fuser: np.ndarray | None = None
 
 
-FIELDS = ("w_plus", "mse", "ssim", "lpips", "mse_fuser", "ssim_fuser", "lpips_fuser")
+FIELDS = tuple(f.name for f in dataclasses.fields(Inversion))
 
 
 def _metrics(y: torch.Tensor, x: torch.Tensor, lpips_net: nn.Module | None):

@@ -112,9 +112,9 @@ def _metrics_history(loc: Location, upto: int) -> list[dict]:
     return [m for m in lines if m["step"] <= upto]
 
 
-def _val_images(job: TrainJob, n: int, splits: tuple[str, ...] = ("val", "train")) -> torch.Tensor | None:
-    """Up to ``n`` real images for evaluation and pictures: the val split, topped up from the
-    next of ``splits`` (train for the encoder's pictures; test for the fuser's held-out metrics)."""
+def _val_images(job: TrainJob, n: int, splits: tuple[str, ...]) -> torch.Tensor | None:
+    """Up to ``n`` real images for evaluation and pictures, from ``splits`` in turn (the trainer's
+    ``shown_images``)."""
     from mambastyle.train.data import ShardError, ShardStream, manifest_shards
 
     root = resolve(job.root, job.storage.options())
@@ -232,11 +232,7 @@ def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state
             manifest_shards(job.location(), "train"), rank, world, seed=p.seed, options=options
         )
         real_batches = lambda position: Prefetcher(lambda: stream.batches(p.batch_size, position))  # noqa: E731
-    held_out = isinstance(p, FuserParams)  # the fuser's metrics are on faces it never trained on
-    n_shown = p.eval_images if held_out else 8
-    shown = (
-        _val_images(job, n_shown, ("val", "test") if held_out else ("val", "train")) if rank == 0 else None
-    )
+    shown = _val_images(job, *trainer.shown_images()) if rank == 0 else None
 
     artifacts = job.artifacts
     history = _metrics_history(artifacts.join("metrics.jsonl"), start) if rank == 0 else []
@@ -426,22 +422,39 @@ def trained_encoder(params, manifest_bytes: bytes | None) -> tuple[Location, str
     return root.join(*parts), "/".join((params.storage.root.rstrip("/"), *parts))
 
 
+def _shard_manifest(params, needs_real: bool, num_workers: int) -> tuple[Location, bytes | None]:
+    """(the storage root, the shard manifest's bytes or None); when the run needs real images,
+    a missing manifest or unreadable train shards fail here, before any worker starts."""
+    from mambastyle.train.data import ShardError, ShardStream, manifest_shards
+
+    root = resolve(params.storage.root, params.storage.options())
+    manifest_loc = root.join("shards", "manifest.json")
+    manifest = read_bytes(manifest_loc) if exists(manifest_loc) else None
+    if needs_real:
+        if manifest is None:
+            raise ShardError(f"no shard manifest at {manifest_loc.uri}: run the prepare stage first")
+        ShardStream(manifest_shards(root, "train"), 0, num_workers)
+    return root, manifest
+
+
+def encoder_job(params) -> TrainJob:
+    """The encoder training run these params describe."""
+    tp = params.train
+    root, manifest = _shard_manifest(params, tp.synthetic_ratio < 1.0, tp.num_workers)
+    # Workers run elsewhere (another directory, another node): give them an absolute root.
+    storage = dataclasses.replace(params.storage, root=root.uri)
+    return TrainJob(tp, params.generator, storage, run_name(tp, params.generator, manifest))
+
+
 def fuser_job(params) -> tuple[TrainJob, dict]:
     """The fuser run these params describe (its id covers the encoder file and the pretrained
     files), and the encoder it refines ({uri as the params name it, sha256})."""
     from mambastyle.checkpoints import checkpoint_source, file_sha256
     from mambastyle.errors import CheckpointError
-    from mambastyle.train.data import ShardError, ShardStream, manifest_shards
 
     options = params.storage.options()
-    root = resolve(params.storage.root, options)
     fp = params.fuser
-    manifest_loc = root.join("shards", "manifest.json")
-    manifest = read_bytes(manifest_loc) if exists(manifest_loc) else None
-    if fp.real_every > 0:
-        if manifest is None:
-            raise ShardError(f"no shard manifest at {manifest_loc.uri}: run the prepare stage first")
-        ShardStream(manifest_shards(root, "train"), 0, fp.num_workers)  # fails early, clearly
+    root, manifest = _shard_manifest(params, fp.real_every > 0, fp.num_workers)
     if fp.encoder is not None:
         encoder_loc, encoder_name = resolve(fp.encoder, options), fp.encoder
     else:
@@ -452,24 +465,26 @@ def fuser_job(params) -> tuple[TrainJob, dict]:
     src = checkpoint_source(encoder_loc.uri, options)
     encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
     extra = {"encoder_sha256": encoder_sha, "pretrained": to_dict(params.train.pretrained)}
-    # Workers run elsewhere (another directory, another node): give them absolute locations.
-    storage = dataclasses.replace(params.storage, root=root.uri)
+    storage = dataclasses.replace(params.storage, root=root.uri)  # absolute, as for the encoder
     job = TrainJob(fp, params.generator, storage, run_name(fp, params.generator, manifest, extra),
                    runs_dir=FUSER_RUNS_DIR, encoder_uri=encoder_loc.uri, encoder_sha256=encoder_sha,
                    pretrained=params.train.pretrained)  # fmt: skip
     return job, {"uri": encoder_name, "sha256": encoder_sha}
 
 
-def finish_run(job: TrainJob, result, export, storage_root: str, local_out: Path, final_key: str):
-    """After ``fit``: the last checkpoint exported with ``export(job, state)``, the DVCLive records
-    written under ``local_out/dvclive``, and the fields a stage's JSON record shares.
-
-    Returns (record, state, export's metadata). The record names the file as ``storage_root``
-    does (a relative ``data/...`` stays relative), so it is the same in any checkout; its final
-    metrics are from the last report holding ``final_key``.
-    """
+def train_and_export(params, job: TrainJob, worker, export, local_out: Path, final_key: str):
+    """A training stage's work: connects to the Ray of ``params.ray``, runs ``worker`` to the end
+    (``fit``), exports the last checkpoint with ``export(job, state)``, writes the DVCLive records
+    under ``local_out/dvclive`` and returns (the fields the stage's JSON record shares, export's
+    metadata). The record names the file as ``storage.root`` does (a relative ``data/...`` stays
+    relative), so it is the same in any checkout; its final metrics are the last report holding
+    ``final_key``."""
     import posixpath
 
+    from mambastyle.runtime import connect_ray
+
+    connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    result = fit(job, worker)
     if result.checkpoint is None:
         raise RuntimeError(f"run {job.run} finished without a checkpoint")
     state = load_state(result.checkpoint)
@@ -478,7 +493,7 @@ def finish_run(job: TrainJob, result, export, storage_root: str, local_out: Path
     final = next((m for m in reversed(history) if final_key in m), history[-1] if history else {})
     root = job.location()
     record = {
-        "uri": posixpath.join(storage_root, loc.uri[len(root.uri) :].lstrip("/")),
+        "uri": posixpath.join(params.storage.root, loc.uri[len(root.uri) :].lstrip("/")),
         "sha256": sha,
         "run": job.run,
         "step": meta["step"],
@@ -487,4 +502,4 @@ def finish_run(job: TrainJob, result, export, storage_root: str, local_out: Path
         "params": to_dict(job.train),
         "final_metrics": {k: v for k, v in final.items() if k.startswith(("eval/", "loss/"))},
     }
-    return record, state, meta
+    return record, meta

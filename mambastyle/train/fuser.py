@@ -149,8 +149,8 @@ class FuserTrainer(Trainer):
             if adapter is not None:
                 adapter.requires_grad_(True)
         super().__init__(model, generator, loss, params, rank=rank, device=device)
+        self.module: FuserModel  # (not DDP-wrapped: the model itself)
         self.sampler = sampler
-        self.model_: FuserModel = model
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [t for t in self.module.parameters() if t.requires_grad]
@@ -160,9 +160,9 @@ class FuserTrainer(Trainer):
         return every == 0 or (step + 1) % every != 0
 
     def _set_modes(self) -> None:
-        self.model_.train()
+        self.module.train()
         if not self.params.train_encoder:
-            self.model_.encoder.eval()  # frozen BatchNorm statistics
+            self.module.encoder.eval()  # frozen BatchNorm statistics
 
     def sync_gradients(self) -> None:
         if self.world <= 1 or not (dist.is_available() and dist.is_initialized()):
@@ -191,12 +191,12 @@ class FuserTrainer(Trainer):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         p = self.params
         self._set_modes()
-        g, res = self.generator, self.model_.inject_res
-        latent_avg = self.model_.latent_avg
+        g, res = self.generator, self.module.inject_res
+        latent_avg = self.module.latent_avg
         if not synthetic:
             x = self.real_images(real)
             with self._autocast():
-                y, w_hat = image_with_fuser(g, self.model_, x)
+                y, w_hat = image_with_fuser(g, self.module, x)
                 return self.loss(resize(y, self.input_size).float(), x, w_hat.float(), latent_avg)
         w = sample_w_plus(g, p.batch_size, p.synthetic.truncation, p.synthetic.mixing, self._rng("synthetic"))
         d = self.sampler.sample(p.batch_size, self._rng("edit"))
@@ -205,7 +205,7 @@ class FuserTrainer(Trainer):
             x_edit, feat_edit = g.synthesis(w + d, noise_mode="const", return_features_at=res)
             x_edit = resize(x_edit, self.input_size)
         with self._autocast():
-            w_hat, offset = self.model_(x, d)
+            w_hat, offset = self.module(x, d)
             y, feat_hat = g.synthesis(w_hat + d, noise_mode="const", feature_offset=(res, offset),
                                       return_features_at=res)  # fmt: skip
             total, terms = self.loss(resize(y, self.input_size).float(), x_edit, w_hat.float(), latent_avg)
@@ -215,7 +215,7 @@ class FuserTrainer(Trainer):
                 total = total + wt.feature * feature
                 terms["feature"] = float(feature.detach())
             if wt.cycle > 0:
-                back, _ = image_with_fuser(g, self.model_, resize(y, self.input_size), -d)
+                back, _ = image_with_fuser(g, self.module, resize(y, self.input_size), -d)
                 cycle = F.mse_loss(resize(back, self.input_size).float(), x)
                 total = total + wt.cycle * cycle
                 terms["cycle"] = float(cycle.detach())
@@ -237,42 +237,46 @@ class FuserTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, real: torch.Tensor | None = None) -> dict[str, float]:
         """MSE with and without the fuser: edits of held-out generator samples, and held-out real images."""
-        was_training = self.model_.training
-        self.model_.eval()
+        was_training = self.module.training
+        self.module.eval()
         g = self.generator
         x, d, x_edit = self._eval_pairs()
-        y_fuser, w_hat = image_with_fuser(g, self.model_, x, d)
+        y_fuser, w_hat = image_with_fuser(g, self.module, x, d)
         out = {
             "eval/edit_mse_wplus": float(F.mse_loss(self._render(w_hat + d), x_edit)),
             "eval/edit_mse_fuser": float(F.mse_loss(resize(y_fuser, self.input_size), x_edit)),
         }
         if real is not None and real.shape[0] > 0:
             xr = resize(to_unit_range(real.to(self.device)), self.input_size)
-            y_fuser, w_hat = image_with_fuser(g, self.model_, xr)
+            y_fuser, w_hat = image_with_fuser(g, self.module, xr)
             out["eval/real_mse_wplus"] = float(F.mse_loss(self._render(w_hat), xr))
             out["eval/real_mse_fuser"] = float(F.mse_loss(resize(y_fuser, self.input_size), xr))
-        self.model_.train(was_training)
+        self.module.train(was_training)
         return out
 
     @torch.no_grad()
     def reconstructions(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) uint8 -> (3n, 3, S, S): each input, its W+ reconstruction, with the fuser."""
-        was_training = self.model_.training
-        self.model_.eval()
+        was_training = self.module.training
+        self.module.eval()
         x = resize(to_unit_range(images.to(self.device)), self.input_size)
-        y_fuser, w_hat = image_with_fuser(self.generator, self.model_, x)
+        y_fuser, w_hat = image_with_fuser(self.generator, self.module, x)
         y_fuser = resize(y_fuser, self.input_size)
-        self.model_.train(was_training)
+        self.module.train(was_training)
         return torch.stack([x, self._render(w_hat), y_fuser], dim=1).flatten(0, 1).cpu()
 
     grid_columns = 6  # two (input, W+, fuser) triples per row
+
+    def shown_images(self) -> tuple[int, tuple[str, ...]]:
+        """Faces the fuser never trained on: val, then test."""
+        return self.params.eval_images, ("val", "test")
 
     # ------------------------------------------------------------------ state
 
     STATE_FORMAT = STATE_FORMAT
 
     def model_state(self) -> dict:
-        enc, fuser = self.model_.encoder, self.model_.fuser
+        enc, fuser = self.module.encoder, self.module.fuser
         return {
             "encoder_config": enc.config.to_dict(),
             "encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
@@ -282,9 +286,9 @@ class FuserTrainer(Trainer):
         }
 
     def load_model_state(self, state: dict) -> None:
-        if state.get("fuser_config") != self.model_.fuser.config.to_dict():
+        if state.get("fuser_config") != self.module.fuser.config.to_dict():
             raise ValueError("the training state was saved for a different fuser architecture")
-        if state.get("encoder_config") != self.model_.encoder.config.to_dict():
+        if state.get("encoder_config") != self.module.encoder.config.to_dict():
             raise ValueError("the training state was saved for a different encoder architecture")
-        self.model_.encoder.load_state_dict(state["encoder"])
-        self.model_.fuser.load_state_dict(state["fuser"])
+        self.module.encoder.load_state_dict(state["encoder"])
+        self.module.fuser.load_state_dict(state["fuser"])

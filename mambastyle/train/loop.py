@@ -313,6 +313,11 @@ class Trainer:
     STATE_FORMAT = STATE_FORMAT
     grid_columns = 4  # reconstruction pictures: two (input, reconstruction) pairs per row
 
+    def shown_images(self) -> tuple[int, tuple[str, ...]]:
+        """How many real faces :meth:`evaluate` and the pictures use, and from which splits in
+        turn: the val split topped up from train."""
+        return 8, ("val", "train")
+
     def model_state(self) -> dict:
         """The trained weights and their architecture (part of :meth:`state_dict`)."""
         return {
