@@ -51,6 +51,7 @@ def assert_close_rel(got, want, rtol, name):
         {"bt": 1, "d": 6, "n": 16, "length": 130, "groups": 0},  # B/C without a group dim
         {"bt": 3, "d": 16, "n": 3, "length": 64, "groups": 4},  # exactly one chunk
         {"bt": 2, "d": 4, "n": 2, "length": 1, "groups": 1},
+        {"bt": 1, "d": 42, "n": 5, "length": 70, "groups": 2},  # 21 per group: a full and a partial block
     ],
 )
 def test_backend_matches_reference_forward_and_gradients(backend, shape):
@@ -170,3 +171,43 @@ def test_fast_exp_matches_numpy():
     assert np.max(np.abs(got - want) / want) < 3e-7
     # far below the float32 range: a tiny positive number instead of a denormal
     assert 0.0 <= fast_exp(np.float32(-1000.0)) < 2e-38
+
+
+@pytest.mark.skipif(not FAST_CPU, reason="needs numba")
+def test_fast_exp2_matches_numpy():
+    import numpy as np
+
+    from mambastyle.layers._scan_cpu import fast_exp2
+
+    x = np.concatenate([np.linspace(-125, 127, 20001), -np.logspace(-8, 2, 2001), [0.0, 0.5, -0.5]])
+    x = x.astype(np.float32)
+    got = np.array([fast_exp2(np.float32(v)) for v in x], dtype=np.float64)
+    want = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    assert 0.0 < fast_exp2(np.float32(-1000.0)) < 1e-37  # clamped: tiny, never a denormal or garbage
+    assert np.isfinite(fast_exp2(np.float32(1000.0)))
+
+
+def test_wide_vectors_only_where_the_user_left_numba_alone(monkeypatch):
+    pytest.importorskip("numba")
+    import numba
+    import numba.core.codegen
+
+    from mambastyle.layers import selective_scan as ss
+
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)
+    monkeypatch.delenv("NUMBA_CPU_NAME", raising=False)
+    monkeypatch.delenv("NUMBA_CPU_FEATURES", raising=False)
+    monkeypatch.setattr(numba.core.codegen, "get_host_cpu_features", lambda: "+avx2,+avx512f,+fma")
+    ss._prefer_wide_vectors()
+    assert numba.config.CPU_FEATURES == "+avx2,+avx512f,+fma,-prefer-256-bit"
+
+    numba.config.CPU_FEATURES = None
+    monkeypatch.setattr(numba.core.codegen, "get_host_cpu_features", lambda: "+avx2,-avx512f,+fma")
+    ss._prefer_wide_vectors()  # no AVX-512: nothing to change
+    assert numba.config.CPU_FEATURES is None
+
+    monkeypatch.setattr(numba.core.codegen, "get_host_cpu_features", lambda: "+avx2,+avx512f,+fma")
+    monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")  # the user's choice wins
+    ss._prefer_wide_vectors()
+    assert numba.config.CPU_FEATURES is None

@@ -88,11 +88,11 @@ def test_vss_block_shapes_and_gradients():
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
-@pytest.mark.parametrize("h,w", [(9, 13), (16, 4), (1, 70)])
-def test_fused_ss2d_scan_matches_cross_scan_reference(h, w):
+@pytest.mark.parametrize("h,w,d", [(9, 13, 6), (16, 4, 6), (1, 70, 6), (5, 7, 37)])
+def test_fused_ss2d_scan_matches_cross_scan_reference(h, w, d):
     from mambastyle.layers.ss2d import ss2d_scan
 
-    b, d, n, length = 2, 6, 5, h * w
+    b, n, length = 2, 5, h * w
     inputs = {
         "x": torch.randn(b, length, d, dtype=torch.float64),
         "dts": torch.randn(4, d, b, length, dtype=torch.float64) * 2,

@@ -9,11 +9,15 @@ Recurrence per batch b, channel d (group g = d // (D / G)) and state n:
     h_t = a_t * h_{t-1} + delta_t * u_t * B[b, g, t, n]
     y_t = sum_n C[b, g, t, n] * h_t
 
-The forward pass keeps only the state at the start of every chunk of ``T`` steps
-(``ckpt``); the backward pass recomputes each chunk's states from it, then runs the
-adjoint recurrence in reverse: dh_{t-1} = a_t * (dh_t + C_t * dy_t). Nothing of size
-(L, N) per channel is ever stored, so memory stays O(B * D * (L / T + 1) * N).
-B and C come in time-major layout (Bt, G, L, N) so the inner loop over n is contiguous.
+The forward pass steps blocks of ``LANES`` channels through time together, one channel
+per SIMD lane: each step is a handful of (N, LANES) vector operations with no reduction
+across lanes, and B/C rows are read once per block. Decays are computed as
+2^(delta * A log2 e) with ``fast_exp2`` (A pre-scaled once per block). It keeps only the
+state at the start of every chunk of ``T`` steps (``ckpt``); the backward pass recomputes
+each chunk's states from it, then runs the adjoint recurrence in reverse:
+dh_{t-1} = a_t * (dh_t + C_t * dy_t). Nothing of size (L, N) per channel is ever stored,
+so memory stays O(B * D * (L / T + 1) * N). B and C come in time-major layout
+(Bt, G, L, N) so a step's row is contiguous.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-CHANNEL_BLOCK = 8  # channels stepped through time together in the forward kernel
+LANES = 16  # channels stepped through time together in the forward kernels, one per SIMD lane
+LOG2E = np.float32(1.4426950408889634)
 
 # Reassociation lets LLVM vectorise the loops over the state dimension (sums over n become
 # SIMD reductions); NaN/Inf semantics are kept (no "nnan"/"ninf").
@@ -63,42 +68,112 @@ def fast_exp(x):  # pragma: no cover - compiled
     return p * _int_bits_as_float32((np.int32(k) + np.int32(127)) << 23)
 
 
+@intrinsic
+def _float32_bits_as_int(typingctx, f):
+    """Reinterprets a float32's bits as an int32."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def fast_exp2(x):  # pragma: no cover - compiled
+    """float32 2**x in 13 vectorisable operations: the scan's decays, exp(dt * A) = 2**(dt * A log2 e).
+
+    k = rint(x), r = x - k in [-0.5, 0.5], a degree-5 minimax polynomial for 2**r (max
+    relative error 2e-7 in float32), and k added to its exponent bits. Inputs are clamped
+    to [-125, 127]: below, the result is ~2e-38 instead of a denormal; above, finite.
+    """
+    x = min(max(x, np.float32(-125.0)), np.float32(127.0))
+    k = np.rint(x)
+    r = x - k
+    p = np.float32(1.326472731307149e-3)
+    p = p * r + np.float32(9.671512991189957e-3)
+    p = p * r + np.float32(5.550733581185341e-2)
+    p = p * r + np.float32(2.4022242426872253e-1)
+    p = p * r + np.float32(6.931470036506653e-1)
+    p = p * r + np.float32(1.0)
+    return _int_bits_as_float32(_float32_bits_as_int(p) + (np.int32(k) << 23))
+
+
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def scan_lanes(order, dl, xl, a2, Bk, Ck, T, hs, yl, ck):  # pragma: no cover - compiled
+    """Steps one block of LANES channels through time; lane j holds channel j of the block.
+
+    order (L,): the token visited at step t; dl, xl (L, LANES): step sizes and inputs per
+    token; a2 (N, LANES): A * log2(e); Bk, Ck (L, N): B/C rows per token; hs (N, LANES):
+    the state (in and out); yl (L, LANES): outputs, added to; ck (n_chunks, N, LANES): the
+    states entering each chunk of T steps. Padding lanes (dl = xl = a2 = 0) keep a zero state.
+    """
+    length = order.shape[0]
+    n_state = a2.shape[0]
+    xv = np.empty(LANES, dtype=np.float32)
+    acc = np.empty(LANES, dtype=np.float32)
+    c = 0
+    for t in range(length):
+        p = order[t]
+        if t == c * T:
+            ck[c] = hs
+            c += 1
+        for j in range(LANES):
+            xv[j] = dl[p, j] * xl[p, j]
+            acc[j] = 0.0
+        for n in range(n_state):
+            bn = Bk[p, n]
+            cn = Ck[p, n]
+            for j in range(LANES):
+                hn = fast_exp2(dl[p, j] * a2[n, j]) * hs[n, j] + xv[j] * bn
+                hs[n, j] = hn
+                acc[j] += cn * hn
+        for j in range(LANES):
+            yl[p, j] += acc[j]
+
+
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
 def scan_fwd(u, delta, A, Bm, Cm, T, y, ckpt, last):  # pragma: no cover - compiled
     """u, delta: (Bt, D, L); A: (D, N); Bm, Cm: (Bt, G, L, N) -> y (Bt, D, L),
     ckpt (Bt, D, ceil(L / T), N) states entering each chunk, last (Bt, D, N).
 
-    Channels of a group are processed in blocks of ``CHANNEL_BLOCK`` that step through
-    time together, so each B/C row is read once per block rather than once per channel.
+    Tasks are (batch, group, block of LANES channels of the group); each copies its rows
+    into time-major (L, LANES) buffers and runs :func:`scan_lanes`.
     """
     n_batch, n_chan, length = u.shape
     n_groups = Bm.shape[1]
     n_state = A.shape[1]
+    n_chunks = ckpt.shape[2]
     per_group = n_chan // n_groups
-    blocks = (per_group + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    blocks = (per_group + LANES - 1) // LANES
+    order = np.arange(length)
     for task in nb.prange(n_batch * n_groups * blocks):
         b = task // (n_groups * blocks)
         rem = task - b * n_groups * blocks
         g = rem // blocks
-        d0 = g * per_group + (rem - g * blocks) * CHANNEL_BLOCK
-        nd = min(CHANNEL_BLOCK, (g + 1) * per_group - d0)
-        h = np.zeros((CHANNEL_BLOCK, n_state), dtype=np.float32)
-        for t in range(length):
-            if t % T == 0:
-                for j in range(nd):
-                    ckpt[b, d0 + j, t // T, :] = h[j]
-            for j in range(nd):
-                d = d0 + j
-                dt = delta[b, d, t]
-                x = dt * u[b, d, t]
-                acc = np.float32(0.0)
-                for n in range(n_state):
-                    hn = fast_exp(dt * A[d, n]) * h[j, n] + x * Bm[b, g, t, n]
-                    h[j, n] = hn
-                    acc += Cm[b, g, t, n] * hn
-                y[b, d, t] = acc
+        d0 = g * per_group + (rem - g * blocks) * LANES
+        nd = min(LANES, (g + 1) * per_group - d0)
+        dl = np.zeros((length, LANES), dtype=np.float32)
+        xl = np.zeros((length, LANES), dtype=np.float32)
+        yl = np.zeros((length, LANES), dtype=np.float32)
+        a2 = np.zeros((n_state, LANES), dtype=np.float32)
+        hs = np.zeros((n_state, LANES), dtype=np.float32)
+        ck = np.empty((n_chunks, n_state, LANES), dtype=np.float32)
         for j in range(nd):
-            last[b, d0 + j, :] = h[j]
+            for t in range(length):
+                dl[t, j] = delta[b, d0 + j, t]
+                xl[t, j] = u[b, d0 + j, t]
+            for n in range(n_state):
+                a2[n, j] = A[d0 + j, n] * LOG2E
+        scan_lanes(order, dl, xl, a2, Bm[b, g], Cm[b, g], T, hs, yl, ck)
+        for j in range(nd):
+            for t in range(length):
+                y[b, d0 + j, t] = yl[t, j]
+            for c in range(n_chunks):
+                for n in range(n_state):
+                    ckpt[b, d0 + j, c, n] = ck[c, n, j]
+            for n in range(n_state):
+                last[b, d0 + j, n] = hs[n, j]
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
@@ -124,12 +199,14 @@ def scan_bwd(dy, dlast, u, delta, A, Bm, Cm, ckpt, T, parts, du, ddelta, dA, dB,
         aa = np.empty((T, n_state), dtype=np.float32)  # decays within the chunk
         dh = np.empty(n_state, dtype=np.float32)
         dA_acc = np.empty(n_state, dtype=np.float64)
+        a2 = np.empty(n_state, dtype=np.float32)  # A * log2(e): the forward's decays exactly
         d_start = g * per_group + p * per_part
         d_stop = min(d_start + per_part, (g + 1) * per_group)
         for d in range(d_start, d_stop):
             for n in range(n_state):
                 dh[n] = dlast[b, d, n]
                 dA_acc[n] = 0.0
+                a2[n] = A[d, n] * LOG2E
             for c in range(n_chunks - 1, -1, -1):
                 t0 = c * T
                 steps = min(T, length - t0)
@@ -140,7 +217,7 @@ def scan_bwd(dy, dlast, u, delta, A, Bm, Cm, ckpt, T, parts, du, ddelta, dA, dB,
                     dt = delta[b, d, t]
                     x = dt * u[b, d, t]
                     for n in range(n_state):
-                        a = fast_exp(dt * A[d, n])
+                        a = fast_exp2(dt * a2[n])
                         aa[i, n] = a
                         hs[i + 1, n] = a * hs[i, n] + x * Bm[b, g, t, n]
                 for i in range(steps - 1, -1, -1):  # adjoint recurrence
@@ -211,49 +288,51 @@ def fast_sigmoid(v):  # pragma: no cover - compiled
 def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - compiled
     """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; dts (K, D, Bt, L)
     raw step sizes; bias (K, D); A (K, D, N); Bm, Cm (Bt, K, L, N) -> y (Bt, L, D), the sum
-    over the four directions (zero-initialised by the caller), and ckpt (Bt, K, D,
-    ceil(L / T), N), the states entering each chunk of T steps."""
+    over the four directions, and ckpt (Bt, K, D, ceil(L / T), N), the states entering
+    each chunk of T steps.
+
+    Tasks are (batch, block of LANES channels); each runs the four directions over the
+    block's (L, LANES) buffers with :func:`scan_lanes`, visiting tokens in each direction's
+    order, and accumulates the four outputs before writing them once.
+    """
     n_batch, length, n_chan = x.shape
     n_dir = dts.shape[0]
     n_state = A.shape[2]
-    blocks = (n_chan + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    n_chunks = ckpt.shape[3]
+    blocks = (n_chan + LANES - 1) // LANES
+    order = np.empty((n_dir, length), dtype=np.int64)
+    for k in range(n_dir):
+        for t in range(length):
+            order[k, t] = _pos(k, t, h, w, length)
     for task in nb.prange(n_batch * blocks):
         b = task // blocks
-        d0 = (task - b * blocks) * CHANNEL_BLOCK
-        nd = min(CHANNEL_BLOCK, n_chan - d0)
-        hs = np.empty((CHANNEL_BLOCK, n_state), dtype=np.float32)
-        dl = np.empty((CHANNEL_BLOCK, length), dtype=np.float32)  # softplus(dts + bias)
-        # The block's inputs and outputs, gathered once into channel-major buffers so the
-        # four traversals read and write cache-resident rows instead of strided tokens.
-        xl = np.empty((CHANNEL_BLOCK, length), dtype=np.float32)
-        yl = np.zeros((CHANNEL_BLOCK, length), dtype=np.float32)
+        d0 = (task - b * blocks) * LANES
+        nd = min(LANES, n_chan - d0)
+        dl = np.zeros((length, LANES), dtype=np.float32)  # softplus(dts + bias)
+        xl = np.zeros((length, LANES), dtype=np.float32)
+        yl = np.zeros((length, LANES), dtype=np.float32)
+        a2 = np.zeros((n_state, LANES), dtype=np.float32)
+        hs = np.empty((n_state, LANES), dtype=np.float32)
+        ck = np.empty((n_chunks, n_state, LANES), dtype=np.float32)
         for p in range(length):
             for j in range(nd):
-                xl[j, p] = x[b, p, d0 + j]
+                xl[p, j] = x[b, p, d0 + j]
         for k in range(n_dir):
             for j in range(nd):
                 bj = bias[k, d0 + j]
                 for p in range(length):
-                    dl[j, p] = fast_softplus(dts[k, d0 + j, b, p] + bj)
+                    dl[p, j] = fast_softplus(dts[k, d0 + j, b, p] + bj)
+                for n in range(n_state):
+                    a2[n, j] = A[k, d0 + j, n] * LOG2E
             hs[:] = 0.0
-            for t in range(length):
-                p = _pos(k, t, h, w, length)
-                if t % T == 0:
-                    for j in range(nd):
-                        ckpt[b, k, d0 + j, t // T, :] = hs[j]
-                for j in range(nd):
-                    d = d0 + j
-                    dt = dl[j, p]
-                    xv = dt * xl[j, p]
-                    acc = np.float32(0.0)
+            scan_lanes(order[k], dl, xl, a2, Bm[b, k], Cm[b, k], T, hs, yl, ck)
+            for j in range(nd):
+                for c in range(n_chunks):
                     for n in range(n_state):
-                        hn = fast_exp(dt * A[k, d, n]) * hs[j, n] + xv * Bm[b, k, p, n]
-                        hs[j, n] = hn
-                        acc += Cm[b, k, p, n] * hn
-                    yl[j, p] += acc
+                        ckpt[b, k, d0 + j, c, n] = ck[c, n, j]
         for p in range(length):
             for j in range(nd):
-                y[b, p, d0 + j] = yl[j, p]
+                y[b, p, d0 + j] = yl[p, j]
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
@@ -276,6 +355,7 @@ def ss2d_bwd(dy, x, dts, bias, A, Bm, Cm, ckpt, h, w, T, parts, dx, ddts, dA, dB
         aa = np.empty((T, n_state), dtype=np.float32)
         dh = np.empty(n_state, dtype=np.float32)
         dA_acc = np.empty(n_state, dtype=np.float64)
+        a2 = np.empty(n_state, dtype=np.float32)
         dl = np.empty(length, dtype=np.float32)
         xl = np.empty(length, dtype=np.float32)  # this channel's x, dy and dx, contiguous
         gl = np.empty(length, dtype=np.float32)
@@ -292,6 +372,7 @@ def ss2d_bwd(dy, x, dts, bias, A, Bm, Cm, ckpt, h, w, T, parts, dx, ddts, dA, dB
                 for n in range(n_state):
                     dh[n] = 0.0
                     dA_acc[n] = 0.0
+                    a2[n] = A[k, d, n] * LOG2E
                 for c in range(n_chunks - 1, -1, -1):
                     t0 = c * T
                     steps = min(T, length - t0)
@@ -302,7 +383,7 @@ def ss2d_bwd(dy, x, dts, bias, A, Bm, Cm, ckpt, h, w, T, parts, dx, ddts, dA, dB
                         dt = dl[p]
                         xv = dt * xl[p]
                         for n in range(n_state):
-                            a = fast_exp(dt * A[k, d, n])
+                            a = fast_exp2(dt * a2[n])
                             aa[i, n] = a
                             hs[i + 1, n] = a * hs[i, n] + xv * Bm[b, k, p, n]
                     for i in range(steps - 1, -1, -1):  # adjoint recurrence

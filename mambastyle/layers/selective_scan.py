@@ -53,10 +53,32 @@ def _mamba_selective_scan_fn():
     return selective_scan_fn
 
 
+def _prefer_wide_vectors() -> None:
+    """Lets numba's code use 512-bit vectors on AVX-512 CPUs.
+
+    LLVM's tuning for recent Intel CPUs ("prefer-256-bit") halves the SIMD width of
+    auto-vectorised loops; the scan kernels step 16 channels per vector and run about 1.5x
+    faster without it. numba reads its CPU features once per process, when it first
+    compiles or loads anything, so this runs before the kernels are imported. It changes
+    nothing when NUMBA_CPU_NAME or NUMBA_CPU_FEATURES is set, or on CPUs without AVX-512.
+    """
+    import os
+
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        return
+    import numba
+    from numba.core.codegen import get_host_cpu_features
+
+    features = get_host_cpu_features()
+    if "+avx512f" in features.split(",") and "prefer-256-bit" not in features:
+        numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
 @functools.cache
 def _cpu_kernels():
     """The compiled CPU kernels, or None when numba is unavailable."""
     try:
+        _prefer_wide_vectors()
         from mambastyle.layers import _scan_cpu
     except ImportError as exc:
         log.warning("numba is not importable (%s); the 'cpu' scan backend is unavailable", exc)
