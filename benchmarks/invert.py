@@ -37,6 +37,7 @@ def pipeline_vs_bare(args) -> None:
     from mambastyle.invert.core import invert_batch
     from mambastyle.invert.pipeline import InvertJob, run_inversion
     from mambastyle.models.encoders import build_encoder
+    from mambastyle.runtime import connect_ray
     from mambastyle.storage import StorageOptions, resolve
     from mambastyle.train.data import ShardStream, manifest_shards
 
@@ -68,7 +69,7 @@ def pipeline_vs_bare(args) -> None:
 
         before = bare_run()
 
-        ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
+        connect_ray(None, num_cpus=args.threads)  # as the invert stage starts its local Ray
         ray.data.DataContext.get_current().enable_progress_bars = False
         job = InvertJob(root=root.uri, encoder=str(Path(tmp) / "enc.pt"), out=str(Path(tmp) / "latents"),
                         options=StorageOptions(), generator=None, batch_size=args.batch_size,

@@ -41,7 +41,7 @@ from mambastyle.latents import (
     withdraw,
     write_part,
 )
-from mambastyle.runtime import actor_device, collecting_datasink, root_cause
+from mambastyle.runtime import actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,7 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
         compute=ray.data.ActorPoolStrategy(size=job.num_actors),
         num_gpus=1 if job.use_gpu else 0,
         num_cpus=1 if job.use_gpu else job.cpus_per_actor,
+        **worker_options(),
     )
     sink = collecting_datasink(job.rows_per_file, lambda tables, task: write_task(tables, job, task))
     try:

@@ -38,6 +38,7 @@ from mambastyle.config import (
     TrainParams,
     to_dict,
 )
+from mambastyle.runtime import worker_env
 from mambastyle.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -323,16 +324,10 @@ def fit(job: TrainJob, worker=train_worker):
             storage_filesystem=ray_dir.fs,
             failure_config=FailureConfig(max_failures=p.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
     return trainer.fit()
-
-
-def _worker_env() -> dict[str, str]:
-    """Environment the workers inherit from the driver (allocator settings, Ray on loopback)."""
-    keys = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
-    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def load_state(checkpoint) -> dict:

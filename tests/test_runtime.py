@@ -1,0 +1,91 @@
+"""Worker environment for the Ray actors that run models (glibc allocator settings)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mambastyle.runtime import ALLOCATOR_ENV, worker_env, worker_options
+
+# Page faults per encoder forward pass (256 px, batch 16) in a thread other than the main
+# one, as Ray Data and Ray Train run user code.
+FAULTS = """
+import resource, threading
+import torch
+from mambastyle.models.encoders import build_encoder
+torch.set_num_threads(2)
+enc = build_encoder("mambastyle_tiny", 1024, seed=0).eval()
+x = torch.rand(16, 3, 256, 256) * 2 - 1
+out = []
+def work():
+    with torch.no_grad():
+        enc(x)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        enc(x)
+        enc(x)
+    out.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) // 2)
+th = threading.Thread(target=work)
+th.start()
+th.join()
+print(out[0])
+"""
+
+
+def _faults(env: dict[str, str]) -> int:
+    base = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV}
+    done = subprocess.run([sys.executable, "-c", FAULTS], env={**base, **env}, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    return int(done.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_allocator_settings_keep_freed_buffers_in_a_worker_thread():
+    # glibc's defaults fault a forward pass's activations in again on every pass (~300k
+    # pages here); with the settings, the buffers freed by one pass serve the next.
+    default, tuned = _faults({}), _faults(ALLOCATOR_ENV)
+    assert default > 20 * tuned, (default, tuned)
+
+
+def test_worker_env_defaults_and_what_the_user_set(monkeypatch):
+    for key in (*ALLOCATOR_ENV, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    assert worker_env() == ALLOCATOR_ENV
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_env() == {**ALLOCATOR_ENV, "MALLOC_ARENA_MAX": "4", "OMP_NUM_THREADS": "3"}
+
+
+def _actor_env(ray, options: dict) -> dict:
+    @ray.remote(num_cpus=0)
+    def env():
+        return {k: os.environ.get(k) for k in ALLOCATOR_ENV}
+
+    return ray.get(env.options(**options).remote())
+
+
+def test_local_instance_workers_inherit_the_settings(ray_local):
+    # connect_ray put them in the environment before starting Ray: no runtime_env needed, so
+    # Ray can hand out the workers it started in advance.
+    assert worker_options() == {}
+    assert _actor_env(ray_local, worker_options()) == {k: worker_env()[k] for k in ALLOCATOR_ENV}
+
+
+def test_other_ray_instances_get_the_settings_through_runtime_env(monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    for key in ALLOCATOR_ENV:  # Ray starts without them, as a cluster node may
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        options = worker_options()
+        assert options == {"runtime_env": {"env_vars": worker_env()}}
+        assert _actor_env(ray, {}) == dict.fromkeys(ALLOCATOR_ENV)  # what a plain worker has
+        assert _actor_env(ray, options) == ALLOCATOR_ENV
+    finally:
+        ray.shutdown()
