@@ -3,8 +3,8 @@
 1. Images/s of the stage's per-image work (decode, detect, landmarks, align, PNG) on one
    core vs bare dlib detect + landmarks on the same decoded images (target ratio >= 0.8).
 2. Scaling of the whole stage from 1 to 2 worker processes.
-3. Shard writing (deterministic tar + atomic publish) MB/s vs a plain write of the same
-   bytes (target ratio >= 0.7).
+3. Shard writing as the stage does it (deterministic tar, sha256, atomic publish) MB/s vs a
+   plain write of the same bytes (target ratio >= 0.7).
 
 Inputs: the demo corpus's good photos, repeated. Usage:
     .venv/bin/python benchmarks/prepare.py [--repeat 4] [--size 256]
@@ -25,8 +25,8 @@ import numpy as np
 from mambastyle.data.align import _dlib_models, predictor_path
 from mambastyle.data.demo import demo_inputs
 from mambastyle.data.images import decode_image
-from mambastyle.data.prepare import PrepareConfig, build_shard, prepare, process_input
-from mambastyle.storage import resolve, write_bytes
+from mambastyle.data.prepare import PrepareConfig, prepare, process_input, write_shard
+from mambastyle.storage import resolve
 
 
 def main() -> int:
@@ -77,8 +77,7 @@ def main() -> int:
         for i in range(reps):
             for label, durable in (("durable", True), ("no fsync", False)):
                 t0 = time.perf_counter()
-                data = build_shard(samples)
-                write_bytes(resolve(os.path.join(tmp, f"shard-{label[0]}{i}.tar")), data, durable=durable)
+                write_shard(resolve(os.path.join(tmp, f"shard-{label[0]}{i}.tar")), samples, durable=durable)
                 times[label].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with open(os.path.join(tmp, f"plain-{i}.bin"), "wb") as f:

@@ -96,22 +96,25 @@ def resolve(uri: str, options: StorageOptions | None = None) -> Location:
     raise ValueError(f"unsupported storage URI {uri!r}: use a local path, file://... or s3://bucket/prefix")
 
 
-def write_bytes(loc: Location, data: bytes, durable: bool = True) -> None:
-    """Writes ``data`` as one whole object at ``loc`` (atomic: never visible half-written).
+def write_bytes(loc: Location, data: bytes | list[bytes], durable: bool = True) -> None:
+    """Writes ``data`` (bytes, or a list of pieces written one after the other) as one whole
+    object at ``loc`` (atomic: never visible half-written).
 
     Local files are fsynced (file and directory) unless ``durable=False``, so that a
     manifest that survives a power loss never points at shards that did not.
     """
+    pieces = data if isinstance(data, list) else [data]
     if loc.is_s3:
         with loc.fs.open_output_stream(loc.path) as f:  # visible only once the upload completes
-            f.write(data)
+            for piece in pieces:
+                f.write(piece)
         return
     parent = posixpath.dirname(loc.path)
     loc.fs.create_dir(parent, recursive=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(loc.path)}.tmp-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines(pieces)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

@@ -201,11 +201,11 @@ def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tm
     real_write = prep.write_bytes
     written = []
 
-    def crash_after_first_shard(loc, data):
+    def crash_after_first_shard(loc, data, **kwargs):
         if loc.path.endswith(".tar") and written:
             raise KeyboardInterrupt("simulated kill")
         written.append(loc.path)
-        real_write(loc, data)
+        real_write(loc, data, **kwargs)
 
     monkeypatch.setattr(prep, "write_bytes", crash_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
@@ -387,3 +387,28 @@ def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp
         q["source"]: q["reason"] for q in read_jsonl(tmp_path / "out" / "shards" / "quarantine.jsonl")
     }
     assert quarantine == {**EXPECTED_QUARANTINE, "demo://bad/cat.jpg": "worker_crash"}
+
+
+def test_tar_bytes_is_what_tarfile_writes_and_reads_back():
+    import random
+
+    from mambastyle.data.prepare import tar_bytes
+
+    rng = random.Random()
+    sizes = [0, 1, 511, 512, 513, 10240, 10239, *(rng.randrange(0, 300_000) for _ in range(20))]
+    members = [(f"sample_{i:04d}_{'x' * rng.randrange(0, 60)}.{('png', 'json')[i % 2]}", rng.randbytes(n))
+               for i, n in enumerate(sizes)]  # fmt: skip
+    for count in (0, 1, 2, len(members)):
+        want = io.BytesIO()
+        with tarfile.open(fileobj=want, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members[:count]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+        got = tar_bytes(members[:count])
+        assert got == want.getvalue()
+        with tarfile.open(fileobj=io.BytesIO(got)) as tar:
+            assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members[:count]
+    with pytest.raises(ValueError):  # a name USTAR cannot hold is refused, not truncated
+        tar_bytes([("n" * 300, b"")])

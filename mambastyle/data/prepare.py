@@ -326,19 +326,44 @@ def _run_inputs_ray(refs: list[InputRef], config: PrepareConfig) -> Iterator[Out
 # --------------------------------------------------------------------------- shards
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
-    tar.addfile(info, io.BytesIO(data))
+def _tar_header(name: str, size: int) -> bytes:
+    """The USTAR header ``tarfile`` writes for a member with fixed metadata (mtime 0, mode
+    644, no owner), formatted directly for names of up to 100 bytes (tarfile's own ``tobuf``
+    for longer ones, which it splits into a prefix or refuses)."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size = size
+        info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_USTAR_TEMPLATE)
+    header[: len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)  # checksum: the header with 8 spaces in its field
+    return bytes(header)
+
+
+# mode 644, uid/gid 0, mtime 0, checksum field blank, regular file, "ustar\0" "00", the rest NUL
+_USTAR_TEMPLATE = bytes(
+    bytearray(100) + b"0000644\0" + b"0000000\0" * 2 + bytearray(12) + b"00000000000\0" + b" " * 8
+    + b"0" + bytearray(100) + b"ustar\x0000" + bytearray(512 - 265)
+)  # fmt: skip
+
+
+def tar_chunks(members: Iterable[tuple[str, bytes]]) -> list[bytes]:
+    """The tar archive ``tarfile`` writes for these members (USTAR, fixed member metadata), as
+    the list of its pieces: each member's header, its bytes and NUL padding to a 512-byte
+    block, then two NUL blocks and padding to a whole 10240-byte record."""
+    chunks: list[bytes] = []
+    for name, data in members:
+        chunks += (_tar_header(name, len(data)), data, bytes(-len(data) % tarfile.BLOCKSIZE))
+    size = sum(map(len, chunks)) + 2 * tarfile.BLOCKSIZE
+    chunks.append(bytes(2 * tarfile.BLOCKSIZE + -size % tarfile.RECORDSIZE))
+    return chunks
 
 
 def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            _tar_member(tar, name, data)
-    return buf.getvalue()
+    return b"".join(tar_chunks(members))
 
 
 def _sample_members(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
@@ -350,6 +375,17 @@ def _sample_members(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
 def build_shard(samples: Iterable[Sample]) -> bytes:
     """A deterministic tar: per sample ``{key}.png`` then ``{key}.json``, fixed member metadata."""
     return tar_bytes(_sample_members(samples))
+
+
+def write_shard(loc: Location, samples: Iterable[Sample], durable: bool = True) -> tuple[int, str]:
+    """Writes the :func:`build_shard` tar of ``samples`` at ``loc`` (atomically, from its
+    pieces, never joined in memory); returns its size and sha256."""
+    pieces = tar_chunks(_sample_members(samples))
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    write_bytes(loc, pieces, durable=durable)
+    return sum(map(len, pieces)), digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- resumable work
@@ -427,11 +463,10 @@ class _ShardWriter:
         self.size[split] += nbytes
 
     def _flush(self, split: str) -> None:
-        data = build_shard(self.pending[split])
         path = f"{split}/{split}-{self.index[split]:06d}.tar"
-        write_bytes(self.root.join(path), data)
+        size, sha256 = write_shard(self.root.join(path), self.pending[split])
         self.entries.append({"path": path, "split": split, "samples": len(self.pending[split]),
-                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+                             "bytes": size, "sha256": sha256})  # fmt: skip
         self.pending[split], self.size[split] = [], 0
         self.index[split] += 1
 
