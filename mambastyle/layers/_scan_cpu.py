@@ -99,24 +99,43 @@ def fast_exp2(x):  # pragma: no cover - compiled
     return _int_bits_as_float32(_float32_bits_as_int(p) + (np.int32(k) << 23))
 
 
+@nb.njit(inline="always")
+def lane_buffers(length, n_state):  # pragma: no cover - compiled
+    """Zeroed buffers of one block of LANES channels: step sizes, inputs and outputs (L, LANES),
+    A * log2(e) and the state (N, LANES). Lanes past the block's channels stay zero."""
+    dl = np.zeros((length, LANES), dtype=np.float32)
+    xl = np.zeros((length, LANES), dtype=np.float32)
+    yl = np.zeros((length, LANES), dtype=np.float32)
+    a2 = np.zeros((n_state, LANES), dtype=np.float32)
+    hs = np.zeros((n_state, LANES), dtype=np.float32)
+    return dl, xl, yl, a2, hs
+
+
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def scan_lanes(order, dl, xl, a2, Bk, Ck, T, hs, yl, ck):  # pragma: no cover - compiled
-    """Steps one block of LANES channels through time; lane j holds channel j of the block.
+def scan_lanes(order, dl, xl, A, Bk, Ck, T, a2, hs, yl, ck):  # pragma: no cover - compiled
+    """Steps one block of channels through time from a zero state; lane j holds channel j.
 
     order (L,): the token visited at step t; dl, xl (L, LANES): step sizes and inputs per
-    token; a2 (N, LANES): A * log2(e); Bk, Ck (L, N): B/C rows per token; hs (N, LANES):
-    the state (in and out); yl (L, LANES): outputs, added to; ck (n_chunks, N, LANES): the
-    states entering each chunk of T steps. Padding lanes (dl = xl = a2 = 0) keep a zero state.
+    token; A (nd, N): the block's rows of A (nd <= LANES); Bk, Ck (L, N): B/C rows per token;
+    a2 (N, LANES): scratch for A * log2(e); hs (N, LANES): out, the last state; yl (L, LANES):
+    outputs, added to; ck (nd, n_chunks, N): out, the states entering each chunk of T steps.
+    Padding lanes (dl = xl = a2 = 0) keep a zero state.
     """
     length = order.shape[0]
-    n_state = a2.shape[0]
+    nd, n_state = A.shape
+    for j in range(nd):
+        for n in range(n_state):
+            a2[n, j] = A[j, n] * LOG2E
+    hs[:] = 0.0
     xv = np.empty(LANES, dtype=np.float32)
     acc = np.empty(LANES, dtype=np.float32)
     c = 0
     for t in range(length):
         p = order[t]
         if t == c * T:
-            ck[c] = hs
+            for j in range(nd):
+                for n in range(n_state):
+                    ck[j, c, n] = hs[n, j]
             c += 1
         for j in range(LANES):
             xv[j] = dl[p, j] * xl[p, j]
@@ -143,7 +162,6 @@ def scan_fwd(u, delta, A, Bm, Cm, T, y, ckpt, last):  # pragma: no cover - compi
     n_batch, n_chan, length = u.shape
     n_groups = Bm.shape[1]
     n_state = A.shape[1]
-    n_chunks = ckpt.shape[2]
     per_group = n_chan // n_groups
     blocks = (per_group + LANES - 1) // LANES
     order = np.arange(length)
@@ -153,25 +171,15 @@ def scan_fwd(u, delta, A, Bm, Cm, T, y, ckpt, last):  # pragma: no cover - compi
         g = rem // blocks
         d0 = g * per_group + (rem - g * blocks) * LANES
         nd = min(LANES, (g + 1) * per_group - d0)
-        dl = np.zeros((length, LANES), dtype=np.float32)
-        xl = np.zeros((length, LANES), dtype=np.float32)
-        yl = np.zeros((length, LANES), dtype=np.float32)
-        a2 = np.zeros((n_state, LANES), dtype=np.float32)
-        hs = np.zeros((n_state, LANES), dtype=np.float32)
-        ck = np.empty((n_chunks, n_state, LANES), dtype=np.float32)
+        dl, xl, yl, a2, hs = lane_buffers(length, n_state)
         for j in range(nd):
             for t in range(length):
                 dl[t, j] = delta[b, d0 + j, t]
                 xl[t, j] = u[b, d0 + j, t]
-            for n in range(n_state):
-                a2[n, j] = A[d0 + j, n] * LOG2E
-        scan_lanes(order, dl, xl, a2, Bm[b, g], Cm[b, g], T, hs, yl, ck)
+        scan_lanes(order, dl, xl, A[d0 : d0 + nd], Bm[b, g], Cm[b, g], T, a2, hs, yl, ckpt[b, d0 : d0 + nd])
         for j in range(nd):
             for t in range(length):
                 y[b, d0 + j, t] = yl[t, j]
-            for c in range(n_chunks):
-                for n in range(n_state):
-                    ckpt[b, d0 + j, c, n] = ck[c, n, j]
             for n in range(n_state):
                 last[b, d0 + j, n] = hs[n, j]
 
@@ -298,7 +306,6 @@ def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - c
     n_batch, length, n_chan = x.shape
     n_dir = dts.shape[0]
     n_state = A.shape[2]
-    n_chunks = ckpt.shape[3]
     blocks = (n_chan + LANES - 1) // LANES
     order = np.empty((n_dir, length), dtype=np.int64)
     for k in range(n_dir):
@@ -308,12 +315,7 @@ def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - c
         b = task // blocks
         d0 = (task - b * blocks) * LANES
         nd = min(LANES, n_chan - d0)
-        dl = np.zeros((length, LANES), dtype=np.float32)  # softplus(dts + bias)
-        xl = np.zeros((length, LANES), dtype=np.float32)
-        yl = np.zeros((length, LANES), dtype=np.float32)
-        a2 = np.zeros((n_state, LANES), dtype=np.float32)
-        hs = np.empty((n_state, LANES), dtype=np.float32)
-        ck = np.empty((n_chunks, n_state, LANES), dtype=np.float32)
+        dl, xl, yl, a2, hs = lane_buffers(length, n_state)  # dl: softplus(dts + bias)
         for p in range(length):
             for j in range(nd):
                 xl[p, j] = x[b, p, d0 + j]
@@ -322,14 +324,8 @@ def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - c
                 bj = bias[k, d0 + j]
                 for p in range(length):
                     dl[p, j] = fast_softplus(dts[k, d0 + j, b, p] + bj)
-                for n in range(n_state):
-                    a2[n, j] = A[k, d0 + j, n] * LOG2E
-            hs[:] = 0.0
-            scan_lanes(order[k], dl, xl, a2, Bm[b, k], Cm[b, k], T, hs, yl, ck)
-            for j in range(nd):
-                for c in range(n_chunks):
-                    for n in range(n_state):
-                        ckpt[b, k, d0 + j, c, n] = ck[c, n, j]
+            scan_lanes(order[k], dl, xl, A[k, d0 : d0 + nd], Bm[b, k], Cm[b, k], T, a2, hs, yl,
+                       ckpt[b, k, d0 : d0 + nd])  # fmt: skip
         for p in range(length):
             for j in range(nd):
                 y[b, p, d0 + j] = yl[p, j]
