@@ -412,3 +412,24 @@ def test_tar_bytes_is_what_tarfile_writes_and_reads_back():
             assert [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()] == members[:count]
     with pytest.raises(ValueError):  # a name USTAR cannot hold is refused, not truncated
         tar_bytes([("n" * 300, b"")])
+
+
+def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path):
+    import hashlib
+    import random
+
+    from mambastyle.data.prepare import Sample, build_shard, write_shard
+
+    rng = random.Random()
+    samples = [Sample.of(f"k{i:03d}", "train", rng.randbytes(rng.randrange(0, 200_000)),
+                         {"split": "train", "i": i, "x": rng.random()})
+               for i in range(rng.randrange(1, 40))]  # fmt: skip
+    for durable in (True, False):
+        loc = resolve(str(tmp_path / f"s-{durable}.tar"))
+        size, sha256 = write_shard(loc, samples, durable=durable)
+        data = (tmp_path / f"s-{durable}.tar").read_bytes()
+        assert data == build_shard(samples)
+        assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert json.loads(tar.extractfile("k000.json").read()) == samples[0].meta
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

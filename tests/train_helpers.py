@@ -65,7 +65,7 @@ def write_shards(
             for i in range(n):
                 key = f"{split}_{index:02d}_{i:03d}"
                 images[key] = png(rng, size)
-                samples.append(Sample(key, split, images[key], {"split": split}))
+                samples.append(Sample.of(key, split, images[key], {"split": split}))
             data = build_shard(samples)
             path = f"{split}/{split}-{index:06d}.tar"
             write_bytes(root.join("shards", path), data, durable=False)

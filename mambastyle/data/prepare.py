@@ -22,7 +22,7 @@ import re
 import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,10 +96,21 @@ class InputRef:
 
 @dataclass
 class Sample:
+    """One aligned face. Its metadata travels as the JSON bytes of the shard member, encoded
+    once where the sample is made (in the worker), so that shard writing only frames bytes."""
+
     key: str
     split: str
     png: bytes
-    meta: dict
+    meta_json: bytes
+
+    @classmethod
+    def of(cls, key: str, split: str, png: bytes, meta: dict) -> Sample:
+        return cls(key, split, png, json.dumps(meta, sort_keys=True).encode())
+
+    @property
+    def meta(self) -> dict:
+        return json.loads(self.meta_json)
 
 
 @dataclass
@@ -244,7 +255,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
                 "size": config.output_size,
                 **dict(ref.extra),
             }
-            samples.append(Sample(key, split, buf.getvalue(), meta))
+            samples.append(Sample.of(key, split, buf.getvalue(), meta))
         return Outcome(ref.uri, samples)
     except InputRejected as exc:
         return Outcome(ref.uri, reason=exc.reason, message=exc.message)
@@ -369,7 +380,7 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
 def _sample_members(samples: Iterable[Sample]) -> Iterator[tuple[str, bytes]]:
     for s in samples:
         yield f"{s.key}.png", s.png
-        yield f"{s.key}.json", json.dumps(s.meta, sort_keys=True).encode()
+        yield f"{s.key}.json", s.meta_json
 
 
 def build_shard(samples: Iterable[Sample]) -> bytes:
@@ -381,11 +392,19 @@ def write_shard(loc: Location, samples: Iterable[Sample], durable: bool = True) 
     """Writes the :func:`build_shard` tar of ``samples`` at ``loc`` (atomically, from its
     pieces, never joined in memory); returns its size and sha256."""
     pieces = tar_chunks(_sample_members(samples))
+    # sha256 runs at about the speed of a write into the page cache, so it runs in a second
+    # thread while the pieces are written (hashlib and file writes release the GIL).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_sha256, pieces)
+        write_bytes(loc, pieces, durable=durable)
+        return sum(map(len, pieces)), digest.result()
+
+
+def _sha256(pieces: list[bytes]) -> str:
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
-    write_bytes(loc, pieces, durable=durable)
-    return sum(map(len, pieces)), digest.hexdigest()
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- resumable work
@@ -435,8 +454,8 @@ def _load_unit(loc: Location) -> list[Outcome] | None:
         for entry in json.loads(files["_outcomes.json"]):
             samples = []
             for key in entry["samples"]:
-                meta = json.loads(files[f"{key}.json"])
-                samples.append(Sample(key, meta["split"], files[f"{key}.png"], meta))
+                meta_json = files[f"{key}.json"]
+                samples.append(Sample(key, json.loads(meta_json)["split"], files[f"{key}.png"], meta_json))
             outcomes.append(Outcome(entry["uri"], samples, entry["reason"], entry["message"]))
         return outcomes
     except (OSError, KeyError, ValueError, TypeError, AttributeError, tarfile.TarError):
