@@ -433,3 +433,31 @@ def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             assert json.loads(tar.extractfile("k000.json").read()) == samples[0].meta
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_encode_png_decodes_to_the_same_pixels_at_every_level(monkeypatch):
+    import numpy as np
+
+    from mambastyle.data import images
+
+    rng = np.random.default_rng()
+    shapes = [(1, 1), (1, 7), (5, 1), *((int(h), int(w)) for h, w in rng.integers(2, 300, (4, 2)))]
+    for level in range(10):
+        h, w = shapes[level % len(shapes)]
+        noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        smooth = np.clip(128 + np.cumsum(rng.integers(-3, 4, (h, w, 3)), axis=0), 0, 255).astype(np.uint8)
+        rgb = smooth if level % 2 else noise  # photo-like (rows alike) and incompressible
+        data = images.encode_png(rgb, level)
+        with Image.open(io.BytesIO(data)) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (w, h))
+            assert np.array_equal(np.asarray(img), rgb)
+        assert images.encode_png(rgb, level) == data  # same pixels and level: same bytes
+    monkeypatch.setattr(images, "_isal_zlib", None)  # without ISA-L: zlib, the same pixels
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    with Image.open(io.BytesIO(images.encode_png(rgb, 1))) as img:
+        assert np.array_equal(np.asarray(img), rgb)
+    for bad in (np.zeros((0, 4, 3), np.uint8), np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32)):
+        with pytest.raises(ValueError):
+            images.encode_png(bad)
+    with pytest.raises(ValueError, match="level"):
+        images.encode_png(rgb, 10)

