@@ -3,7 +3,9 @@
 1. Images/s through the whole Ray Data pipeline (shards on disk -> read_webdataset -> actor
    pool -> Parquet parts -> committed manifest) vs the bare encoder forward on the same
    images, batch size and total threads (timed before and after the pipeline, averaged). Codes
-   only (no reconstructions), so both sides do the same model work. Target ratio >= 0.85.
+   only (no reconstructions), so both sides do the same model work, with the same allocator
+   settings (the script restarts itself with mambastyle.runtime.ALLOCATOR_ENV where unset, as
+   the stage's actors get them). Target ratio >= 0.85.
 2. On a synthetic 100k-row latent table (18 x 512 W+ per row, as for a 1024-px generator):
    time to fetch the w_plus of a 1% selection by a metadata predicate vs a full scan of
    w_plus. Target >= 20x faster.
@@ -143,6 +145,11 @@ def selection_vs_scan(args) -> None:
 
 
 def main() -> int:
+    from mambastyle.runtime import ALLOCATOR_ENV
+
+    missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+    if missing:  # glibc reads them at start-up: the bare baseline runs as the stage's actors do
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--size", type=int, default=256)

@@ -17,6 +17,12 @@ ALLOCATOR_ENV = {
 }
 
 
+# How long a local instance keeps an idle worker process beyond its CPU count (Ray's default
+# is 1 s). A stage's read tasks finish early; with the default their workers are gone by the
+# time its last step (a Parquet write task) runs, which then waits ~1.3 s for a fresh worker
+# to start and import Ray Data again.
+LOCAL_IDLE_WORKER_MS = 60_000
+
 _local_gcs: str | None = None  # the GCS address of the local instance connect_ray started
 
 
@@ -51,7 +57,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, num_gpus: int 
     cluster file is never picked up), kept on loopback unless the environment says
     otherwise; ``auto`` or ``ray://host:10001`` joins a cluster (num_cpus/num_gpus are then
     the cluster's own). Reuses an existing connection. A local instance's workers inherit
-    this process's environment, with :data:`ALLOCATOR_ENV` added where unset.
+    this process's environment, with :data:`ALLOCATOR_ENV` added where unset, and idle ones
+    are kept for :data:`LOCAL_IDLE_WORKER_MS`.
     """
     global _local_gcs
     import ray
@@ -63,7 +70,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, num_gpus: int 
         for key, value in ALLOCATOR_ENV.items():
             os.environ.setdefault(key, value)
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 log_to_driver=False)  # fmt: skip
+                 log_to_driver=False,
+                 _system_config={"idle_worker_killing_time_threshold_ms": LOCAL_IDLE_WORKER_MS})  # fmt: skip
         _local_gcs = ray.get_runtime_context().gcs_address
     else:
         ray.init(address=address, log_to_driver=False)

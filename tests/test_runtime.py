@@ -73,6 +73,28 @@ def test_local_instance_workers_inherit_the_settings(ray_local):
     assert _actor_env(ray_local, worker_options()) == {k: worker_env()[k] for k in ALLOCATOR_ENV}
 
 
+def test_local_instance_keeps_idle_workers_for_the_next_tasks(ray_local):
+    # More workers than CPUs (tasks that ask for no CPU, as the stages' read and write tasks
+    # do), then a pause longer than Ray's default idle limit (1 s): the next tasks find the
+    # same workers instead of waiting for new processes to start.
+    @ray_local.remote(num_cpus=0)
+    def pid(wait):
+        import time
+
+        time.sleep(wait)
+        return os.getpid()
+
+    def round_of_four():
+        return set(ray_local.get([pid.remote(1.0) for _ in range(4)]))
+
+    first = round_of_four()
+    assert len(first) == 4
+    import time
+
+    time.sleep(3)
+    assert round_of_four() <= first
+
+
 def test_other_ray_instances_get_the_settings_through_runtime_env(monkeypatch):
     import ray
 

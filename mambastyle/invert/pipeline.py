@@ -154,7 +154,16 @@ def run_inversion(
     paths = [resolve(u, job.options).path for u in shard_uris]
     # Reading asks for no CPU of its own: with as many actors as CPUs (the usual CPU setup)
     # a read task that waits for a free CPU would never run and the pipeline would stall.
-    ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0)
+    # One read block per shard (as long as there are at least as many shards as actors). Left
+    # to itself, Ray splits each shard into blocks of a few rows for parallelism; the calls
+    # below then get bundles of such blocks that overshoot CALL_BATCHES batches by a few rows,
+    # and each overshoot costs a whole padded model batch. On CPUs, reading is many times
+    # cheaper than inference, so one read task per actor at a time keeps the actors fed; more
+    # start extra worker processes (each importing Ray Data) that slow the actors' start-up
+    # on the same cores. GPU actors can outpace one reader each: no limit there.
+    ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0,
+                                  override_num_blocks=max(len(paths), job.num_actors),
+                                  concurrency=None if job.use_gpu else job.num_actors)  # fmt: skip
     ds = ds.map_batches(
         Inverter,
         fn_constructor_kwargs={"job": job},
