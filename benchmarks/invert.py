@@ -7,7 +7,8 @@
    Codes only (no reconstructions), so both sides do the same model work, with the same
    allocator settings (the script restarts itself with mambastyle.runtime.ALLOCATOR_ENV where
    unset, as the stage's actors get them). The pipeline's time includes fixed costs (actor
-   start-up, the commit), so the ratio grows with --images. Target ratio >= 0.85.
+   start-up, the commit) besides per-image ones (decoding, Parquet), so the ratio grows with
+   --images. Target ratio >= 0.85.
 2. On a synthetic 100k-row latent table (18 x 512 W+ per row, as for a 1024-px generator):
    time to fetch the w_plus of a 1% selection by a metadata predicate vs a full scan of
    w_plus. Target >= 20x faster.
@@ -59,7 +60,7 @@ def pipeline_vs_bare(args) -> None:
         save_encoder(enc, buf)
         (Path(tmp) / "enc.pt").write_bytes(buf.getvalue())
         shards = manifest_shards(root, "train")
-        n_bare = min(args.bare_images, args.images)  # the bare forward's rate needs no more
+        n_bare = max(1, min(args.bare_images, args.images))  # the bare forward's rate needs no more
         images = torch.stack(
             [img for _, (_, img) in zip(range(n_bare), ShardStream(shards).samples(0), strict=False)]
         )

@@ -435,6 +435,22 @@ def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk's CRC (Pillow checks none of IDAT's), and IHDR, IDAT, IEND in order."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + body)
+        kinds.append(kind)
+        pos += 12 + length
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"] and pos == len(data)
+
+
 def test_encode_png_decodes_to_the_same_pixels_at_every_level(monkeypatch):
     import numpy as np
 
@@ -448,6 +464,7 @@ def test_encode_png_decodes_to_the_same_pixels_at_every_level(monkeypatch):
         smooth = np.clip(128 + np.cumsum(rng.integers(-3, 4, (h, w, 3)), axis=0), 0, 255).astype(np.uint8)
         rgb = smooth if level % 2 else noise  # photo-like (rows alike) and incompressible
         data = images.encode_png(rgb, level)
+        _check_png_chunks(data)
         with Image.open(io.BytesIO(data)) as img:
             assert (img.format, img.mode, img.size) == ("PNG", "RGB", (w, h))
             assert np.array_equal(np.asarray(img), rgb)

@@ -76,7 +76,9 @@ def test_local_instance_workers_inherit_the_settings(ray_local):
 def test_local_instance_keeps_idle_workers_for_the_next_tasks(ray_local):
     # More workers than CPUs (tasks that ask for no CPU, as the stages' read and write tasks
     # do), then a pause longer than Ray's default idle limit (1 s): the next tasks find the
-    # same workers instead of waiting for new processes to start.
+    # same workers instead of waiting for new processes to start. Ray hands tasks to idle
+    # workers first, so the first round also takes in any idle worker from before (the
+    # module's instance has at most three).
     @ray_local.remote(num_cpus=0)
     def pid(wait):
         import time

@@ -154,10 +154,11 @@ def run_inversion(
     paths = [resolve(u, job.options).path for u in shard_uris]
     # Reading asks for no CPU of its own: with as many actors as CPUs (the usual CPU setup)
     # a read task that waits for a free CPU would never run and the pipeline would stall.
-    # One read block per shard (as long as there are at least as many shards as actors). Left
-    # to itself, Ray splits each shard into blocks of a few rows for parallelism; the calls
-    # below then get bundles of such blocks that overshoot CALL_BATCHES batches by a few rows,
-    # and each overshoot costs a whole padded model batch. On CPUs, reading is many times
+    # One read task per shard (as long as there are at least as many shards as actors), whose
+    # blocks are runs of up to 512 samples (Ray's webdataset chunk). Left to itself, Ray splits
+    # each shard's output into blocks of a few rows for parallelism; the calls below then get
+    # bundles of such blocks that overshoot CALL_BATCHES batches by a few rows, and each
+    # overshoot costs a whole padded model batch. On CPUs, reading is many times
     # cheaper than inference, so one read task per actor at a time keeps the actors fed; more
     # start extra worker processes (each importing Ray Data) that slow the actors' start-up
     # on the same cores. GPU actors can outpace one reader each: no limit there.
@@ -168,9 +169,9 @@ def run_inversion(
         Inverter,
         fn_constructor_kwargs={"job": job},
         # Each call gets CALL_BATCHES model batches' worth of rows and runs the models on batches
-        # of exactly batch_size (the last padded, see invert_batch's pad_to). Reading yields blocks
-        # of a few rows, so a call ends wherever its bundle of blocks ends: with one model batch per
-        # call, most calls would be a full batch plus a padded sliver.
+        # of exactly batch_size (the last padded, see invert_batch's pad_to). A call ends wherever
+        # its bundle of read blocks ends: with one model batch per call, many calls would be a
+        # full batch plus a padded sliver.
         batch_size=job.batch_size * CALL_BATCHES,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.num_actors),
