@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
-from mambastyle.runtime import actor_device, collecting_datasink, root_cause
+from mambastyle.runtime import actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,10 @@ def run_inversion(
     # blocks are runs of up to 512 samples (Ray's webdataset chunk). Left to itself, Ray splits
     # each shard's output into blocks of a few rows for parallelism; the calls below then get
     # bundles of such blocks that overshoot CALL_BATCHES batches by a few rows, and each
-    # overshoot costs a whole padded model batch. On CPUs, reading is many times
-    # cheaper than inference, so one read task per actor at a time keeps the actors fed; more
-    # start extra worker processes (each importing Ray Data) that slow the actors' start-up
-    # on the same cores. GPU actors can outpace one reader each: no limit there.
+    # overshoot costs a whole padded model batch. On CPUs, reading is many times cheaper than
+    # inference, so one read task per actor at a time keeps the actors fed; more start extra
+    # worker processes (each importing Ray Data) that slow the actors' start-up on the same
+    # cores. GPU actors can outpace one reader each: no limit there.
     ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0,
                                   override_num_blocks=max(len(paths), job.num_actors),
                                   concurrency=None if job.use_gpu else job.num_actors)  # fmt: skip
@@ -177,6 +177,7 @@ def run_inversion(
         compute=ray.data.ActorPoolStrategy(size=job.num_actors),
         num_gpus=1 if job.use_gpu else 0,
         num_cpus=1 if job.use_gpu else job.cpus_per_actor,
+        **worker_options(),
     )
     sink = collecting_datasink(job.rows_per_file, lambda tables, task: write_parts(tables, job, task))
     try:
