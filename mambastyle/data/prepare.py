@@ -442,7 +442,7 @@ def _save_unit(loc: Location, outcomes: list[Outcome]) -> None:
         for o in outcomes
     ]
     samples = [s for o in outcomes for s in o.samples]
-    write_bytes(loc, tar_bytes([("_outcomes.json", json.dumps(index).encode()), *_sample_members(samples)]))
+    write_bytes(loc, tar_chunks([("_outcomes.json", json.dumps(index).encode()), *_sample_members(samples)]))
 
 
 def _load_unit(loc: Location) -> list[Outcome] | None:
