@@ -8,6 +8,10 @@
 4. Training steps on the GPU with mixed precision (the params.yaml train section, the
    `mambastyle_small` encoder at 256 px against a 256-px random generator): losses finite,
    steps/s, and the autocast dtype used.
+5. The invert stage's actor (`Inverter`, the class Ray Data runs, asked for a GPU) against
+   `invert_batch` on the CPU for the same images: the actor's device, codes and metrics (TF32
+   off for the comparison), then its images/s on the GPU with the default math settings
+   (`mambastyle` encoder, 256-px generator with 512-d W, reconstructions and metrics on).
 
 Exits non-zero if an agreement check fails. Usage: python benchmarks/gpu_check.py [--json out.json]
 """
@@ -123,6 +127,63 @@ def train_steps(device: str, steps: int = 20) -> dict:
     }
 
 
+def invert_actor(device: str, n: int = 32, timed: int = 512) -> dict:
+    import tempfile
+
+    import numpy as np
+
+    from mambastyle.checkpoints import save_encoder
+    from mambastyle.config import GeneratorParams, SampleParams
+    from mambastyle.generate import resolve_generator
+    from mambastyle.invert.core import invert_batch
+    from mambastyle.invert.pipeline import Inverter, InvertJob
+    from mambastyle.models.stylegan2 import GeneratorConfig
+    from mambastyle.storage import StorageOptions
+
+    arch = GeneratorConfig(resolution=256)
+    gp = GeneratorParams(checkpoint=None, architecture=arch, init_seed=0, latent_avg_samples=4096,
+                         sample=SampleParams(seed=0, num=1, truncation=1.0, noise_mode="const"))  # fmt: skip
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (timed, 256, 256, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        enc = build_encoder("mambastyle", arch.resolution, seed=0).eval()
+        gen = resolve_generator(None, arch, 0, gp.latent_avg_samples, "cpu")
+        enc.set_latent_avg(gen.latent_avg)
+        save_encoder(enc, f"{tmp}/enc.pt")
+        job = InvertJob(root=tmp, encoder=f"{tmp}/enc.pt", out=f"{tmp}/latents", options=StorageOptions(),
+                        generator=gp, batch_size=16, num_actors=1, use_gpu=True, row_group_size=1024,
+                        rows_per_file=100_000, metadata={"run_id": "gpu-check"})  # fmt: skip
+        actor = Inverter(job)
+
+        def batch(lo: int, hi: int) -> dict:
+            keys = [f"k{i}" for i in range(lo, hi)]
+            return {"png": images[lo:hi], "json": [{"split": "train"}] * len(keys), "__key__": keys,
+                    "__url__": ["gpu-check.tar"] * len(keys)}  # fmt: skip
+
+        tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        got = actor(batch(0, n))
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        ref = invert_batch(enc, torch.from_numpy(images[:n]), gen, None, 16)
+        w = np.stack(got.column("w_plus").to_numpy(zero_copy_only=False)).reshape(ref.w_plus.shape)
+        errs = {"w_plus": rel_err(torch.from_numpy(w), torch.from_numpy(ref.w_plus))}
+        for name in ("mse", "ssim"):
+            errs[name] = rel_err(
+                torch.tensor(got.column(name).to_numpy()), torch.from_numpy(getattr(ref, name))
+            )
+        actor(batch(0, min(64, timed)))  # warm-up with the default settings
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rows = sum(actor(batch(lo, min(lo + 256, timed))).num_rows for lo in range(0, timed, 256))
+        rate = rows / (time.perf_counter() - t0)
+    return {
+        "actor_device": str(actor.device),
+        "relative_errors": errs,
+        "images_per_s_with_reconstructions": rate,
+        "ok": actor.device.type == "cuda" and max(errs.values()) < 1e-3,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -138,12 +199,15 @@ def main() -> int:
         "ss2d_vs_ref": check_ss2d(device),
         "encoder_latency": encoder_latency(device),
         "train_steps_amp": train_steps(device),
+        "invert_actor": invert_actor(device),
     }
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     failed = [
-        k for k in ("scan_cuda_vs_ref", "ss2d_vs_ref", "train_steps_amp") if report[k].get("ok") is False
+        k
+        for k in ("scan_cuda_vs_ref", "ss2d_vs_ref", "train_steps_amp", "invert_actor")
+        if report[k].get("ok") is False
     ]
     return 1 if failed else 0
 
