@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -211,3 +212,29 @@ def test_wide_vectors_only_where_the_user_left_numba_alone(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_FEATURES", "+avx2")  # the user's choice wins
     ss._prefer_wide_vectors()
     assert numba.config.CPU_FEATURES is None
+
+
+def test_cpu_backend_keeps_the_thread_count_torch_was_given():
+    # In a fresh process, where numba's threading layer has not loaded yet: loading it sets
+    # the OpenMP thread count that torch's intra-op pool shares to all cores.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import numba, torch
+        from mambastyle.layers.selective_scan import selective_scan
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(0)
+        x = [torch.randn(1, 4, 64, generator=g) for _ in range(2)]
+        bc = [torch.randn(1, 1, 2, 64, generator=g) for _ in range(2)]
+        a = -torch.rand(4, 2, generator=g).requires_grad_()
+        selective_scan(x[0], x[1], a, *bc, backend="cpu").sum().backward()
+        print(torch.get_num_threads(), numba.get_num_threads())
+        """
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]

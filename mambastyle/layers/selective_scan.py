@@ -245,7 +245,15 @@ class _CpuScan(torch.autograd.Function):
 
 
 def _sync_threads() -> None:
-    """Lets numba use as many threads as torch (e.g. 1 inside a Ray task with num_cpus=1)."""
+    """Lets numba use as many threads as torch (e.g. 1 inside a Ray task with num_cpus=1).
+
+    Numba's OpenMP threading layer, when it loads (on the first call here), sets the
+    OpenMP thread count of the calling thread to all cores, and torch's intra-op pool is
+    that same libgomp: torch's own setting is put back.
+    """
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
