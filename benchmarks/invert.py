@@ -4,6 +4,9 @@
    pool -> Parquet parts -> committed manifest) vs the bare encoder forward, same batch size
    and total threads, timed before and after the pipeline and averaged, on the first
    --bare-images of the same images (a warm forward's rate does not depend on the count).
+   The bare forward runs in one process with --threads threads; the pipeline gets that many
+   CPUs and runs as the stage does there: one single-threaded actor per CPU (--actors N runs
+   N actors of threads // N threads each instead).
    Codes only (no reconstructions), so both sides do the same model work, with the same
    allocator settings (the script restarts itself with mambastyle.runtime.ALLOCATOR_ENV where
    unset, as the stage's actors get them). The pipeline's time includes fixed costs (actor
@@ -94,7 +97,8 @@ def pipeline_vs_bare(args) -> None:
         bare_rate = n_bare / ((before + after) / 2)
     print(
         f"1. {args.images} images {args.size}px, {args.encoder}, "
-        f"batch {args.batch_size}, {args.threads} threads"
+        f"batch {args.batch_size}, {args.threads} threads (pipeline: {args.actors} actors of "
+        f"{args.threads // args.actors} threads)"
     )
     print(f"   bare encoder forward:  {bare_rate:7.1f} img/s  (on {n_bare} images, mean of before/after: "
           f"{n_bare / before:.1f}, {n_bare / after:.1f})")  # fmt: skip
@@ -165,7 +169,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--actors", type=int, default=1, help="pipeline actors, threads // actors threads each"
+        "--actors",
+        type=int,
+        help="pipeline actors, threads // actors threads each (default: one per "
+        "thread, as the stage runs on that many CPUs)",
     )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument(
@@ -174,6 +181,7 @@ def main() -> int:
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     args = parser.parse_args()
+    args.actors = args.actors or args.threads  # the stage's default: one single-threaded actor per CPU
     if not args.skip_table:
         selection_vs_scan(args)
     if not args.skip_pipeline:

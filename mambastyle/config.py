@@ -357,13 +357,15 @@ class InvertParams:
     metrics: bool  # render reconstructions and record mse/ssim (and lpips when available)
     lpips_alexnet: str | None  # LPIPS backbone file; null = the torch hub cache when present
     batch_size: int
-    num_actors: int
+    num_actors: int | None  # null = one per GPU (use_gpu), else one single-threaded actor per CPU
     use_gpu: bool
     row_group_size: int
     rows_per_file: int  # at least this many rows per part file (the last of a run may have fewer)
 
     def __post_init__(self) -> None:
-        check_at_least(self, 1, "batch_size", "num_actors", "row_group_size", "rows_per_file")
+        check_at_least(self, 1, "batch_size", "row_group_size", "rows_per_file")
+        if self.num_actors is not None:
+            check_at_least(self, 1, "num_actors")
 
 
 @dataclass(frozen=True)

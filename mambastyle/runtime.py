@@ -89,6 +89,28 @@ def actor_device(use_gpu: bool, cpus: int):
     return device
 
 
+class TorchThread:
+    """One thread for all of a Ray Data actor's model work: loading in ``__init__`` and
+    inference in its calls.
+
+    Ray Data runs an actor's ``__init__`` on the worker's main thread and its calls on
+    another, while thread settings are per thread: numba's thread count, and libgomp's team
+    and thread count (torch's intra-op pool). With torch work on both threads libgomp also
+    keeps two teams; counting more of its threads than CPUs, it then barely spins at
+    barriers, and the threads of every parallel region sleep and wake thousands of times a
+    second. On one thread, the actor runs as a plain script does.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the thread; its result, or its exception raised here."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+
 def collecting_datasink(min_rows: int, write):
     """A Ray Data datasink whose write tasks call ``write(tables, task_index)`` -> list of records
     (``tables``: the task's non-empty blocks as Arrow tables, an iterator) and whose ``results``

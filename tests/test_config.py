@@ -53,6 +53,7 @@ def _mutate(raw, dotted, value=None, delete=False):
         ("generator.sample.num", 0, "between 1 and 256"),
         ("generator.sample.truncation", None, "must not be null"),
         ("generator.latent_avg_samples", 0, "must be >= 1"),
+        ("invert.num_actors", 0, "must be >= 1"),
         ("train.optimizer.lr", -1, "must be > 0"),
         ("train.use_gpu", "yes", "true or false"),
         ("prepare.split", {"train": 0.8, "val": 0.1, "test": 0.5}, "sum to 1"),

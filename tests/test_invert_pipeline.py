@@ -17,7 +17,7 @@ from train_helpers import cmdline, params, write_shards
 from mambastyle.checkpoints import load_encoder, save_encoder, state_sha256
 from mambastyle.generate import resolve_generator
 from mambastyle.invert.core import invert_batch
-from mambastyle.invert.pipeline import InvertError, invert_from_params
+from mambastyle.invert.pipeline import InvertError, default_actors, invert_from_params
 from mambastyle.latents import open_table
 from mambastyle.models.encoders import build_encoder
 from mambastyle.storage import StorageOptions, list_files, resolve, write_bytes
@@ -87,6 +87,12 @@ def test_table_is_complete_matches_the_core_and_reruns_idempotently(tmp_path, ra
     listed = {prefix.join(part["path"]).path for part in manifest2["parts"]}
     assert set(list_files(prefix)) == listed | {prefix.join("_manifest.json").path}
     assert files and all(f.endswith((".parquet", "_manifest.json")) for f in files)
+
+
+def test_default_actors_are_one_per_cpu_or_one_per_gpu(ray_local):
+    # params.yaml's invert.num_actors is null, so the tests above ran two single-threaded actors
+    assert default_actors(use_gpu=False) == 2
+    assert default_actors(use_gpu=True) == 1  # no GPU in this Ray: one actor, waiting for one
 
 
 def test_table_on_s3(s3, ray_local):

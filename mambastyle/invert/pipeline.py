@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
-from mambastyle.runtime import actor_device, collecting_datasink, root_cause, worker_options
+from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,13 @@ class Inverter:
     """Ray Data actor: loads the models once, turns decoded samples into latent-table rows."""
 
     def __init__(self, job: InvertJob):
+        self.thread = TorchThread()
+        self.thread.run(self._load, job)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        return self.thread.run(self._invert, batch)
+
+    def _load(self, job: InvertJob) -> None:
         from mambastyle.checkpoints import checkpoint_source, load_encoder
         from mambastyle.generate import resolve_generator
 
@@ -92,17 +99,25 @@ class Inverter:
         n_styles, style_dim = self.encoder.n_styles, self.encoder.config.style_dim
         self.schema = schema(n_styles, style_dim, job.metadata)
 
-    def __call__(self, batch: dict) -> pa.Table:
+    def _invert(self, batch: dict) -> pa.Table:
         import torch
 
         from mambastyle.invert.core import invert_batch
 
-        images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
+        keys, urls = [str(k) for k in batch["__key__"]], [str(u) for u in batch["__url__"]]
+        if batch["png"].dtype == object:  # undecoded (CPU actors decode their own, see run_inversion)
+            from mambastyle.train.data import decode_png
+
+            where = [f"{u}#{k}.png" for u, k in zip(urls, keys, strict=True)]
+            images = torch.stack([decode_png(png, w) for png, w in zip(batch["png"], where, strict=True)])
+            meta = [json.loads(m) for m in batch["json"]]
+        else:
+            images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
+            meta = list(batch["json"])
         out = invert_batch(self.encoder, images, self.generator, self.lpips, self.job.batch_size, self.fuser)
-        meta = list(batch["json"])
         rows = {
-            "key": [str(k) for k in batch["__key__"]],
-            "shard": [str(u).rsplit("/", 1)[-1] for u in batch["__url__"]],
+            "key": keys,
+            "shard": [u.rsplit("/", 1)[-1] for u in urls],
             "w_plus": out.w_plus,
             "mse": out.mse,
             "ssim": out.ssim,
@@ -162,7 +177,10 @@ def run_inversion(
     # inference, so one read task per actor at a time keeps the actors fed; more start extra
     # worker processes (each importing Ray Data) that slow the actors' start-up on the same
     # cores. GPU actors can outpace one reader each: no limit there.
-    ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0,
+    # CPU actors decode their samples' PNG and JSON themselves, between model batches: a read
+    # task decoding beside an actor takes a core from its torch threads, which then all wait
+    # for the one that lost its core. GPU actors get decoded samples, decoded in parallel.
+    ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0, decoder=True if job.use_gpu else None,
                                   override_num_blocks=max(len(paths), job.num_actors),
                                   concurrency=None if job.use_gpu else job.num_actors)  # fmt: skip
     ds = ds.map_batches(
@@ -199,6 +217,16 @@ def run_inversion(
     if not parts:
         raise InvertError("no rows were written")
     return commit(prefix, parts, part_metadata(prefix, parts))
+
+
+def default_actors(use_gpu: bool) -> int:
+    """Actors when ``invert.num_actors`` is null: one per GPU of the connected Ray, or on CPUs
+    one per CPU, each with one thread. Separate single-threaded actors outrun one actor with
+    a thread per CPU: a multi-threaded forward waits at every parallel region for its slowest
+    thread, and Ray's own processes keep interrupting one (benchmarks/invert.py compares)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)))
 
 
 def _damaged_shards(uris: list[str], sizes: dict[str, int], options: StorageOptions) -> list[str]:
@@ -317,18 +345,19 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         "metrics": measured,
         **({"fuser_sha256": encoder_sha, "fuser_uri": encoder_name} if fuser_loc is not None else {}),
     }
+    if ray_connect:
+        from mambastyle.runtime import connect_ray
+
+        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     job = InvertJob(
         root=root.uri, encoder=encoder_loc.uri, out=out.uri, options=options,
-        generator=gp if ip.metrics else None, batch_size=ip.batch_size, num_actors=ip.num_actors,
+        generator=gp if ip.metrics else None, batch_size=ip.batch_size,
+        num_actors=ip.num_actors or default_actors(ip.use_gpu),
         use_gpu=ip.use_gpu, row_group_size=ip.row_group_size, rows_per_file=ip.rows_per_file,
         metadata=metadata,
         lpips_alexnet=lpips,
         fuser=None if fuser_loc is None else fuser_loc.uri,
     )  # fmt: skip
-    if ray_connect:
-        from mambastyle.runtime import connect_ray
-
-        connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
     shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
     sizes = {u: int(e["bytes"]) for u, e in zip(shard_uris, manifest["shards"], strict=True) if "bytes" in e}
     expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
