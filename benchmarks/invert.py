@@ -11,13 +11,13 @@
    allocator settings (the script restarts itself with mambastyle.runtime.ALLOCATOR_ENV where
    unset, as the stage's actors get them). The pipeline's time includes fixed costs (actor
    start-up, the commit) besides per-image ones (decoding, Parquet), so the ratio grows with
-   --images. Target ratio >= 0.85.
+   --images; the default, 4096, is a small dataset's worth. Target ratio >= 0.85.
 2. On a synthetic 100k-row latent table (18 x 512 W+ per row, as for a 1024-px generator):
    time to fetch the w_plus of a 1% selection by a metadata predicate vs a full scan of
    w_plus. Target >= 20x faster.
 
 Usage:
-    .venv/bin/python benchmarks/invert.py [--images 1024] [--bare-images 1024] [--size 256]
+    .venv/bin/python benchmarks/invert.py [--images 4096] [--bare-images 1024] [--size 256]
                                           [--encoder mambastyle_tiny]
                                           [--rows 100000] [--skip-pipeline] [--skip-table]
 """
@@ -162,7 +162,12 @@ def main() -> int:
     if missing:  # glibc reads them at start-up: the bare baseline runs as the stage's actors do
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=4096,
+        help="16 shards of 256: enough for the fixed costs (~6-10 s) to amortise",
+    )
     parser.add_argument("--bare-images", type=int, default=1024, help="images for the bare forward's rate")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--encoder", default="mambastyle_tiny")
