@@ -41,7 +41,7 @@ from mambastyle.latents import (
     withdraw,
     write_part,
 )
-from mambastyle.runtime import actor_device, collecting_datasink, root_cause, worker_options
+from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,10 @@ class Editor:
     edits and renders blocks of selected rows."""
 
     def __init__(self, job: EditJob):
+        self.thread = TorchThread()
+        self.thread.run(self._load, job)
+
+    def _load(self, job: EditJob) -> None:
         from mambastyle.generate import resolve_generator
 
         self.job = job
@@ -167,7 +171,7 @@ class Editor:
         self.model = None if job.fuser is None else load_fuser_model(job.fuser, job.options, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return edit_rows(batch, self.job, self.generator, self.model)
+        return self.thread.run(edit_rows, batch, self.job, self.generator, self.model)
 
 
 def edit_rows(batch: pa.Table, job: EditJob, generator, model=None) -> pa.Table:

@@ -177,9 +177,9 @@ def run_inversion(
     # inference, so one read task per actor at a time keeps the actors fed; more start extra
     # worker processes (each importing Ray Data) that slow the actors' start-up on the same
     # cores. GPU actors can outpace one reader each: no limit there.
-    # CPU actors decode their samples' PNG and JSON themselves, between model batches: a read
-    # task decoding beside an actor takes a core from its torch threads, which then all wait
-    # for the one that lost its core. GPU actors get decoded samples, decoded in parallel.
+    # CPU actors get the samples' bytes and decode PNG and JSON themselves, in the CPU slots
+    # they hold (read tasks hold none, and would compete with them), and the pixels skip a
+    # round trip through Arrow tensor blocks. GPU actors get samples decoded in parallel.
     ds = ray.data.read_webdataset(paths, filesystem=fs, num_cpus=0, decoder=True if job.use_gpu else None,
                                   override_num_blocks=max(len(paths), job.num_actors),
                                   concurrency=None if job.use_gpu else job.num_actors)  # fmt: skip
