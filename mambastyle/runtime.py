@@ -138,10 +138,17 @@ def collecting_datasink(min_rows: int, write):
 
 
 def root_cause(exc: BaseException) -> str:
-    """The line that names the error in a Ray task failure (Ray wraps it in tracebacks)."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "error" in line]
-    return (errors[-1] if errors else lines[-1] if lines else type(exc).__name__).strip()
+    """The line that names the error in a Ray task failure. Ray's text holds the task's
+    traceback, which ends with ``SomeError: message``, then Ray's own wrappers
+    (``ray.exceptions...``) and advice: the last such line not from Ray, else the last line
+    that mentions an error."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    error_line = re.compile(r"[\w.]*(Error|Exception)\b[^:]*: ")
+    named = [line for line in lines if error_line.match(line) and not line.startswith("ray.")]
+    errors = named or [line for line in lines if "Error" in line or "error" in line]
+    return errors[-1] if errors else lines[-1] if lines else type(exc).__name__
 
 
 def stage_main(argv, doc: str, default_out: str, run, errors: tuple[type[BaseException], ...], log,

@@ -114,6 +114,18 @@ def test_corrupt_shard_is_named_and_nothing_committed(tmp_path, ray_local):
     assert not list((tmp_path / "data").glob("latents/*/_manifest.json"))
 
 
+def test_undecodable_image_in_an_intact_shard_is_named(tmp_path, ray_local):
+    # the shard keeps its size and stays a valid tar: one PNG member's header is broken
+    p, _ = _setup(str(tmp_path / "data"))
+    shard = tmp_path / "data/shards/train/train-000001.tar"
+    data = shard.read_bytes()
+    assert data.count(b"IHDR") > 1
+    shard.write_bytes(data.replace(b"IHDR", b"IHDX", 1))
+    with pytest.raises(InvertError, match=r"train-000001\.tar#[^ ]+\.png: undecodable PNG"):
+        invert_from_params(p, ray_connect=False)
+    assert not list((tmp_path / "data").glob("latents/*/_manifest.json"))
+
+
 def test_encoder_for_another_generator_resolution_is_refused(tmp_path, ray_local):
     p, _ = _setup(str(tmp_path / "data"))
     (tmp_path / "data" / "encoder.pt").write_bytes(_encoder_bytes(resolution=64))
