@@ -40,7 +40,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
@@ -74,7 +74,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / corrupt streams
         raise InputRejected("decode_error", str(exc) or type(exc).__name__) from None
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)
     except Exception as exc:  # a malformed EXIF block must not lose the image
         warnings.warn(f"ignoring unreadable EXIF orientation: {exc}", stacklevel=2)
     try:

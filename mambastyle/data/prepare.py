@@ -214,13 +214,14 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
         except FileNotFoundError as exc:
             raise InputRejected("missing", str(exc)) from None
         img, original_size = decode_image(data, config.max_pixels)
+        pixels = np.asarray(img)  # one copy, shared by detection and alignment
         if ref.landmarks is not None:  # a known face: no detection
             lm = np.asarray(ref.landmarks, dtype=np.float64)
             lo, hi = lm.min(0), lm.max(0)
             box = ref.box or (int(lo[0]), int(lo[1]), int(np.ceil(hi[0])), int(np.ceil(hi[1])))
             faces = [Face(box, float("nan"), lm)]
         else:
-            found = detect_faces(np.asarray(img), upsample=config.upsample)
+            found = detect_faces(pixels, upsample=config.upsample)
             faces = [f for f in found if f.score >= config.min_score]
         if not faces:
             raise InputRejected("no_face", f"no face detected with score >= {config.min_score}")
@@ -234,7 +235,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
         for i, face in enumerate(chosen):
             key = ref.key if config.multi_face != "each" else f"{ref.key}_f{i}"
             split = split_of(ref.key, config.split)  # all faces of a photo in one split
-            aligned, quad = align_face(img, face.landmarks, config.output_size)
+            aligned, quad = align_face(pixels, face.landmarks, config.output_size)
             png = encode_png(np.asarray(aligned), config.png_compress_level)
             yaw, pitch, roll = estimate_pose(face.landmarks)
             meta = {
