@@ -81,21 +81,36 @@ def decimate2(grid, taps, n):  # pragma: no cover - compiled
             for j in range(g * 3):
                 dst[j] += wt * src[j]
     out = np.empty((n, n, 3), np.uint8)
+    half = g // 2
+    phase = np.empty((2, half * 3), np.float32)
     acc = np.empty(n * 3, np.float32)
-    for i in range(n):  # along rows
-        acc[:] = 0.0
+    for i in range(n):  # along rows, even and odd grid columns apart: every tap reads contiguously
         src = cols[i]
+        for p in range(half):
+            for k in range(3):
+                phase[0, 3 * p + k] = src[6 * p + k]
+                phase[1, 3 * p + k] = src[6 * p + 3 + k]
+        acc[:] = 0.0
         for t in range(taps.shape[0]):
             wt = taps[t]
-            for j in range(n):
-                s = (2 * j + t) * 3
-                acc[3 * j] += wt * src[s]
-                acc[3 * j + 1] += wt * src[s + 1]
-                acc[3 * j + 2] += wt * src[s + 2]
-        for j in range(n):
-            for k in range(3):
-                out[i, j, k] = np.uint8(min(max(acc[3 * j + k] + np.float32(0.5), 0.0), 255.0))
+            ph = phase[t % 2]
+            off = (t // 2) * 3
+            for j in range(n * 3):
+                acc[j] += wt * ph[off + j]
+        row = out[i].reshape(-1)
+        for j in range(n * 3):
+            row[j] = np.uint8(min(max(acc[j] + np.float32(0.5), 0.0), 255.0))
     return out
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=FASTMATH)
+def round_u8(values):  # pragma: no cover - compiled
+    """float32 values -> uint8, rounded half up and clipped to 0..255."""
+    flat = values.reshape(-1)
+    out = np.empty(flat.shape[0], np.uint8)
+    for i in range(flat.shape[0]):
+        out[i] = np.uint8(min(max(flat[i] + np.float32(0.5), 0.0), 255.0))
+    return out.reshape(values.shape)
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")

@@ -37,6 +37,8 @@ _POSE_MODEL = np.array(
         [150.0, -150.0, -125.0],
     ]
 )
+# Least squares against the centred model: pts ~ model @ m is solved by m = pinv(model) @ pts.
+_POSE_SOLVE = np.linalg.pinv(_POSE_MODEL - _POSE_MODEL.mean(0))
 
 
 class AlignmentUnavailable(RuntimeError):
@@ -132,8 +134,9 @@ def align_face(
 
     The quad is sampled bilinearly on a grid at twice the output size and the grid is
     downsampled with a Lanczos-3 filter (FFHQ sampled at four times the output; with two,
-    the result differs from FFHQ's by less than JPEG noise). Faces far larger than that grid
-    are first reduced by an integer factor, and padding replaces what lies outside the photo.
+    the result differs from FFHQ's by less than JPEG noise). A face no larger than the output
+    is sampled bilinearly at the output size, once. Faces far larger than the grid are first
+    reduced by an integer factor, and padding replaces what lies outside the photo.
 
     Args:
         image: RGB image, or an (H, W, 3) uint8 array.
@@ -181,14 +184,21 @@ def align_face(
         reach = _resample.MARGIN * qsize / n + 2.0  # how far the grid's samples reach beyond the quad
         region, q = _padded_window(region, pad, q, qsize, reach)
 
-    # Sample the quad on the 2x grid: grid corner coordinates (u, v) in [0, n] map to the region.
-    tl, bl, _, tr = q
+    # Sample the quad on the 2x grid and filter it down; or, where the face is no larger than
+    # the output (nothing finer than an output pixel to filter), sample it once.
+    direct = qsize <= output_size
+    n = output_size if direct else n
+    tl, bl, _, tr = q  # grid corner coordinates (u, v) in [0, n] map to the region
     m = np.array(
         [(tr[0] - tl[0]) / n, (bl[0] - tl[0]) / n, tl[0], (tr[1] - tl[1]) / n, (bl[1] - tl[1]) / n, tl[1]]
     )
-    g = n + 2 * _resample.MARGIN
-    grid = _resample.warp_bilinear(region, m, g, g, _resample.MARGIN)
-    out = _resample.decimate2(grid, _taps(), output_size)
+    if direct:
+        out = _resample.round_u8(_resample.warp_bilinear(region, m, n, n, 0))
+    else:
+        g = n + 2 * _resample.MARGIN
+        out = _resample.decimate2(
+            _resample.warp_bilinear(region, m, g, g, _resample.MARGIN), _taps(), output_size
+        )
     return Image.fromarray(out, "RGB"), quad
 
 
@@ -280,9 +290,8 @@ def estimate_pose(landmarks: np.ndarray) -> tuple[float, float, float]:
     """
     pts = np.asarray(landmarks, dtype=np.float64)[list(_POSE_LANDMARKS)]
     pts = pts * [1.0, -1.0]  # image y points down; the model's y points up
-    model = _POSE_MODEL - _POSE_MODEL.mean(0)
     pts = pts - pts.mean(0)
-    m, *_ = np.linalg.lstsq(model, pts, rcond=None)  # (3, 2): pts ~ model @ m
+    m = _POSE_SOLVE @ pts  # (3, 2): the least-squares fit pts ~ model @ m
     r1, r2 = m[:, 0] / np.linalg.norm(m[:, 0]), m[:, 1] / np.linalg.norm(m[:, 1])
     # Orthonormalise the two rows symmetrically, then complete the rotation.
     c = (r1 + r2) / np.linalg.norm(r1 + r2)

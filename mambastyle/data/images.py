@@ -57,6 +57,13 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
     """
     if not data:
         raise InputRejected("empty_file", "zero bytes")
+    if data.startswith(_PNG_SIGNATURE):  # the common 8-bit PNG by the fast decoder, the rest by Pillow
+        from mambastyle.data import _png
+
+        fast = _png.decode(data, max_pixels)
+        if fast is not None:
+            pixels, colour = fast
+            return Image.fromarray(_png.to_rgb(pixels, colour), "RGB"), (pixels.shape[1], pixels.shape[0])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
