@@ -182,7 +182,7 @@ def test_warp_matches_pillows_affine_transform():
     angle, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.3, 1.5)
     a, b = scale * np.cos(angle), -scale * np.sin(angle)
     m = np.array([a, b, 20.0 + rng.uniform(), -b, a, 20.0 + rng.uniform()])
-    grid = _resample.warp_bilinear(src, m, 30, 30, 0)
+    grid = _resample.warp_bilinear(_resample.planes(src), *src.shape[:2], m, 30, 30, 0).transpose(1, 2, 0)
     expected = np.asarray(
         Image.fromarray(src).transform((30, 30), Image.Transform.AFFINE, tuple(m), Image.Resampling.BILINEAR),
         np.float32,
@@ -209,7 +209,7 @@ def test_decimation_is_the_lanczos_filter():
         for j in range(n):
             block = grid[2 * i : 2 * i + len(taps), 2 * j : 2 * j + len(taps)]
             expected[i, j] = np.einsum("ij,ijc->c", kernel, block)
-    out = _resample.decimate2(grid, taps, n)
+    out = _resample.decimate2(np.ascontiguousarray(grid.transpose(2, 0, 1)), taps, n)
     assert np.abs(out - np.clip(np.rint(expected), 0, 255)).max() <= 1
 
 

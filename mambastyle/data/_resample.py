@@ -6,7 +6,9 @@ The FFHQ recipe samples the face's quad bilinearly on a grid finer than the outp
 downsamples that grid with a Lanczos filter. Here the grid is exactly twice the output
 (``SUPERSAMPLE``), so the downsampling is a fixed 12-tap filter applied along columns,
 then rows, with no per-pixel weights. The grid carries ``MARGIN`` extra samples on every
-side, real image content under the filter's reach, so no edge case exists.
+side, real image content under the filter's reach, so no edge case exists. Sampling and
+filtering work on one float32 plane per channel, so that their inner loops read and write
+contiguous runs.
 
 Only NaN/Inf/sign-of-zero assumptions are relaxed (no reassociation, no fused
 multiply-add): the results are those of plain IEEE float32 arithmetic in source order, so
@@ -32,85 +34,105 @@ def lanczos_taps() -> np.ndarray:
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=FASTMATH)
-def warp_bilinear(src, m, gh, gw, margin):  # pragma: no cover - compiled
-    """Samples ``src`` (H, W, 3) uint8 bilinearly on a (gh, gw) grid, as float32.
+def planes(src):  # pragma: no cover - compiled
+    """(H, W, 3) uint8 -> (3, H * W) float32: one contiguous plane per channel."""
+    h, w, _ = src.shape
+    flat = src.reshape(-1)
+    out = np.empty((3, h * w), np.float32)
+    for c in range(3):
+        for p in range(h * w):
+            out[c, p] = flat[3 * p + c]
+    return out
+
+
+@nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=FASTMATH)
+def warp_bilinear(src, h, w, m, gh, gw, margin):  # pragma: no cover - compiled
+    """Samples an (h, w) image given as ``planes`` bilinearly on a (gh, gw) grid: (3, gh, gw) float32.
 
     Grid sample (i, j) sits at corner coordinates (j - margin + 0.5, i - margin + 0.5) of a
-    plane mapped into ``src`` by the affine ``m`` = (a, b, c, d, e, f): x = a u + b v + c,
+    plane mapped into the image by the affine ``m`` = (a, b, c, d, e, f): x = a u + b v + c,
     y = d u + e v + f (corner coordinates: pixel (r, s) covers [s, s + 1) x [r, r + 1)).
-    Positions outside ``src`` take the nearest edge value.
+    Positions outside the image take the nearest edge value. Each grid row first finds its
+    samples' source pixels and weights, then reads every channel's plane with them.
     """
-    h, w, _ = src.shape
-    out = np.empty((gh, gw, 3), np.float32)
+    out = np.empty((3, gh, gw), np.float32)
     a, b, c, d, e, f = m[0], m[1], m[2], m[3], m[4], m[5]
     xmax, ymax = w - 1.0, h - 1.0
-    xs = np.empty(gw)
-    ys = np.empty(gw)
+    index = np.empty(gw, np.int64)
+    right = np.empty(gw, np.int64)
+    down = np.empty(gw, np.int64)
+    fx = np.empty(gw, np.float32)
+    fy = np.empty(gw, np.float32)
     for i in range(gh):
         v = i - margin + 0.5
         x_row = b * v + c - 0.5  # -0.5: from corner coordinates to pixel centres
         y_row = e * v + f - 0.5
         for j in range(gw):
             u = j - margin + 0.5
-            xs[j] = min(max(a * u + x_row, 0.0), xmax)
-            ys[j] = min(max(d * u + y_row, 0.0), ymax)
-        for j in range(gw):
-            x0, y0 = int(xs[j]), int(ys[j])
-            x1, y1 = min(x0 + 1, w - 1), min(y0 + 1, h - 1)
-            fx, fy = np.float32(xs[j] - x0), np.float32(ys[j] - y0)
-            for k in range(3):
-                p00, p01 = np.float32(src[y0, x0, k]), np.float32(src[y0, x1, k])
-                p10, p11 = np.float32(src[y1, x0, k]), np.float32(src[y1, x1, k])
-                top = p00 + (p01 - p00) * fx
-                bottom = p10 + (p11 - p10) * fx
-                out[i, j, k] = top + (bottom - top) * fy
+            x = min(max(a * u + x_row, 0.0), xmax)
+            y = min(max(d * u + y_row, 0.0), ymax)
+            x0, y0 = int(x), int(y)
+            fx[j], fy[j] = x - x0, y - y0
+            index[j] = y0 * w + x0
+            right[j] = 1 if x0 < w - 1 else 0
+            down[j] = w if y0 < h - 1 else 0
+        for k in range(3):
+            plane = src[k]
+            row = out[k, i]
+            for j in range(gw):
+                p = index[j]
+                p00, p01 = plane[p], plane[p + right[j]]
+                p10, p11 = plane[p + down[j]], plane[p + down[j] + right[j]]
+                top = p00 + (p01 - p00) * fx[j]
+                bottom = p10 + (p11 - p10) * fx[j]
+                row[j] = top + (bottom - top) * fy[j]
     return out
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=FASTMATH)
 def decimate2(grid, taps, n):  # pragma: no cover - compiled
-    """(2n + TAPS - 2)^2 x 3 float32 grid -> (n, n, 3) uint8, filtering by ``taps`` per axis."""
-    g = grid.shape[0]
-    rows = grid.reshape(g, g * 3)
-    cols = np.zeros((n, g * 3), np.float32)
-    for i in range(n):  # along columns: contiguous rows, vectorised
-        dst = cols[i]
-        for t in range(taps.shape[0]):
-            wt = taps[t]
-            src = rows[2 * i + t]
-            for j in range(g * 3):
-                dst[j] += wt * src[j]
+    """(3, 2n + TAPS - 2, same) float32 grid -> (n, n, 3) uint8, filtering by ``taps`` per axis."""
+    _, g, _ = grid.shape
     out = np.empty((n, n, 3), np.uint8)
+    column = np.empty(g, np.float32)
     half = g // 2
-    phase = np.empty((2, half * 3), np.float32)
-    acc = np.empty(n * 3, np.float32)
-    for i in range(n):  # along rows, even and odd grid columns apart: every tap reads contiguously
-        src = cols[i]
-        for p in range(half):
-            for k in range(3):
-                phase[0, 3 * p + k] = src[6 * p + k]
-                phase[1, 3 * p + k] = src[6 * p + 3 + k]
-        acc[:] = 0.0
-        for t in range(taps.shape[0]):
-            wt = taps[t]
-            ph = phase[t % 2]
-            off = (t // 2) * 3
-            for j in range(n * 3):
-                acc[j] += wt * ph[off + j]
-        row = out[i].reshape(-1)
-        for j in range(n * 3):
-            row[j] = np.uint8(min(max(acc[j] + np.float32(0.5), 0.0), 255.0))
+    even = np.empty(half, np.float32)
+    odd = np.empty(half, np.float32)
+    acc = np.empty(n, np.float32)
+    for k in range(3):
+        plane = grid[k]
+        for i in range(n):
+            column[:] = 0.0
+            for t in range(taps.shape[0]):  # along columns: grid rows 2i .. 2i + TAPS - 1
+                wt = taps[t]
+                src = plane[2 * i + t]
+                for j in range(g):
+                    column[j] += wt * src[j]
+            for p in range(half):  # even and odd grid columns apart: every tap reads contiguously
+                even[p] = column[2 * p]
+                odd[p] = column[2 * p + 1]
+            acc[:] = 0.0
+            for t in range(taps.shape[0]):  # along the row
+                wt = taps[t]
+                phase = even if t % 2 == 0 else odd
+                off = t // 2
+                for j in range(n):
+                    acc[j] += wt * phase[off + j]
+            for j in range(n):
+                out[i, j, k] = np.uint8(min(max(acc[j] + np.float32(0.5), 0.0), 255.0))
     return out
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath=FASTMATH)
-def round_u8(values):  # pragma: no cover - compiled
-    """float32 values -> uint8, rounded half up and clipped to 0..255."""
-    flat = values.reshape(-1)
-    out = np.empty(flat.shape[0], np.uint8)
-    for i in range(flat.shape[0]):
-        out[i] = np.uint8(min(max(flat[i] + np.float32(0.5), 0.0), 255.0))
-    return out.reshape(values.shape)
+def interleave_u8(grid):  # pragma: no cover - compiled
+    """(3, H, W) float32 -> (H, W, 3) uint8, rounded half up and clipped to 0..255."""
+    _, h, w = grid.shape
+    out = np.empty((h, w, 3), np.uint8)
+    for i in range(h):
+        for j in range(w):
+            for k in range(3):
+                out[i, j, k] = np.uint8(min(max(grid[k, i, j] + np.float32(0.5), 0.0), 255.0))
+    return out
 
 
 @nb.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")

@@ -192,13 +192,13 @@ def align_face(
     m = np.array(
         [(tr[0] - tl[0]) / n, (bl[0] - tl[0]) / n, tl[0], (tr[1] - tl[1]) / n, (bl[1] - tl[1]) / n, tl[1]]
     )
+    src, (h, w) = _resample.planes(region), region.shape[:2]
     if direct:
-        out = _resample.round_u8(_resample.warp_bilinear(region, m, n, n, 0))
+        out = _resample.interleave_u8(_resample.warp_bilinear(src, h, w, m, n, n, 0))
     else:
         g = n + 2 * _resample.MARGIN
-        out = _resample.decimate2(
-            _resample.warp_bilinear(region, m, g, g, _resample.MARGIN), _taps(), output_size
-        )
+        grid = _resample.warp_bilinear(src, h, w, m, g, g, _resample.MARGIN)
+        out = _resample.decimate2(grid, _taps(), output_size)
     return Image.fromarray(out, "RGB"), quad
 
 
