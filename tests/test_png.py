@@ -142,9 +142,12 @@ def test_damaged_pngs_get_pillows_verdict():
     np.testing.assert_array_equal(np.asarray(decode_image(no_end, 10**6)[0]), pillow_rgb(good))
 
 
-def test_size_limit_is_checked_before_inflating():
+def test_size_limit_is_checked_before_inflating(monkeypatch):
     rng = np.random.default_rng()
     data = encode(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), 2, rng)
     assert _png.decode(data, 30 * 40 - 1) is None
     with pytest.raises(InputRejected, match="too_large"):
         decode_image(data, 30 * 40 - 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30 * 40 - 1)  # Pillow's own limit holds as well
+    with pytest.raises(InputRejected, match="too_large"):
+        decode_image(data, 10**6)

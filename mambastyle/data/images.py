@@ -60,7 +60,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
     if data.startswith(_PNG_SIGNATURE):  # the common 8-bit PNG by the fast decoder, the rest by Pillow
         from mambastyle.data import _png
 
-        fast = _png.decode(data, max_pixels)
+        fast = _png.decode(data, min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels))
         if fast is not None:
             pixels, colour = fast
             return Image.fromarray(_png.to_rgb(pixels, colour), "RGB"), (pixels.shape[1], pixels.shape[0])
