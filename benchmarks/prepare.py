@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from mambastyle.data.align import _dlib_models, predictor_path
+from mambastyle.data.align import _default_models
 from mambastyle.data.demo import demo_inputs
 from mambastyle.data.images import decode_image
 from mambastyle.data.prepare import PrepareConfig, build_shard, prepare, process_input, write_shard
@@ -40,7 +40,7 @@ def main() -> int:
     config = PrepareConfig(output_size=args.size, min_face_size=80)
     good = [r for r in demo_inputs() if not r.uri.startswith("demo://bad/")]
     refs = [dataclasses.replace(r, key=f"{r.key}_{i}") for i in range(args.repeat) for r in good]
-    detector, predictor = _dlib_models(str(predictor_path()))
+    detector, predictor = _default_models()
     images = [np.asarray(decode_image(r.read(), config.max_pixels)[0]) for r in good]
 
     # 1. one core: bare dlib vs the stage's per-image work, interleaved image by image so that

@@ -11,13 +11,9 @@ import pytest
 from PIL import Image
 
 from mambastyle.data import _png
-from mambastyle.data.images import InputRejected, _to_rgb, decode_image
+from mambastyle.data.images import PNG_SIGNATURE, InputRejected, _to_rgb, decode_image, png_chunk
 
 MODES = {0: "L", 4: "LA", 2: "RGB", 6: "RGBA"}
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def _filter_row(kind: int, row: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
@@ -40,7 +36,7 @@ def _filter_row(kind: int, row: np.ndarray, above: np.ndarray, bpp: int) -> np.n
     return ((x - pred) % 256).astype(np.uint8)
 
 
-def encode(pixels: np.ndarray, colour: int, rng, extra: bytes = b"") -> bytes:
+def encode(pixels: np.ndarray, colour: int, rng) -> bytes:
     """An 8-bit PNG of ``pixels`` with a random filter on every row, its data split over IDATs."""
     h, w, ch = pixels.shape
     rows = pixels.reshape(h, w * ch)
@@ -52,12 +48,11 @@ def encode(pixels: np.ndarray, colour: int, rng, extra: bytes = b"") -> bytes:
     stream = zlib.compress(bytes(raw), 6)
     cut = len(stream) // 3
     return b"".join([
-        _png.SIGNATURE,
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)),
-        extra,
-        _chunk(b"IDAT", stream[:cut]),
-        _chunk(b"IDAT", stream[cut:]),
-        _chunk(b"IEND", b""),
+        PNG_SIGNATURE,
+        png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)),
+        png_chunk(b"IDAT", stream[:cut]),
+        png_chunk(b"IDAT", stream[cut:]),
+        png_chunk(b"IEND", b""),
     ])  # fmt: skip
 
 
@@ -129,8 +124,8 @@ def test_damaged_pngs_get_pillows_verdict():
     bad_crc[-20] ^= 0xFF  # inside the last IDAT
     raw = zlib.compress(bytes([7]) + bytes(12) + bytes([0]) * 13 * 3)  # filter type 7 does not exist
     bad_filter = b"".join([
-        _png.SIGNATURE, _chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)),
-        _chunk(b"IDAT", raw), _chunk(b"IEND", b""),
+        PNG_SIGNATURE, png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)),
+        png_chunk(b"IDAT", raw), png_chunk(b"IEND", b""),
     ])  # fmt: skip
     for data in (good[: len(good) // 2], bytes(bad_crc), bad_filter):
         assert _png.decode(data, 10**6) is None

@@ -15,12 +15,13 @@ import zlib
 import numba as nb
 import numpy as np
 
+from mambastyle.data.images import PNG_SIGNATURE
+
 try:
     from isal import isal_zlib as _inflater
 except ImportError:  # pragma: no cover - a core dependency; zlib does the same job slower
     _inflater = zlib
 
-SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel
 # Chunks that change what the pixels mean or how they are oriented: Pillow handles those files.
 _DEFER = {b"tRNS", b"eXIf", b"acTL", b"PLTE"}
@@ -31,9 +32,9 @@ def decode(data: bytes, max_pixels: int) -> tuple[np.ndarray, int] | None:
 
     Raises nothing for damaged data (returns None); ``max_pixels`` is checked before inflating.
     """
-    if not data.startswith(SIGNATURE):
+    if not data.startswith(PNG_SIGNATURE):
         return None
-    pos, header, idat = len(SIGNATURE), None, []
+    pos, header, idat = len(PNG_SIGNATURE), None, []
     view = memoryview(data)
     while True:
         if pos + 12 > len(data):

@@ -17,6 +17,8 @@ the same input gives the same bytes on any CPU.
 
 from __future__ import annotations
 
+import functools
+
 import numba as nb
 import numpy as np
 
@@ -26,8 +28,16 @@ MARGIN = TAPS // 2 - 1  # output pixel i is centred on grid samples MARGIN + 2i 
 FASTMATH = {"nnan", "ninf", "nsz"}
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _round_u8(v):  # pragma: no cover - compiled
+    """A float32 value as uint8: rounded half up, clipped to 0..255."""
+    return np.uint8(min(max(v + np.float32(0.5), 0.0), 255.0))
+
+
+@functools.cache
 def lanczos_taps() -> np.ndarray:
-    """Weights of Lanczos-3 for an exact 2x decimation: output i averages grid 2i .. 2i + 11."""
+    """Weights of Lanczos-3 for an exact 2x decimation: output i averages grid 2i .. 2i + 11
+    (computed once; not to be modified)."""
     x = (np.arange(TAPS) - (TAPS - 1) / 2.0) / SUPERSAMPLE
     w = np.sinc(x) * np.sinc(x / 3.0)
     return (w / w.sum()).astype(np.float32)
@@ -119,7 +129,7 @@ def decimate2(grid, taps, n):  # pragma: no cover - compiled
                 for j in range(n):
                     acc[j] += wt * phase[off + j]
             for j in range(n):
-                out[i, j, k] = np.uint8(min(max(acc[j] + np.float32(0.5), 0.0), 255.0))
+                out[i, j, k] = _round_u8(acc[j])
     return out
 
 
@@ -131,7 +141,7 @@ def interleave_u8(grid):  # pragma: no cover - compiled
     for i in range(h):
         for j in range(w):
             for k in range(3):
-                out[i, j, k] = np.uint8(min(max(grid[k, i, j] + np.float32(0.5), 0.0), 255.0))
+                out[i, j, k] = _round_u8(grid[k, i, j])
     return out
 
 
@@ -208,5 +218,5 @@ def fill_padding(src, rows, cols, blurred, k, oy, ox, y0, x0, pad, ph, pw, media
                 v = np.float32(src[rows[i], cols[j], c])
                 v += (top + (bottom - top) * fy - v) * to_blur
                 v += (median[c] - v) * to_median
-                out[i, j, c] = np.uint8(min(max(v + np.float32(0.5), 0.0), 255.0))
+                out[i, j, c] = _round_u8(v)
     return out

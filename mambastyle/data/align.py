@@ -89,14 +89,18 @@ class Face:
         return math.sqrt(max(right - left, 0) * max(bottom - top, 0))
 
 
+def _check_rgb(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+
+
 def detect_faces(image: np.ndarray, upsample: int = 0) -> list[Face]:
     """Faces in an (H, W, 3) uint8 RGB image, largest first.
 
     ``upsample`` > 0 finds smaller faces at several times the cost (and, on some photos,
     false positives on small face-like patterns).
     """
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    _check_rgb(image)
     detector, predictor = _default_models()
     image = np.ascontiguousarray(image)
     rects, scores, _ = detector.run(image, upsample, 0.0)
@@ -152,8 +156,7 @@ def align_face(
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}")
         image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
+    _check_rgb(image)
     if output_size < 1:
         raise ValueError(f"output_size must be positive, got {output_size}")
     quad = ffhq_quad(landmarks)
@@ -198,15 +201,8 @@ def align_face(
     else:
         g = n + 2 * _resample.MARGIN
         grid = _resample.warp_bilinear(src, h, w, m, g, g, _resample.MARGIN)
-        out = _resample.decimate2(grid, _taps(), output_size)
+        out = _resample.decimate2(grid, _resample.lanczos_taps(), output_size)
     return Image.fromarray(out, "RGB"), quad
-
-
-@functools.cache
-def _taps() -> np.ndarray:
-    from mambastyle.data import _resample
-
-    return _resample.lanczos_taps()
 
 
 def _reflect(index: np.ndarray, size: int) -> np.ndarray:

@@ -57,7 +57,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
     """
     if not data:
         raise InputRejected("empty_file", "zero bytes")
-    if data.startswith(_PNG_SIGNATURE):  # the common 8-bit PNG by the fast decoder, the rest by Pillow
+    if data.startswith(PNG_SIGNATURE):  # the common 8-bit PNG by the fast decoder, the rest by Pillow
         from mambastyle.data import _png
 
         fast = _png.decode(data, min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels))
@@ -90,10 +90,10 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
         raise InputRejected("decode_error", f"cannot convert mode {img.mode} to RGB: {exc}") from None
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
@@ -121,8 +121,8 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # wraps modulo 256, as the filter does
     deflate = _isal_zlib.compress if _isal_zlib is not None and level <= 3 else zlib.compress
     return b"".join((
-        _PNG_SIGNATURE,
-        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
-        _png_chunk(b"IDAT", deflate(raw.tobytes(), level)),
-        _png_chunk(b"IEND", b""),
+        PNG_SIGNATURE,
+        png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)),
+        png_chunk(b"IDAT", deflate(raw.tobytes(), level)),
+        png_chunk(b"IEND", b""),
     ))  # fmt: skip
