@@ -172,7 +172,8 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['name']}: {info['description']}")
-    print(f"generator       {info['generator_resolution']} px -> {info['n_styles']} styles of 512")
+    styles = f"{info['n_styles']} styles of {info['config']['style_dim']}"
+    print(f"generator       {info['generator_resolution']} px -> {styles}")
     print(f"input           (B, 3, {info['input_size']}, {info['input_size']}) in [-1, 1]")
     print(f"parameters      {info['parameters']:,}")
     for mod, n in info["parameters_by_module"].items():

@@ -258,6 +258,12 @@ class TrainParams:
             raise InvalidConfig(
                 "encoder", f"unknown encoder {self.encoder!r}; registered: {sorted(ENCODERS)}"
             )
+        if ENCODERS[self.encoder].defaults["arch"].startswith("restyle"):
+            raise InvalidConfig(
+                "encoder",
+                f"{self.encoder!r} refines with the generator in the loop and is not trained here; "
+                "use its official checkpoint as invert.encoder",
+            )
         if self.input_size < 32 or self.input_size & (self.input_size - 1):
             raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
         check_at_least(self, 1, "steps", "batch_size", "num_workers", "cpus_per_worker", "log_every",

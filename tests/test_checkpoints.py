@@ -278,13 +278,13 @@ def test_bad_encoder_checkpoints(tmp_path):
     from mambastyle.checkpoints import encoder_payload, load_encoder
 
     rosinality_file(tmp_path / "gen.pt", build_generator(TINY), training_state=False)
-    with pytest.raises(CheckpointError, match="not a mambastyle encoder checkpoint"):
+    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
         load_encoder(tmp_path / "gen.pt")
     payload = encoder_payload(_tiny_encoder())
     torch.save({**payload, "version": 99}, tmp_path / "v99.pt")
     with pytest.raises(CheckpointError, match="version 99 is not supported"):
         load_encoder(tmp_path / "v99.pt")
-    torch.save({**payload, "config": {**payload["config"], "fpn_dim": 32}}, tmp_path / "mismatch.pt")
+    torch.save({**payload, "config": {**payload["config"], "d_state": 4}}, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="wrong shapes"):
         load_encoder(tmp_path / "mismatch.pt")
     torch.save({**payload, "config": {**payload["config"], "arch": "resnet"}}, tmp_path / "arch.pt")

@@ -14,7 +14,7 @@ from mambastyle.models.encoders import (
     style_split,
 )
 
-TINY = ["mambastyle_tiny", "psp_tiny"]
+TINY = ["mambastyle_tiny", "psp_tiny", "e4e_tiny"]
 
 
 def n_params(m):
@@ -26,8 +26,8 @@ def test_published_sizes():
         mamba = build_encoder("mambastyle", 1024)
         psp = build_encoder("psp", 1024)
     assert mamba.n_styles == psp.n_styles == 18
-    assert 50e6 <= n_params(mamba) <= 60e6, n_params(mamba)
-    assert abs(n_params(psp) - 267.1e6) < 0.5e6, n_params(psp)
+    assert n_params(mamba) == 56_754_560  # the official Backbone_Mamba_ffhq
+    assert n_params(psp) == 267_136_704  # pSp's GradualStyleEncoder(50, 'ir_se')
     assert n_params(mamba) <= 0.25 * n_params(psp)
 
 
@@ -62,10 +62,14 @@ def _grad_coverage(enc, size):
     enc.train()
     w, feats = enc(torch.randn(2, 3, size, size), return_features=True)
     ((w * torch.randn_like(w)).sum() + (feats * torch.randn_like(feats)).sum()).backward()
-    return [n for n, p in enc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    return [n for n, p in enc.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", [n for n in ENCODERS if n not in ("mambastyle", "psp")])
+TRAINABLE = [n for n in ENCODERS if n.endswith(("_tiny", "_small")) and "restyle" not in n]
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_every_parameter_receives_a_gradient(name):
     assert not _grad_coverage(build_encoder(name, 256, seed=1, input_size=64), 64)
 

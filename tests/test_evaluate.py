@@ -57,9 +57,10 @@ def test_latent_recovery_is_relative_to_answering_the_average(models):
     # an encoder that always answers latent_avg scores exactly 1 on both scales
     blank = build_encoder("mambastyle_tiny", 32, seed=0, input_size=32, style_dim=32).eval()
     blank.set_latent_avg(g.latent_avg)
-    for head in blank.heads:
-        torch.nn.init.zeros_(head.linear.weight)
-        torch.nn.init.zeros_(head.linear.bias)
+    for head in (blank.output_layer_1, blank.output_layer_2, blank.output_layer_3):
+        if head is not None:
+            torch.nn.init.zeros_(head[-1].weight)
+            torch.nn.init.zeros_(head[-1].bias)
     out = latent_recovery(blank, g, 12, seed=3, truncation=0.8, batch_size=5)
     assert out["latent_rel"] == pytest.approx(1.0) and out["style_rel"] == pytest.approx(1.0)
     assert out["samples"] == 12

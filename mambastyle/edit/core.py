@@ -84,7 +84,8 @@ def apply_edits(w_plus: np.ndarray, edits: Sequence[Edit]) -> tuple[np.ndarray, 
     """Every (row, edit, strength) combination of ``w_plus`` (n, S, D) float32.
 
     Returns the edited codes (n * sum(len(strengths)), S, D) float32 and, per output row,
-    (input row, edit index, strength index). Strength 0 returns the input codes unchanged.
+    (input row, edit index, strength index). Strength 0 returns the input codes unchanged,
+    bit for bit -- except for an ``absolute`` GANSpace edit, where 0 is a coordinate to move to.
     """
     w = np.asarray(w_plus, dtype=np.float32)
     out, index = [], []
@@ -94,7 +95,10 @@ def apply_edits(w_plus: np.ndarray, edits: Sequence[Edit]) -> tuple[np.ndarray, 
                 f"{edit.name}: direction shape {edit.direction.shape} does not fit codes {w.shape[1:]}"
             )
         for s_idx, strength in enumerate(edit.strengths):
-            out.append(w + edit.direction.delta(w, strength, edit.layers) if strength != 0 else w.copy())
+            if strength == 0 and edit.direction.identity_at_zero:
+                out.append(w.copy())
+            else:
+                out.append(w + edit.direction.delta(w, strength, edit.layers))
             index.extend((r, e_idx, s_idx) for r in range(w.shape[0]))
     if not out:
         return np.zeros((0, *w.shape[1:]), np.float32), []

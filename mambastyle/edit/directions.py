@@ -4,8 +4,9 @@ Three kinds, one interface (:class:`Direction`: ``delta(w_plus, strength)`` is w
 adds to codes of shape (n, n_styles, style_dim)):
 
 * **InterFaceGAN-style** files: a vector of shape (style_dim,), (1, style_dim) -- the same
-  direction for every layer -- or (n_styles, style_dim) / (1, n_styles, style_dim), as ``.npy``
-  or a ``.pt`` tensor. An edit adds ``strength * direction`` to the selected layers.
+  direction for every layer -- or (n_styles, style_dim) / (1, n_styles, style_dim), or a W+
+  boundary flattened to (1, n_styles * style_dim) (MambaStyle's), as ``.npy`` or a ``.pt``
+  tensor. An edit adds ``strength * direction`` to the selected layers.
 * **GANSpace** PCA files: ``mean`` (1, style_dim), ``comp`` (K, 1, style_dim), ``std`` (K,) in
   a ``.pt`` dict (the layout e4e ships), or GANSpace's own ``.npz`` (``lat_mean``,
   ``lat_comp``, ``lat_stdev``). An edit names a component and adds ``strength * std_k *
@@ -67,6 +68,11 @@ class Direction:
     def shape(self) -> tuple[int, int]:
         return tuple(self.vector.shape)  # type: ignore[return-value]
 
+    @property
+    def identity_at_zero(self) -> bool:
+        """Whether strength 0 leaves every code as it is (always, for a linear edit)."""
+        return True
+
     def delta(self, w_plus: np.ndarray, strength: float, layers: tuple[int, int] | None = None) -> np.ndarray:
         """What an edit of ``strength`` adds to ``w_plus`` (n, n_styles, style_dim)."""
         start, stop = check_layers(layers, self.vector.shape[0])
@@ -100,6 +106,11 @@ class GanspaceDirection:
     @property
     def shape(self) -> tuple[int, int]:
         return self.n_styles, self.component.shape[0]
+
+    @property
+    def identity_at_zero(self) -> bool:
+        """False in ``absolute`` mode, where strength 0 moves the code to coordinate 0."""
+        return not self.absolute
 
     def delta(self, w_plus: np.ndarray, strength: float, layers: tuple[int, int] | None = None) -> np.ndarray:
         start, stop = check_layers(layers, self.n_styles)
@@ -171,18 +182,22 @@ def _array_file(data: bytes, uri: str):
 
 
 def _as_layers(arr: np.ndarray, n_styles: int, style_dim: int, uri: str) -> np.ndarray:
-    """(style_dim,), (1, style_dim), (n_styles, style_dim) or (1, n_styles, style_dim) ->
-    (n_styles, style_dim) float32; anything else is refused with both shapes named."""
+    """(style_dim,), (1, style_dim), (n_styles, style_dim), (1, n_styles, style_dim) or a
+    flattened W+ boundary (n_styles * style_dim,) / (1, n_styles * style_dim) -> (n_styles,
+    style_dim) float32; anything else is refused with both shapes named."""
     a = np.asarray(arr, dtype=np.float32)
     squeezed = a[0] if a.ndim >= 2 and a.shape[0] == 1 else a
     if squeezed.ndim == 1 and squeezed.shape[0] == style_dim:
         return np.repeat(squeezed[None], n_styles, axis=0)
+    if squeezed.ndim == 1 and squeezed.shape[0] == n_styles * style_dim:
+        # MambaStyle's editing_directions/*.npy: (1, 18 * 512), read row-major as (18, 512)
+        return np.ascontiguousarray(squeezed.reshape(n_styles, style_dim))
     if squeezed.shape == (n_styles, style_dim):
         return np.ascontiguousarray(squeezed)
     raise DirectionError(
         f"{uri}: a direction of shape {tuple(a.shape)} does not fit codes of shape "
         f"({n_styles}, {style_dim}) (expected ({style_dim},), (1, {style_dim}), "
-        f"({n_styles}, {style_dim}) or (1, {n_styles}, {style_dim}))"
+        f"({n_styles}, {style_dim}), (1, {n_styles}, {style_dim}) or (1, {n_styles * style_dim}))"
     )
 
 

@@ -260,6 +260,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
 
     from mambastyle.checkpoints import (
         FUSER_FORMAT,
+        check_encoder_generator,
         checkpoint_source,
         file_sha256,
         load_encoder,
@@ -306,19 +307,12 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     g = resolve_generator(
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
     )
-    trained = meta.get("generator") or {}
-    if trained.get("resolution") not in (None, g.resolution) or encoder.n_styles != g.n_styles:
-        raise InvertError(
-            f"{encoder_loc.uri}: the encoder was trained for a {trained.get('resolution')}-px generator "
-            f"({encoder.n_styles} styles); the configured generator is {g.resolution}-px "
-            f"({g.n_styles} styles)"
-        )
+    generator_name = gp.checkpoint or f"random init (seed {gp.init_seed})"
+    try:
+        check_encoder_generator(meta, g, encoder_loc.uri, generator_name)
+    except CheckpointError as exc:
+        raise InvertError(str(exc)) from None
     generator_sha = state_sha256(g)
-    if trained.get("sha256") not in (None, generator_sha):
-        raise InvertError(
-            f"{encoder_loc.uri}: the encoder was trained against generator {trained['sha256'][:12]}..., "
-            f"not the configured one ({generator_sha[:12]}...)"
-        )
     lpips = None
     if ip.metrics:
         candidate = ip.lpips_alexnet or alexnet_hub_path()

@@ -178,6 +178,7 @@ class SS2D(nn.Module):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         scan_backend: Backend = "auto",
+        style_params: bool = False,
     ):
         super().__init__()
         d_inner = int(expand * d_model)
@@ -186,6 +187,8 @@ class SS2D(nn.Module):
         self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)  # -> x, z
+        if style_params:  # stored by MambaStyle's published blocks, never read when inverting
+            self.in_style_proj = nn.Linear(d_model, d_inner, bias=False)
         self.conv2d = (
             nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
             if d_conv > 1
@@ -241,15 +244,22 @@ class SS2D(nn.Module):
 
 
 class VSSBlock(nn.Module):
-    """Pre-norm SS2D with a learned per-channel residual scale, then an output LayerNorm."""
+    """Pre-norm SS2D with a learned per-channel residual scale, then an output LayerNorm.
 
-    def __init__(self, dim: int, **ss2d_kwargs):
+    Module names follow MambaStyle's published block (``self_attention``, ``norm``);
+    ``style_params`` adds the two parameters that block stores for style transfer and that
+    inversion never reads (``skip_scale2`` here, ``in_style_proj`` in the SS2D).
+    """
+
+    def __init__(self, dim: int, style_params: bool = False, **ss2d_kwargs):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
-        self.ss2d = SS2D(dim, **ss2d_kwargs)
+        self.self_attention = SS2D(dim, style_params=style_params, **ss2d_kwargs)
         self.skip_scale = nn.Parameter(torch.ones(dim))
-        self.ln_out = nn.LayerNorm(dim)
+        if style_params:
+            self.skip_scale2 = nn.Parameter(torch.ones(dim))
+        self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
-        return self.ln_out(x * self.skip_scale + self.ss2d(self.ln_1(x)))
+        return self.norm(x * self.skip_scale + self.self_attention(self.ln_1(x)))

@@ -12,17 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.models.encoders import IRSEBackbone
+from mambastyle.models.encoders import irse_body, irse_stem
 
 EMBEDDING_DIM = 512
 INPUT_SIZE = 112
 
 
-class ArcFaceIRSE(IRSEBackbone):
+class ArcFaceIRSE(nn.Module):
     """(B, 3, 112, 112) faces in [-1, 1] -> (B, 512) unit-norm identity embeddings."""
 
     def __init__(self, units: tuple[int, ...] = (3, 4, 14, 3), drop_ratio: float = 0.6):
-        super().__init__((64, 128, 256, 512), units)
+        super().__init__()
+        self.input_layer = irse_stem(3, 64)
+        self.body, _ = irse_body((64, 128, 256, 512), units)
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(512),
             nn.Dropout(drop_ratio),
@@ -31,7 +33,7 @@ class ArcFaceIRSE(IRSEBackbone):
             nn.BatchNorm1d(EMBEDDING_DIM),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"ArcFace expects {INPUT_SIZE}x{INPUT_SIZE} faces, got {tuple(x.shape)}")
         x = self.body(self.input_layer(x))  # (B, 512, 7, 7)

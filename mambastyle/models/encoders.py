@@ -1,18 +1,26 @@
 """Image -> W+ encoders, built by name from a registry.
 
-Every encoder takes (B, 3, S, S) images in [-1, 1] (S = ``input_size``, 256 by default)
-and returns (B, n_styles, style_dim) W+ codes: predicted offsets added to the
-generator's ``latent_avg`` (a buffer the encoder carries, set from the generator).
-``n_styles`` follows the generator's resolution (2 * log2(res) - 2).
+Every encoder takes (B, 3, S, S) images in [-1, 1] (S = ``input_size``, 256 by default) and
+returns (B, n_styles, style_dim) absolute W+ codes: the network's offsets plus ``latent_avg``
+(a non-persistent (n_styles, style_dim) buffer set from the generator or from a checkpoint;
+zeros where the publisher's inference adds nothing). ``n_styles`` follows the generator's
+resolution (2 * log2(res) - 2).
 
-- ``mambastyle``: IR-SE backbone ([2, 2, 5, 2] units), top-down FPN at input/4, /8,
-  /16 (64², 32², 16² for 256-px input), one VSS block per level, a patch-embedding
-  branch added at /8, and three pooled linear style heads (coarse codes from the finest
-  map, fine codes from the coarsest, as in the published code). ~55M parameters at 1024 px.
-- ``mambastyle_small`` / ``mambastyle_tiny``: the same architecture at reduced width
-  and depth, for CPU runs, the demo and tests.
-- ``psp``: the pSp CNN baseline (IR-SE50 + FPN + one GradualStyleBlock per style),
-  ~267M parameters at 1024 px; ``psp_tiny`` is its narrow twin.
+Each architecture has the module names, shapes, buffers and forward pass of its published
+code, so that the ``encoder.*`` weights of an official checkpoint load into it with
+``strict=True`` (see :mod:`mambastyle.checkpoints` for the file layouts):
+
+- ``mambastyle``: MambaStyle's ``Backbone_Mamba_ffhq`` (JhEdLp/MambaStyle): IR-SE34, FPN at
+  input/4, /8, /16, a patch-embedding branch added at /8, one VSS block per level, and three
+  pooled linear heads (coarse codes from the finest map). 56.75M parameters at 1024 px.
+- ``psp``: pSp's ``GradualStyleEncoder`` (IR-SE50 + FPN + one GradualStyleBlock per style).
+- ``e4e``: e4e's ``Encoder4Editing``: the same modules as pSp; one base code from the /16 map
+  repeated over all styles, plus a delta per style (all active, as at inference).
+- ``restyle_psp`` / ``restyle_e4e``: ReStyle's ``BackboneEncoder`` / ``ProgressiveBackboneEncoder``:
+  a 6-channel IR-SE50 (image + current reconstruction) with every style from the /16 map,
+  refined ``n_iters`` times with the generator in the loop (:meth:`ReStyleEncoder.attach_generator`).
+
+Reduced-width variants (``*_small``, ``*_tiny``) keep the topology for CPU runs and tests.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
 from mambastyle.models.stylegan2 import EqualLinear
+
+ARCHS = ("mambastyle", "psp", "e4e", "restyle_psp", "restyle_e4e")
 
 
 def n_styles_for(resolution: int) -> int:
@@ -53,23 +63,25 @@ def style_split(n_styles: int) -> tuple[int, int, int]:
 class EncoderConfig:
     """Architecture of an encoder; saved in its checkpoints so it can be rebuilt by name alone."""
 
-    arch: Literal["mambastyle", "psp"]
+    arch: Literal["mambastyle", "psp", "e4e", "restyle_psp", "restyle_e4e"]
     n_styles: int
     style_dim: int = 512
     input_size: int = 256
-    widths: tuple[int, ...] = (64, 128, 256, 512)  # backbone stage widths
+    widths: tuple[int, ...] = (64, 128, 256, 512)  # backbone stage widths; the last is the FPN width
     units: tuple[int, ...] = (2, 2, 5, 2)  # IR-SE units per stage
-    fpn_dim: int = 512
     # mambastyle only
     d_state: int = 16
     expand: float = 2.0
     head_pools: tuple[tuple[int, int, int], ...] = ((64, 9, 9), (64, 6, 6), (128, 5, 5))
-    patch_pool: int = 18  # 0 disables the patch-embedding branch
+    patch_pool: int = 18
+    style_counts: tuple[int, ...] | None = None  # codes per head; None = style_split(n_styles)
+    # restyle only
+    n_iters: int = 5  # refinement steps (the official inference default)
 
     def __post_init__(self) -> None:
-        if self.arch not in ("mambastyle", "psp"):
-            raise InvalidConfig("arch", f"must be 'mambastyle' or 'psp', got {self.arch!r}")
-        check_at_least(self, 1, "n_styles", "style_dim", "fpn_dim", "d_state")
+        if self.arch not in ARCHS:
+            raise InvalidConfig("arch", f"must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        check_at_least(self, 1, "n_styles", "style_dim", "d_state", "patch_pool", "n_iters")
         if self.input_size < 32 or self.input_size & (self.input_size - 1):
             raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
         if len(self.widths) != 4 or len(self.units) != 4 or min(self.units) < 1 or min(self.widths) < 1:
@@ -80,6 +92,26 @@ class EncoderConfig:
         if len(pools) != 3 or any(len(p) != 3 or min(p) < 1 for p in pools):
             raise InvalidConfig("head_pools", f"needs three (channels, h, w) triples, got {self.head_pools}")
         object.__setattr__(self, "head_pools", pools)
+        if self.style_counts is not None:
+            counts = tuple(int(v) for v in self.style_counts)
+            if len(counts) != 3 or min(counts) < 0 or sum(counts) != self.n_styles:
+                raise InvalidConfig(
+                    "style_counts", f"needs three counts adding up to n_styles={self.n_styles}, got {counts}"
+                )
+            object.__setattr__(self, "style_counts", counts)
+
+    @property
+    def fpn_dim(self) -> int:
+        """Channels of the feature maps the heads read (and of the fuser's input features)."""
+        return self.widths[3]
+
+    @property
+    def input_channels(self) -> int:
+        return 6 if self.arch.startswith("restyle") else 3
+
+    @property
+    def head_counts(self) -> tuple[int, int, int]:
+        return self.style_counts or style_split(self.n_styles)  # type: ignore[return-value]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,35 +181,23 @@ class BottleneckIRSE(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-class IRSEBackbone(nn.Module):
-    """Input stem + four stages of IR-SE units (first unit of each stage has stride 2).
+def irse_stem(in_channels: int, width: int) -> nn.Sequential:
+    """``input_layer``: 3x3 conv, BatchNorm, PReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.PReLU(width)
+    )
 
-    Returns the outputs of stages 2, 3 and 4: (B, w1, S/4, S/4), (B, w2, S/8, S/8),
-    (B, w3, S/16, S/16) for an (B, 3, S, S) input.
-    """
 
-    def __init__(self, widths: tuple[int, ...], units: tuple[int, ...]):
-        super().__init__()
-        self.input_layer = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0])
-        )
-        body, taps, in_c = [], [], widths[0]
-        for depth, n in zip(widths, units, strict=True):
-            for i in range(n):
-                body.append(BottleneckIRSE(in_c, depth, 2 if i == 0 else 1))
-                in_c = depth
-            taps.append(len(body) - 1)
-        self.body = nn.Sequential(*body)
-        self.taps = tuple(taps[1:])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.input_layer(x)
-        feats = []
-        for i, unit in enumerate(self.body):
-            x = unit(x)
-            if i in self.taps:
-                feats.append(x)
-        return feats
+def irse_body(widths: tuple[int, ...], units: tuple[int, ...]) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """``body``: four stages of IR-SE units (the first of each has stride 2), and the indices
+    of the last unit of stages 2, 3 and 4 (outputs at input/4, /8, /16)."""
+    body, taps, in_c = [], [], widths[0]
+    for depth, n in zip(widths, units, strict=True):
+        for i in range(n):
+            body.append(BottleneckIRSE(in_c, depth, 2 if i == 0 else 1))
+            in_c = depth
+        taps.append(len(body) - 1)
+    return nn.Sequential(*body), tuple(taps[1:])
 
 
 def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -189,93 +209,155 @@ def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class Encoder(nn.Module):
-    """Shared contract: config, ``latent_avg`` buffer, input checks."""
+    """Shared contract: config, ``latent_avg`` (non-persistent, (n_styles, style_dim)), input checks.
+
+    ``offsets(x, features)`` is the network; ``forward`` adds ``latent_avg``.
+    """
+
+    # Parameters the published module stores but its inversion forward never reads.
+    UNUSED: tuple[str, ...] = ()
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("latent_avg", torch.zeros(config.style_dim))
+        self.register_buffer("latent_avg", torch.zeros(config.n_styles, config.style_dim), persistent=False)
 
     @property
     def n_styles(self) -> int:
         return self.config.n_styles
 
     def set_latent_avg(self, latent_avg: torch.Tensor) -> None:
-        """Copies the generator's average W, (style_dim,), into the encoder."""
-        self.latent_avg.copy_(latent_avg.detach().reshape(self.config.style_dim))
+        """Sets the average code added to the offsets: (style_dim,), (1, style_dim), or one row
+        per style ((n_styles, style_dim) or (1, n_styles, style_dim))."""
+        value = latent_avg.detach().to(self.latent_avg)
+        s, d = self.latent_avg.shape
+        if value.numel() == d:
+            value = value.reshape(1, d).expand(s, d)
+        elif value.numel() == s * d:
+            value = value.reshape(s, d)
+        else:
+            raise ValueError(
+                f"latent_avg of shape {tuple(latent_avg.shape)} fits neither ({d},) nor ({s}, {d})"
+            )
+        self.latent_avg.copy_(value)
 
     def _check_input(self, x: torch.Tensor) -> None:
         s = self.config.input_size
         if x.ndim != 4 or x.shape[1:] != (3, s, s):
             raise ValueError(f"expected images of shape (B, 3, {s}, {s}) in [-1, 1], got {tuple(x.shape)}")
 
-
-class StyleHead(nn.Module):
-    """BatchNorm, pooling over channels and space to (c, h, w), linear to ``n`` codes."""
-
-    def __init__(self, in_channels: int, pool: tuple[int, int, int], n: int, style_dim: int):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AdaptiveAvgPool3d(pool)
-        self.linear = nn.Linear(math.prod(pool), n * style_dim)
-        self.n, self.style_dim = n, style_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, n, style_dim)."""
-        x = self.pool(self.norm(x).unsqueeze(1)).flatten(1)  # (B, c * h * w)
-        return self.linear(x).view(-1, self.n, self.style_dim)
-
-
-class MambaStyleEncoder(Encoder):
-    """IR-SE backbone + FPN + one VSS block per level + pooled style heads."""
-
-    def __init__(self, config: EncoderConfig, scan_backend: Backend = "auto"):
-        super().__init__(config)
-        cfg, dim = config, config.fpn_dim
-        w = cfg.widths
-        self.backbone = IRSEBackbone(w, cfg.units)
-        self.lateral = nn.ModuleList([nn.Conv2d(c, dim, 1) for c in (w[1], w[2], w[3])])
-        vss = {"d_state": cfg.d_state, "expand": cfg.expand, "scan_backend": scan_backend}
-        self.vss = nn.ModuleList([VSSBlock(dim, **vss) for _ in range(3)])  # levels /4, /8, /16
-        if cfg.patch_pool > 0:
-            self.patch_embed = nn.Conv2d(3, dim, 8, stride=8)
-            self.patch_proj = nn.Conv2d(dim, dim, 1)
-        self.heads = nn.ModuleList(
-            [
-                StyleHead(dim, pool, n, cfg.style_dim)
-                for pool, n in zip(cfg.head_pools, style_split(cfg.n_styles), strict=True)
-                if n > 0
-            ]
-        )
-        self.feature_adapter = nn.Conv2d(dim, dim, 3, padding=1)
-
-    @staticmethod
-    def _vss(block: VSSBlock, x: torch.Tensor) -> torch.Tensor:
-        return block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # channels-last inside
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """x: (B, 3, S, S) -> W+ (B, n_styles, D); with ``return_features`` also the
         (B, fpn_dim, S/4, S/4) feature map for feature-space (F-space) refinement."""
         self._check_input(x)
-        c1, c2, c3 = self.backbone(x)  # /4, /8, /16
-        p3 = self._vss(self.vss[2], self.lateral[2](c3))
-        p2 = _upsample_add(p3, self.lateral[1](c2))
-        if self.config.patch_pool > 0:
-            patches = self.patch_embed(x)  # (B, dim, S/8, S/8)
-            patches = self.patch_proj(F.adaptive_avg_pool2d(patches, self.config.patch_pool))
-            p2 = p2 + F.interpolate(patches, size=p2.shape[-2:], mode="bilinear", align_corners=False)
-        p2 = self._vss(self.vss[1], p2)
-        p1 = self._vss(self.vss[0], _upsample_add(p2, self.lateral[0](c1)))
-        levels = [p1, p2, p3]  # coarse codes from the finest map
-        codes = torch.cat([head(level) for head, level in zip(self.heads, levels, strict=False)], dim=1)
+        codes, feats = self.offsets(x, return_features)
         w_plus = codes + self.latent_avg
-        if return_features:
-            return w_plus, self.feature_adapter(p1)
-        return w_plus
+        return (w_plus, feats) if return_features else w_plus
+
+
+class Unflatten(nn.Module):
+    """(B, C, H, W) -> (B, 1, C, H, W), so that a 3-D pool reduces channels and space together."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1)
+
+
+def style_head(in_channels: int, pool: tuple[int, int, int], n: int, style_dim: int) -> nn.Sequential:
+    """MambaStyle's projection head: BatchNorm, 3-D average pool to (c, h, w), linear to n codes.
+    Keys ``0.*`` (BatchNorm) and ``4.*`` (Linear), as published."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels),
+        Unflatten(),
+        nn.AdaptiveAvgPool3d(pool),
+        nn.Flatten(),
+        nn.Linear(math.prod(pool), n * style_dim),
+    )
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping 8x8 patch projection (the module MambaStyle names ``proj``)."""
+
+    def __init__(self, dim: int, patch: int = 8):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class MambaStyleEncoder(Encoder):
+    """MambaStyle's encoder, module for module (``Backbone_Mamba_ffhq``; ``Backbone_Mamba_cars``
+    with ``style_counts=(4, 4, 8)``).
+
+    c1, c2, c3 = IR-SE outputs at /4, /8, /16; c2 <- up(c3) + latlayer1(c2) + patch branch;
+    c1 <- up(c2) + latlayer2(c1); one VSS block on each level independently; the feature map
+    for the fuser is ``adapt_1(c1)``; codes: head 1 on c1 (coarse), 2 on c2, 3 on c3 (fine).
+    """
+
+    UNUSED = ("in_style_proj", "skip_scale2")
+
+    def __init__(self, config: EncoderConfig, scan_backend: Backend = "auto"):
+        super().__init__(config)
+        cfg = config
+        w, dim = cfg.widths, cfg.fpn_dim
+        self.input_layer = irse_stem(3, w[0])
+        self.body, self.taps = irse_body(w, cfg.units)
+        vss = {
+            "d_state": cfg.d_state,
+            "expand": cfg.expand,
+            "scan_backend": scan_backend,
+            "style_params": True,
+        }
+        self.SS2D_1 = VSSBlock(dim, **vss)  # noqa: N815 (published names)
+        self.SS2D_2 = VSSBlock(dim, **vss)  # noqa: N815
+        self.SS2D_3 = VSSBlock(dim, **vss)  # noqa: N815
+        self.latlayer1 = nn.Conv2d(w[2], dim, 1)
+        self.latlayer2 = nn.Conv2d(w[1], dim, 1)
+        self.adapt_1 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.proj = PatchEmbed(dim)
+        self.new_ps = nn.Conv2d(dim, dim, 1)
+        self.averagepooling = nn.AdaptiveAvgPool2d(cfg.patch_pool)
+        for i, (pool, n) in enumerate(zip(cfg.head_pools, cfg.head_counts, strict=True), start=1):
+            setattr(self, f"output_layer_{i}", style_head(dim, pool, n, cfg.style_dim) if n > 0 else None)
+        for name, p in self.named_parameters():  # kept for the layout; frozen so DDP never waits on them
+            if name.rsplit(".", 1)[0].endswith(self.UNUSED) or name.endswith(self.UNUSED):
+                p.requires_grad_(False)
+
+    @property
+    def feature_adapter(self) -> nn.Module:
+        return self.adapt_1
+
+    @staticmethod
+    def _vss(block: VSSBlock, x: torch.Tensor) -> torch.Tensor:
+        return block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # channels-last inside
+
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        pos = self.new_ps(self.averagepooling(self.proj(x)))
+        h = self.input_layer(x)
+        taps = []
+        for i, unit in enumerate(self.body):
+            h = unit(h)
+            if i in self.taps:
+                taps.append(h)
+        c1, c2, c3 = taps
+        c2 = _upsample_add(c3, self.latlayer1(c2))
+        c2 = c2 + F.interpolate(pos, size=c2.shape[-2:], mode="bilinear", align_corners=False)
+        c1 = _upsample_add(c2, self.latlayer2(c1))
+        levels = [self._vss(self.SS2D_1, c1), self._vss(self.SS2D_2, c2), self._vss(self.SS2D_3, c3)]
+        d = self.config.style_dim
+        codes = []
+        for i, level in enumerate(levels, start=1):
+            head = getattr(self, f"output_layer_{i}")
+            if head is not None:
+                codes.append(head(level).view(x.shape[0], -1, d))
+        return torch.cat(codes, dim=1), (self.adapt_1(levels[0]) if features else None)
 
 
 class GradualStyleBlock(nn.Module):
-    """pSp's per-style head: stride-2 conv + LeakyReLU down to 1x1, then a linear layer to W."""
+    """pSp's per-style head: stride-2 convs + LeakyReLU down to 1x1, then an EqualLinear to W."""
 
     def __init__(self, channels: int, style_dim: int, spatial: int):
         super().__init__()
@@ -292,34 +374,130 @@ class GradualStyleBlock(nn.Module):
 
 
 class PSPEncoder(Encoder):
-    """pSp baseline: IR-SE backbone + FPN; styles 0-2 from /16, 3-6 from /8, the rest from /4."""
+    """pSp's ``GradualStyleEncoder``: IR-SE + FPN; styles 0-2 from /16, 3-6 from /8, the rest from /4."""
 
     COARSE, MIDDLE = 3, 7
 
     def __init__(self, config: EncoderConfig, scan_backend: Backend = "auto"):
         super().__init__(config)
         cfg, dim = config, config.fpn_dim
-        self.backbone = IRSEBackbone(cfg.widths, cfg.units)
-        self.lateral3 = nn.Conv2d(cfg.widths[3], dim, 1) if cfg.widths[3] != dim else nn.Identity()
-        self.lateral2 = nn.Conv2d(cfg.widths[2], dim, 1)
-        self.lateral1 = nn.Conv2d(cfg.widths[1], dim, 1)
-        s = cfg.input_size
-        spatial = [
-            s // 16 if i < self.COARSE else s // 8 if i < self.MIDDLE else s // 4 for i in range(cfg.n_styles)
-        ]
-        self.styles = nn.ModuleList([GradualStyleBlock(dim, cfg.style_dim, sp) for sp in spatial])
+        self.input_layer = irse_stem(cfg.input_channels, cfg.widths[0])
+        self.body, self.taps = irse_body(cfg.widths, cfg.units)
+        self.styles = nn.ModuleList(
+            [GradualStyleBlock(dim, cfg.style_dim, self._spatial(i)) for i in range(cfg.n_styles)]
+        )
+        self.latlayer1 = nn.Conv2d(cfg.widths[2], dim, 1)
+        self.latlayer2 = nn.Conv2d(cfg.widths[1], dim, 1)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        """x: (B, 3, S, S) -> W+ (B, n_styles, D) (features: the /4 FPN map)."""
-        self._check_input(x)
-        c1, c2, c3 = self.backbone(x)
-        p3 = self.lateral3(c3)
-        p2 = _upsample_add(p3, self.lateral2(c2))
-        p1 = _upsample_add(p2, self.lateral1(c1))
-        maps = [p3 if i < self.COARSE else p2 if i < self.MIDDLE else p1 for i in range(self.n_styles)]
+    def _spatial(self, i: int) -> int:
+        s = self.config.input_size
+        return s // 16 if i < self.COARSE else s // 8 if i < self.MIDDLE else s // 4
+
+    def _backbone(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.input_layer(x)
+        taps = []
+        for i, unit in enumerate(self.body):
+            h = unit(h)
+            if i in self.taps:
+                taps.append(h)
+        return taps
+
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        c1, c2, c3 = self._backbone(x)
+        p2 = _upsample_add(c3, self.latlayer1(c2))
+        p1 = _upsample_add(p2, self.latlayer2(c1))
+        maps = [c3 if i < self.COARSE else p2 if i < self.MIDDLE else p1 for i in range(self.n_styles)]
         codes = torch.stack([blk(m) for blk, m in zip(self.styles, maps, strict=True)], dim=1)
-        w_plus = codes + self.latent_avg
-        return (w_plus, p1) if return_features else w_plus
+        return codes, (p1 if features else None)
+
+
+class E4EEncoder(PSPEncoder):
+    """e4e's ``Encoder4Editing`` at inference: the base code ``styles[0](c3)`` for every style,
+    plus ``styles[i]`` of the same FPN level as pSp's as a delta for style i >= 1."""
+
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        c1, c2, c3 = self._backbone(x)
+        p2 = _upsample_add(c3, self.latlayer1(c2))
+        p1 = _upsample_add(p2, self.latlayer2(c1))
+        w0 = self.styles[0](c3)
+        maps = [c3 if i < self.COARSE else p2 if i < self.MIDDLE else p1 for i in range(self.n_styles)]
+        deltas = [torch.zeros_like(w0)] + [blk(m) for blk, m in zip(self.styles[1:], maps[1:], strict=True)]
+        return w0[:, None] + torch.stack(deltas, dim=1), (p1 if features else None)
+
+
+class ReStyleEncoder(Encoder):
+    """ReStyle (``BackboneEncoder``, or ``ProgressiveBackboneEncoder`` for ``restyle_e4e``):
+    a 6-channel IR-SE whose every style head reads the final /16 map, run ``n_iters`` times.
+
+    Step 0 encodes (x, the average image) and adds ``latent_avg``; step k encodes (x, the
+    reconstruction of the current codes) and adds to them. Reconstructions are the generator's
+    output with its stored noise, average-pooled to the input size. The generator is attached
+    with :meth:`attach_generator`; it is held outside the state dict (which stays exactly the
+    published encoder's keys) but follows ``.to()`` like a submodule.
+    """
+
+    def __init__(self, config: EncoderConfig, scan_backend: Backend = "auto"):
+        super().__init__(config)
+        cfg = config
+        self.input_layer = irse_stem(cfg.input_channels, cfg.widths[0])
+        self.body, _ = irse_body(cfg.widths, cfg.units)
+        spatial = cfg.input_size // 16
+        self.styles = nn.ModuleList(
+            [GradualStyleBlock(cfg.fpn_dim, cfg.style_dim, spatial) for _ in range(cfg.n_styles)]
+        )
+        self._generator: list[nn.Module] = []
+        self.register_buffer("avg_image", torch.zeros(1, 3, cfg.input_size, cfg.input_size), persistent=False)
+
+    @property
+    def progressive(self) -> bool:
+        return self.config.arch == "restyle_e4e"
+
+    @property
+    def generator(self):
+        if not self._generator:
+            raise RuntimeError("ReStyle needs its generator: call attach_generator() (load_encoder does)")
+        return self._generator[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for g in self._generator:
+            g._apply(fn, *args, **kwargs)
+        return self
+
+    def attach_generator(self, generator) -> None:
+        """Uses ``generator`` for the reconstructions and renders the average image from
+        ``latent_avg`` (call after :meth:`set_latent_avg`)."""
+        if generator.n_styles != self.n_styles or generator.style_dim != self.config.style_dim:
+            raise ValueError(
+                f"the generator has {generator.n_styles} styles of {generator.style_dim}; "
+                f"this encoder makes {self.n_styles} of {self.config.style_dim}"
+            )
+        generator.eval().requires_grad_(False)
+        self._generator = [generator.to(self.latent_avg.device)]
+        with torch.no_grad():
+            self.avg_image.copy_(self._render(self.latent_avg[None]))
+
+    def _render(self, codes: torch.Tensor) -> torch.Tensor:
+        y = self.generator.synthesis(codes, noise_mode="const")
+        return F.adaptive_avg_pool2d(y, self.config.input_size)
+
+    def _step(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.input_layer(x))
+        if not self.progressive:
+            return torch.stack([blk(h) for blk in self.styles], dim=1)
+        w0 = self.styles[0](h)
+        deltas = [torch.zeros_like(w0)] + [blk(h) for blk in self.styles[1:]]
+        return w0[:, None] + torch.stack(deltas, dim=1)
+
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        if features:
+            raise NotImplementedError("ReStyle encoders have no feature map for the fuser")
+        y = self.avg_image.expand(x.shape[0], -1, -1, -1)
+        codes = self._step(torch.cat([x, y], dim=1))
+        for _ in range(1, self.config.n_iters):
+            y = self._render(codes + self.latent_avg)
+            codes = codes + self._step(torch.cat([x, y], dim=1))
+        return codes, None  # the caller adds latent_avg once: step 0's start, kept through every step
 
 
 # --------------------------------------------------------------------------- registry
@@ -335,7 +513,13 @@ class EncoderSpec:
 
 
 ENCODERS: dict[str, EncoderSpec] = {}
-ARCHITECTURES: dict[str, type[Encoder]] = {"mambastyle": MambaStyleEncoder, "psp": PSPEncoder}
+ARCHITECTURES: dict[str, type[Encoder]] = {
+    "mambastyle": MambaStyleEncoder,
+    "psp": PSPEncoder,
+    "e4e": E4EEncoder,
+    "restyle_psp": ReStyleEncoder,
+    "restyle_e4e": ReStyleEncoder,
+}
 
 
 def register(name: str, description: str, **defaults) -> None:
@@ -345,14 +529,16 @@ def register(name: str, description: str, **defaults) -> None:
     ENCODERS[name] = EncoderSpec(name, defaults, description)
 
 
-register("mambastyle", "IR-SE34 + FPN + VSS blocks (published configuration)", arch="mambastyle")
+IRSE50 = (3, 4, 14, 3)
+TINY_WIDTHS = {"widths": (16, 32, 64, 64), "units": (1, 1, 2, 1)}
+
+register("mambastyle", "MambaStyle: IR-SE34 + FPN + VSS blocks (the official encoder)", arch="mambastyle")
 register(
     "mambastyle_small",
     "half-width MambaStyle for CPU training",
     arch="mambastyle",
     widths=(32, 64, 128, 256),
     units=(2, 2, 3, 2),
-    fpn_dim=256,
     head_pools=((32, 6, 6), (32, 4, 4), (64, 3, 3)),
     patch_pool=12,
 )
@@ -360,22 +546,20 @@ register(
     "mambastyle_tiny",
     "narrow MambaStyle for the CPU demo and tests",
     arch="mambastyle",
-    widths=(16, 32, 64, 128),
-    units=(1, 1, 2, 1),
-    fpn_dim=64,
     d_state=8,
     head_pools=((8, 4, 4), (8, 3, 3), (16, 2, 2)),
     patch_pool=6,
+    **TINY_WIDTHS,
 )
-register("psp", "pSp baseline: IR-SE50 + FPN + GradualStyleBlocks", arch="psp", units=(3, 4, 14, 3))
-register(
-    "psp_tiny",
-    "narrow pSp baseline for tests",
-    arch="psp",
-    widths=(16, 32, 64, 128),
-    units=(1, 1, 2, 1),
-    fpn_dim=64,
-)
+register("psp", "pSp: IR-SE50 + FPN + GradualStyleBlocks", arch="psp", units=IRSE50)
+register("psp_tiny", "narrow pSp for tests", arch="psp", **TINY_WIDTHS)
+register("e4e", "e4e: pSp's modules, a base code plus per-style deltas", arch="e4e", units=IRSE50)
+register("e4e_tiny", "narrow e4e for tests", arch="e4e", **TINY_WIDTHS)
+register("restyle_psp", "ReStyle over pSp's backbone encoder (iterative)", arch="restyle_psp", units=IRSE50)
+register("restyle_psp_tiny", "narrow ReStyle-pSp for tests", arch="restyle_psp", n_iters=2, **TINY_WIDTHS)
+register("restyle_e4e", "ReStyle over e4e's progressive backbone encoder (iterative)", arch="restyle_e4e",
+         units=IRSE50)  # fmt: skip
+register("restyle_e4e_tiny", "narrow ReStyle-e4e for tests", arch="restyle_e4e", n_iters=2, **TINY_WIDTHS)
 
 
 def encoder_config(name: str, resolution: int = 1024, **overrides) -> EncoderConfig:
