@@ -380,8 +380,8 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
 
     params = _load(args.params)
     defined = {e.name: e for e in params.edit.edits}
-    blank = {"uri": None, "component": None, "column": None, "labels": args.labels, "fit_where": None,
-             "space": "W", "strengths": (0.0,), "layers": None}  # fmt: skip
+    blank = {"uri": None, "component": None, "absolute": False, "column": None, "labels": args.labels,
+             "fit_where": None, "space": "W", "strengths": (0.0,), "layers": None}  # fmt: skip
     for kind, values in (("interfacegan", args.load), ("ganspace", args.ganspace), ("fit", args.fit)):
         for item in values or []:
             name, sep, target = item.partition("=")

@@ -375,6 +375,32 @@ class InvertParams:
 
 
 @dataclass(frozen=True)
+class EvaluateEncoderParams:
+    """One encoder of the evaluate stage's comparison."""
+
+    name: str  # letters, digits, underscores: its key in comparison.json
+    uri: str | None  # an encoder, fuser or official training checkpoint; null = the invert stage's
+
+    def __post_init__(self) -> None:
+        import re
+
+        if not re.match(r"^[A-Za-z0-9_]+$", self.name):
+            raise InvalidConfig("name", f"use letters, digits and underscores only, got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class EditabilityParams:
+    """How editable each encoder's codes are: a pose direction applied at a few strengths."""
+
+    direction: str | None  # a yaw direction file (InterFaceGAN layout); null = fitted from the table's yaw
+    strengths: tuple[float, ...]  # distances moved along the direction (0 is added as the reference)
+
+    def __post_init__(self) -> None:
+        if not [s for s in self.strengths if s != 0]:
+            raise InvalidConfig("strengths", "needs at least one nonzero strength")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Encoder evaluation: reconstructions of one split, latent recovery, size and speed."""
 
@@ -387,9 +413,16 @@ class EvaluateParams:
     batch_size: int
     latency_batches: int  # timed encoder batches (after one warm-up)
     grid_samples: int  # faces in the reconstruction picture
+    encoders: tuple[EvaluateEncoderParams, ...]  # compared side by side on the same faces
+    editability: EditabilityParams
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "synthetic_samples", "batch_size", "latency_batches", "grid_samples")
+        names = [e.name for e in self.encoders]
+        if not names:
+            raise InvalidConfig("encoders", "list at least one encoder (uri null: the invert stage's)")
+        if len(set(names)) != len(names):
+            raise InvalidConfig("encoders", f"names must be unique, got {names}")
 
 
 @dataclass(frozen=True)
@@ -400,6 +433,7 @@ class EditEntryParams:
     source: Literal["fit", "interfacegan", "ganspace"]
     uri: str | None  # interfacegan / ganspace: the direction or PCA file (path or s3://)
     component: int | None  # ganspace: the principal component
+    absolute: bool  # ganspace: strength is the coordinate to move to (e4e's edits), not a step in std
     column: str | None  # fit: the numeric or boolean column (of the table, or of `labels`)
     labels: str | None  # fit: a .csv/.parquet with `key` and `column`, joined to the table by key
     fit_where: str | None  # fit: SQL condition choosing the rows fitted on
@@ -416,6 +450,8 @@ class EditEntryParams:
         for key in needs[self.source]:
             if getattr(self, key) is None:
                 raise InvalidConfig(key, f"must be set for source {self.source!r}")
+        if self.absolute and self.source != "ganspace":
+            raise InvalidConfig("absolute", f"applies to source 'ganspace' only, not {self.source!r}")
         if not self.strengths:
             raise InvalidConfig("strengths", "give at least one strength")
         if len(set(self.strengths)) != len(self.strengths):

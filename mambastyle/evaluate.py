@@ -1,16 +1,18 @@
-"""Evaluating an encoder: reconstruction quality on real faces, latent recovery on generator
-samples, size and speed. Plain PyTorch (no Ray); the DVC stage ``evaluate`` calls it.
+"""Evaluating encoders: reconstruction quality on real faces, latent recovery on generator
+samples, size, speed and editability. Plain PyTorch (no Ray); the DVC stage ``evaluate`` calls it.
 
-Reconstructions are compared with the inputs at the encoder's input size, as in the invert stage:
-MSE and SSIM always, LPIPS (AlexNet) and identity similarity (cosine of ArcFace IR-SE50
-embeddings, faces cropped as in training) only when their weights are given: a metric whose
-weights are missing is reported as not measured, never estimated.
+Reconstructions are compared with the inputs at the encoder's input size, as in the invert stage
+(several encoders side by side: at the smallest of their input sizes): MSE and SSIM always,
+LPIPS (AlexNet) and identity similarity (cosine of ArcFace IR-SE50 embeddings, faces cropped as
+in training) only when their weights are given: a metric whose weights are missing is reported
+as not measured, never estimated. ``identity_dlib`` is dlib's face-recognition descriptor
+(:mod:`mambastyle.identity`), reported under its own name.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -18,6 +20,18 @@ import torch.nn.functional as F
 
 from mambastyle.invert.core import prepare_images, ssim
 from mambastyle.models.fuser import fused_synthesis
+
+
+def _batches(images: Iterable[torch.Tensor], batch_size: int):
+    """Stacks of up to ``batch_size`` uint8 (3, H, W) images, in order."""
+    batch: list[torch.Tensor] = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
 
 
 @torch.no_grad()
@@ -40,7 +54,6 @@ def reconstruction_metrics(
     values: dict[str, list[float]] = {n + suffix: [] for suffix in ("", "_fuser")[: 1 + (fuser is not None)]
                                       for n in names}  # fmt: skip
     pairs: list[torch.Tensor] = []
-    batch: list[torch.Tensor] = []
 
     def measure(y: torch.Tensor, x: torch.Tensor, suffix: str) -> torch.Tensor:
         if y.shape[-1] != size:
@@ -55,8 +68,8 @@ def reconstruction_metrics(
             values["id_similarity" + suffix] += (e_y * e_x).sum(1).tolist()
         return y.clamp(-1, 1)
 
-    def flush() -> None:
-        x = prepare_images(torch.stack(batch), size).to(device)
+    def flush(batch: torch.Tensor) -> None:
+        x = prepare_images(batch, size).to(device)
         if fuser is None:
             shown = [x, measure(generator.synthesis(encoder(x), noise_mode="const"), x, "")]
         else:
@@ -68,14 +81,9 @@ def reconstruction_metrics(
                 measure(fused, x, "_fuser"),
             ]
         pairs.extend(torch.stack(shown, 1).cpu())
-        batch.clear()
 
-    for image in images:
-        batch.append(image)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    for batch in _batches(images, batch_size):
+        flush(batch)
     return values, pairs
 
 
@@ -127,3 +135,118 @@ def latency(encoder, batch_size: int, repeats: int) -> dict:
         times.append((time.perf_counter() - t0) / batch_size * 1000)
     return {"ms_per_image": float(np.median(times)), "batch_size": batch_size, "device": device.type,
             "threads": torch.get_num_threads()}  # fmt: skip
+
+
+@torch.no_grad()
+def compare_encoders(
+    encoders: Mapping[str, torch.nn.Module],
+    generator,
+    images: Iterable[torch.Tensor],
+    batch_size: int,
+    lpips_net=None,
+    identity=None,
+    dlib_identity=None,
+) -> tuple[dict[str, dict[str, list[float]]], list[torch.Tensor]]:
+    """Reconstructs the same uint8 (3, H, W) ``images`` with every encoder and measures each
+    reconstruction against its input at the smallest of the encoders' input sizes.
+
+    Returns (per encoder, its per-image values keyed by metric: mse, ssim, and lpips,
+    id_similarity (ArcFace), identity_dlib where their networks are given; (1 + n_encoders,
+    3, S, S) stacks of the input and each reconstruction, in [-1, 1], for pictures).
+    """
+    size = min(e.config.input_size for e in encoders.values())
+    names = ["mse", "ssim"] + (["lpips"] if lpips_net is not None else [])
+    names += ["id_similarity"] if identity is not None else []
+    names += ["identity_dlib"] if dlib_identity is not None else []
+    values = {name: {n: [] for n in names} for name in encoders}
+    shown: list[torch.Tensor] = []
+
+    def flush(batch: torch.Tensor) -> None:
+        x = prepare_images(batch, size)
+        row = [x]
+        for name, encoder in encoders.items():
+            device = encoder.latent_avg.device
+            w = encoder(prepare_images(batch, encoder.config.input_size).to(device))
+            y = generator.synthesis(w.to(generator.latent_avg.device), noise_mode="const").cpu()
+            y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            v = values[name]
+            v["mse"] += (y - x).pow(2).flatten(1).mean(1).tolist()
+            v["ssim"] += ssim(y.clamp(-1, 1), x).tolist()
+            if lpips_net is not None:
+                dev = next(lpips_net.parameters()).device
+                v["lpips"] += lpips_net(y.to(dev), x.to(dev)).flatten().tolist()
+            if identity is not None:
+                e_y = F.normalize(identity.embed(y.clamp(-1, 1)), dim=1)
+                e_x = F.normalize(identity.embed(x), dim=1)
+                v["id_similarity"] += (e_y * e_x).sum(1).tolist()
+            if dlib_identity is not None:
+                v["identity_dlib"] += dlib_identity.similarity(y, x).tolist()
+            row.append(y.clamp(-1, 1))
+        shown.extend(torch.stack(row, 1))
+
+    for batch in _batches(images, batch_size):
+        flush(batch)
+    return values, shown
+
+
+@torch.no_grad()
+def editability(
+    encoder,
+    generator,
+    images: Iterable[torch.Tensor],
+    direction: np.ndarray,
+    strengths: Iterable[float],
+    batch_size: int,
+    dlib_identity=None,
+) -> dict:
+    """How a yaw ``direction`` (n_styles, style_dim) moves ``encoder``'s reconstructions of
+    uint8 (3, H, W) ``images``: each code gets ``w + s * direction`` for every strength s, and
+    the yaw of the rendered face is re-measured from its landmarks
+    (:func:`mambastyle.identity.aligned_pose`, the prepare stage's pose fit).
+
+    Returns ``yaw_per_strength`` (degrees per unit of strength: the least-squares slope of the
+    yaw change against s through the origin), ``linearity_r2`` (how much of the yaw change that
+    line explains; 1 = exactly proportional), ``yaw_change`` (mean change per strength),
+    ``identity_kept_dlib`` (mean identity_dlib of the edited face against the unedited
+    reconstruction; without ``dlib_identity``: absent) and the counts.
+    """
+    from mambastyle.identity import aligned_pose
+
+    strengths = [float(s) for s in strengths if float(s) != 0.0]
+    d = torch.as_tensor(np.asarray(direction, np.float32))
+    device = encoder.latent_avg.device
+    changes: dict[float, list[float]] = {s: [] for s in strengths}
+    kept: list[float] = []
+
+    def render(w: torch.Tensor) -> torch.Tensor:
+        return generator.synthesis(w.to(generator.latent_avg.device), noise_mode="const").clamp(-1, 1).cpu()
+
+    def flush(batch: torch.Tensor) -> None:
+        w = encoder(prepare_images(batch, encoder.config.input_size).to(device)).cpu()
+        y0 = render(w)
+        yaw0 = aligned_pose(y0)[:, 0]
+        for s in strengths:
+            ys = render(w + s * d)
+            changes[s] += (aligned_pose(ys)[:, 0] - yaw0).tolist()
+            if dlib_identity is not None:
+                kept.extend(dlib_identity.similarity(ys, y0).tolist())
+
+    for batch in _batches(images, batch_size):
+        flush(batch)
+    s_all = np.array([s for s in strengths for _ in changes[s]], np.float64)
+    dy = np.array([v for s in strengths for v in changes[s]], np.float64)
+    if dy.size == 0:
+        raise ValueError("no faces to measure editability on")
+    slope = float((s_all * dy).sum() / (s_all * s_all).sum())
+    total = float((dy * dy).sum())
+    r2 = 1.0 - float(((dy - slope * s_all) ** 2).sum()) / total if total > 0 else 0.0
+    out = {
+        "yaw_per_strength": slope,
+        "linearity_r2": r2,
+        "yaw_change": {f"{s:g}": float(np.mean(changes[s])) for s in strengths},
+        "faces": len(changes[strengths[0]]),
+        "strengths": strengths,
+    }
+    if dlib_identity is not None:
+        out["identity_kept_dlib"] = float(np.mean(kept))
+    return out

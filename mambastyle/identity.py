@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mambastyle.data.align import AlignmentUnavailable, predictor_path
+from mambastyle.data.align import AlignmentUnavailable, estimate_pose, predictor_path
 
 METRIC = "identity_dlib"
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -138,13 +138,17 @@ def _face_box(side: int):
     return dlib.rectangle(round(cx - half), round(cy - half), round(cx + half), round(cy + half))
 
 
+def _upscaled(image: np.ndarray) -> np.ndarray:
+    if image.shape[0] < CHIP_SIZE:
+        image = np.asarray(Image.fromarray(image).resize((_UPSCALED_SIDE,) * 2, Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(image)
+
+
 def _chip(image: np.ndarray, predictor) -> np.ndarray:
     """The 150 px face chip of one (H, H, 3) uint8 crop, aligned on its 5 landmarks."""
     import dlib
 
-    if image.shape[0] < CHIP_SIZE:
-        image = np.asarray(Image.fromarray(image).resize((_UPSCALED_SIDE,) * 2, Image.Resampling.BICUBIC))
-    image = np.ascontiguousarray(image)
+    image = _upscaled(image)
     shape = predictor(image, _face_box(image.shape[0]))
     return dlib.get_face_chip(image, shape, size=CHIP_SIZE, padding=CHIP_PADDING)  # (150, 150, 3)
 
@@ -190,3 +194,23 @@ class DlibIdentity:
         if len(a) != len(b):
             raise ValueError(f"the two batches differ in length: {len(a)} and {len(b)}")
         return cosine(self.embed(a), self.embed(b))
+
+
+def aligned_pose(images: Images) -> np.ndarray:
+    """(B, 3) yaw, pitch, roll in degrees of aligned face crops, by the prepare stage's pose fit
+    (:func:`mambastyle.data.align.estimate_pose`) on the 68 landmarks dlib's model finds from
+    the face box of an FFHQ crop (no detector, so an edited or blurry face is still measured).
+
+    Formats as :func:`as_uint8_batch`. Raises AlignmentUnavailable when the model is missing.
+    """
+    from mambastyle.data.align import _default_models
+
+    batch = as_uint8_batch(images)
+    predictor = _default_models()[1]
+    out = np.zeros((len(batch), 3), np.float64)
+    for i, image in enumerate(batch):
+        image = _upscaled(image)
+        shape = predictor(image, _face_box(image.shape[0]))
+        points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+        out[i] = estimate_pose(points)
+    return out

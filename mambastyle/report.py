@@ -103,6 +103,10 @@ def pipeline_report(records: str | Path = "data", storage_root: str = "data") ->
                 f"            not measured: {', '.join(sorted(ev['not_measured']))} (see metrics.json)"
             )
         lines.append(f"            reconstructions: {_pictures(rec / 'evaluate' / 'reconstructions.png')}")
+        side = _read(rec / "evaluate" / "comparison.json") or {}
+        if side.get("encoders"):
+            names = ", ".join(side["encoders"])
+            lines.append(f"            encoders side by side ({names}): {rec / 'evaluate' / 'comparison.md'}")
     if ed := section("edit", "metrics.json"):
         grids = sorted((rec / "edit" / "grids").glob("*.png"))
         lines += [

@@ -11,6 +11,16 @@ Writes data/evaluate/metrics.json and data/evaluate/reconstructions.png (each fa
 reconstruction, and the fuser's). The encoder's speed
 (ms/image, which varies from run to run) goes to data/evaluate/latency.json, a metric DVC shows
 but does not lock.
+
+Side by side (`evaluate.encoders`: the invert stage's encoder and any other checkpoint, official
+pSp/e4e/ReStyle/MambaStyle files included, each checked against the configured generator): on the
+same faces, each encoder's parameters, ms/image at batch 1 and 8, MSE, SSIM, LPIPS, ArcFace
+identity and dlib identity (`identity_dlib`), and its editability: a yaw direction (a file, or
+fitted from the latent table's `yaw`) applied at `evaluate.editability.strengths`, the edited
+faces' yaw re-measured from their landmarks. Writes data/evaluate/comparison.json (a DVC metric,
+so `dvc metrics diff` compares experiments; the speeds, which vary from run to run, go to
+latency.json under `encoders`), comparison.md (all of it as one table) and comparison.png (each
+input, then each encoder's reconstruction, in the order listed).
 """
 
 from __future__ import annotations
@@ -130,7 +140,16 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
                             "inject_res": fuser.config.inject_res}  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     (local_out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    speed = latency(encoder, ep.batch_size, ep.latency_batches)
+    comparison, speeds, shown_side = _compare(params, record, encoder, encoder_uri, g, images, lpips_net,
+                                              identity, dict(not_measured))  # fmt: skip
+    (local_out / "comparison.json").write_text(json.dumps(comparison, indent=2, sort_keys=True) + "\n")
+    table = _table(comparison, speeds)
+    (local_out / "comparison.md").write_text(table)
+    log.info("encoders side by side on %d %s faces:\n%s", comparison["images"], ep.split, table)
+    side = shown_side[: ep.grid_samples]
+    save_png(make_grid(to_uint8(torch.stack(side).flatten(0, 1)), ncols=side[0].shape[0]),
+             local_out / "comparison.png")  # fmt: skip
+    speed = {**latency(encoder, ep.batch_size, ep.latency_batches), "encoders": speeds}
     (local_out / "latency.json").write_text(json.dumps(speed, indent=2, sort_keys=True) + "\n")
     # up to 4 faces a row, each followed by its reconstruction (and the fuser's)
     shown = pairs[: ep.grid_samples]
@@ -142,7 +161,113 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     return {**metrics, "latency": speed}
 
 
+def _compare(params: Params, record: dict, pipeline_encoder, encoder_uri: str, g, images, lpips_net, identity,
+             not_measured: dict) -> tuple[dict, list]:  # fmt: skip
+    """The side-by-side table of ``evaluate.encoders`` (see the module docstring)."""
+    from mambastyle.checkpoints import check_encoder_generator, checkpoint_source, load_encoder
+    from mambastyle.data.align import AlignmentUnavailable
+    from mambastyle.evaluate import compare_encoders, editability, latency
+
+    ep, gp = params.evaluate, params.generator
+    options = params.storage.options()
+    generator_name = gp.checkpoint or f"the random generator (seed {gp.init_seed})"
+    encoders, sources = {}, {}
+    for entry in ep.encoders:
+        if entry.uri is None:
+            encoders[entry.name], sources[entry.name] = pipeline_encoder, encoder_uri
+            continue
+        enc, meta = load_encoder(checkpoint_source(entry.uri, options))
+        check_encoder_generator(meta, g, entry.uri, generator_name)
+        encoders[entry.name], sources[entry.name] = enc, entry.uri
+    try:
+        from mambastyle.identity import DlibIdentity
+
+        dlib_identity = DlibIdentity()
+    except AlignmentUnavailable as exc:
+        dlib_identity = None
+        not_measured["identity_dlib"] = str(exc)
+    values, shown = compare_encoders(encoders, g, images(), ep.batch_size, lpips_net, identity, dlib_identity)
+    direction, direction_info = _yaw_direction(params, record, g)
+    if direction is None:
+        not_measured["editability"] = direction_info["reason"]
+    rows, speeds = {}, {}
+    for name, enc in encoders.items():
+        row = {k: _summary(v) for k, v in values[name].items()}
+        n_params = sum(p.numel() for p in enc.parameters())
+        row.update(arch=enc.config.arch, uri=sources[name], parameters=n_params)
+        speeds[name] = {f"ms_per_image_batch{b}": latency(enc, b, ep.latency_batches)["ms_per_image"]
+                        for b in (1, 8)}  # fmt: skip
+        if direction is not None:
+            edit = editability(enc, g, images(), direction, ep.editability.strengths, ep.batch_size,
+                               dlib_identity)  # fmt: skip
+            row["editability"] = {k: _round(v) for k, v in edit.items()}
+        rows[name] = row
+    comparison = {
+        "split": ep.split,
+        "images": len(shown),
+        "size": min(e.config.input_size for e in encoders.values()),
+        "encoders": rows,
+        "direction": {k: v for k, v in direction_info.items() if k != "reason"},
+        "not_measured": {k: v for k, v in not_measured.items() if k not in ("lpips_fuser",)},
+    }
+    return comparison, speeds, shown
+
+
+def _table(comparison: dict, speeds: dict) -> str:
+    """comparison.json and the speeds as one Markdown table, an encoder a row."""
+    rows = comparison["encoders"]
+    metric_names = ("mse", "ssim", "lpips", "id_similarity", "identity_dlib")
+    quality = [k for k in metric_names if any(k in r for r in rows.values())]
+    edit = ("yaw_per_strength", "linearity_r2", "identity_kept_dlib")
+    head = ["encoder", "parameters", "ms/image b1", "ms/image b8", *quality, *(f"edit {k}" for k in edit)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        ms = [f"{speeds[name][f'ms_per_image_batch{b}']:.1f}" for b in (1, 8)]
+        cells = [name, f"{r['parameters'] / 1e6:.2f}M", *ms]
+        cells += [f"{r[k]:.4f}" if k in r else "not measured" for k in quality]
+        done = r.get("editability", {})
+        cells += [f"{done[k]:.3f}" if k in done else "not measured" for k in edit]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _round(value):
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
+def _yaw_direction(params: Params, record: dict, g):
+    """The editability direction: the configured file, or a W direction fitted from the latent
+    table's ``yaw`` on the faces outside the evaluated split (all faces when those are too few).
+    Returns (vector or None, description)."""
+    from mambastyle.edit.directions import DirectionError, load_direction
+    from mambastyle.latents import LatentTableError, open_table
+
+    ep, options = params.evaluate, params.storage.options()
+    if ep.editability.direction is not None:
+        d = load_direction(ep.editability.direction, g.n_styles, g.style_dim, options)
+        return d.vector, {"source": ep.editability.direction, "sha256": d.sha256}
+    if not record.get("table"):
+        reason = "evaluate.editability.direction is null and the invert record names no table"
+        return None, {"reason": reason}
+    from mambastyle.edit.directions import fit_direction
+
+    try:
+        table = open_table(record["table"], options)
+        outside = f"split != '{ep.split}' AND yaw IS NOT NULL"
+        n_outside = table.query(f"SELECT count(*) AS n FROM latents WHERE {outside}").column("n")[0].as_py()
+        where = outside if n_outside >= 10 else "yaw IS NOT NULL"
+        rows = table.query(f"SELECT w_plus, yaw FROM latents WHERE {where} ORDER BY key")
+        provenance = {"column": "yaw", "where": where, "table": record["table"]}
+        d = fit_direction(table.w_plus(rows), rows.column("yaw").to_pylist(), "W", provenance=provenance)
+    except (LatentTableError, DirectionError) as exc:
+        return None, {"reason": f"no yaw direction could be fitted from {record['table']}: {exc}"}
+    quality = d.info.get("quality", {})
+    return d.vector, {"source": "fit", "column": "yaw", "where": where, "rows": d.info.get("rows"),
+                      "quality": quality}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mambastyle.edit.directions import DirectionError
     from mambastyle.train.data import ShardError
 
     return stage_main(
@@ -150,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         __doc__,
         "data/evaluate",
         run,
-        (CheckpointError, ShardError, FileNotFoundError),
+        (CheckpointError, ShardError, FileNotFoundError, DirectionError),
         log,
         show=lambda metrics: metrics,
         invert_out=True,

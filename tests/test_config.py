@@ -59,6 +59,10 @@ def _mutate(raw, dotted, value=None, delete=False):
         ("prepare.split", {"train": 0.8, "val": 0.1, "test": 0.5}, "sum to 1"),
         ("ray.num_cpus", 1.5, "must be an integer"),
         ("storage.root", 3, "must be a string"),
+        ("train.encoder", "restyle_psp", "not trained here"),
+        ("evaluate.encoders", [], "at least one encoder"),
+        ("evaluate.encoders", [{"name": "a", "uri": None}, {"name": "a", "uri": "x.pt"}], "must be unique"),
+        ("evaluate.editability.strengths", [0.0], "nonzero strength"),
     ],
 )
 def test_bad_values_name_the_key(raw, dotted, value, message):

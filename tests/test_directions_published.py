@@ -30,6 +30,7 @@ from mambastyle.config import EditEntryParams
 from mambastyle.edit.core import Edit, apply_edits
 from mambastyle.edit.directions import DirectionError, load_direction, load_ganspace
 from mambastyle.edit.pipeline import build_edit
+from mambastyle.errors import InvalidConfig
 from mambastyle.storage import StorageOptions
 
 S, D = 18, 512  # FFHQ 1024: the codes of every encoder here are (n, 18, 512)
@@ -201,7 +202,8 @@ def test_published_layouts_load_through_the_edit_stage(seeded, tmp_path):
     np.save(tmp_path / "smile_w.npy", _unit(rng, (1, D)))
     files |= {"ms_smile": str(tmp_path / "Smiling_boundary.npy"), "ifg_smile": str(tmp_path / "smile_w.npy")}
     pca = _e4e_pca_file(rng, tmp_path / "ffhq_pca.pt")
-    blank = {"column": None, "labels": None, "fit_where": None, "space": "W", "strengths": (-2.0, 0.0, 3.0)}
+    blank = {"absolute": False, "column": None, "labels": None, "fit_where": None, "space": "W",
+             "strengths": (-2.0, 0.0, 3.0)}  # fmt: skip
     table = SimpleNamespace(shape=(S, D))  # build_edit reads only the code shape of the table
     w = _codes(rng)
     for name, uri in files.items():
@@ -223,3 +225,26 @@ def test_published_layouts_load_through_the_edit_stage(seeded, tmp_path):
     step[7] = pca["std"][54].item() * pca["comp"][54, 0].numpy()
     want = np.concatenate([w + s * step for s in (-2.0, 0.0, 3.0)])
     np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-5, err_msg=f"seed={seed}")
+
+
+def test_e4e_ganspace_edits_through_the_edit_stage_with_absolute(seeded, tmp_path):
+    """``absolute: true`` in an ``edit.edits`` entry gives e4e's GANSpace edits, strength 0 included."""
+    rng, seed = seeded
+    pca = _e4e_pca_file(rng, tmp_path / "ffhq_pca.pt")
+    idx, start, end, _ = E4E_GANSPACE["eye_openness"]
+    entry = EditEntryParams(name="eye_openness", source="ganspace", uri=str(tmp_path / "ffhq_pca.pt"),
+                            component=idx, absolute=True, column=None, labels=None, fit_where=None,
+                            space="W", strengths=(-5.0, 0.0, 5.0), layers=(start, end))  # fmt: skip
+    w = _codes(rng)
+    out, _ = apply_edits(w, [build_edit(entry, SimpleNamespace(shape=(S, D)), StorageOptions())])
+    want = []
+    for strength in entry.strengths:  # editings/ganspace.py, as above
+        for latent in torch.from_numpy(w):
+            coord = torch.sum((latent - pca["mean"])[0] * pca["comp"][idx].reshape(-1)) / pca["std"][idx]
+            delta = (strength - coord) * pca["comp"][idx] * pca["std"][idx]
+            padded = torch.zeros(latent.shape)
+            padded[start:end] += delta.repeat(end - start, 1)
+            want.append(latent + padded)
+    np.testing.assert_allclose(out, torch.stack(want).numpy(), rtol=1e-5, atol=1e-4, err_msg=f"seed={seed}")
+    with pytest.raises(InvalidConfig, match="ganspace"):
+        EditEntryParams(**{**entry.__dict__, "source": "interfacegan", "component": None})

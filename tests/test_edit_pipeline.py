@@ -73,8 +73,9 @@ def _table(root_uri: str, options: StorageOptions | None = None, generator_sha: 
 
 def _edit_params(root_uri: str, table: str, endpoint: str | None = None, **edit):
     entries = edit.pop("edits", None) or [
-        {"name": "yaw", "source": "fit", "uri": None, "component": None, "column": "yaw", "labels": None,
-         "fit_where": "split = 'train'", "space": "W", "strengths": [-2.0, 0.0, 2.0], "layers": None},
+        {"name": "yaw", "source": "fit", "uri": None, "component": None, "absolute": False, "column": "yaw",
+         "labels": None, "fit_where": "split = 'train'", "space": "W", "strengths": [-2.0, 0.0, 2.0],
+         "layers": None},
     ]  # fmt: skip
     section = {"table": table, "where": "split = 'test'", "edits": entries, "batch_size": 4,
                "rows_per_file": 5, "images_per_shard": 7, "grid_samples": 3, **edit}  # fmt: skip
@@ -83,8 +84,8 @@ def _edit_params(root_uri: str, table: str, endpoint: str | None = None, **edit)
 
 def _ifg(path, arr) -> dict:
     torch.save(torch.from_numpy(np.asarray(arr, np.float32)), path)
-    return {"name": "ifg", "source": "interfacegan", "uri": str(path), "component": None, "column": None,
-            "labels": None, "fit_where": None, "space": "W", "strengths": [1.5],
+    return {"name": "ifg", "source": "interfacegan", "uri": str(path), "component": None, "absolute": False,
+            "column": None, "labels": None, "fit_where": None, "space": "W", "strengths": [1.5],
             "layers": [0, 4]}  # fmt: skip
 
 

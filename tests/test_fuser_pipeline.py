@@ -49,8 +49,9 @@ def _decode(png: bytes) -> np.ndarray:
 
 
 def _edit_section(**kw) -> dict:
-    yaw = {"name": "shift", "source": "fit", "uri": None, "component": None, "column": "mse",
-           "labels": None, "fit_where": "split = 'train'", "space": "W", "strengths": [-2.0, 0.0, 2.0],
+    yaw = {"name": "shift", "source": "fit", "uri": None, "component": None, "absolute": False,
+           "column": "mse", "labels": None, "fit_where": "split = 'train'", "space": "W",
+           "strengths": [-2.0, 0.0, 2.0],
            "layers": None}  # fmt: skip
     return {"where": "split = 'test'", "edits": [yaw], "batch_size": 4, "rows_per_file": 5,
             "images_per_shard": 50, "grid_samples": 2, **kw}  # fmt: skip

@@ -129,11 +129,40 @@ def test_undecodable_image_in_an_intact_shard_is_named(tmp_path, ray_local):
 def test_encoder_for_another_generator_resolution_is_refused(tmp_path, ray_local):
     p, _ = _setup(str(tmp_path / "data"))
     (tmp_path / "data" / "encoder.pt").write_bytes(_encoder_bytes(resolution=64))
-    with pytest.raises(InvertError, match="encoder.pt: the encoder was trained for a 64-px generator"):
+    with pytest.raises(InvertError, match="encoder.pt: the encoder was made for a 64-px generator"):
         invert_from_params(p, ray_connect=False)
     p2 = params(storage={"root": str(tmp_path / "data")}, invert={"encoder": str(tmp_path / "missing.pt")})
     with pytest.raises(InvertError, match="missing.pt"):
         invert_from_params(p2, ray_connect=False)
+
+
+def test_an_official_restyle_file_is_the_encoder_and_the_generator(tmp_path, ray_local):
+    """A ReStyle-e4e training checkpoint (narrow, random weights) as invert.encoder, its decoder
+    as generator.checkpoint: the table holds the official iterative codes."""
+    seed = 23
+    root = tmp_path / "data"
+    images = write_shards(resolve(str(root)), COUNTS)
+    base = params()
+    g = resolve_generator(None, base.generator.architecture, seed, 100)
+    narrow = {"widths": (16, 32, 64, 128), "units": (1, 1, 2, 1)}
+    enc = build_encoder("restyle_e4e", g.resolution, seed=seed, style_dim=g.style_dim, **narrow)
+    sd = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    sd.update({f"decoder.{k}": v for k, v in g.state_dict().items()})
+    opts = {"encoder_type": "ProgressiveBackboneEncoder", "input_nc": 6, "output_size": g.resolution}
+    ckpt = {"state_dict": sd, "opts": opts, "latent_avg": g.latent_avg.repeat(g.n_styles, 1)}
+    torch.save(ckpt, tmp_path / "r.pt")
+    generator = {"checkpoint": str(tmp_path / "r.pt")}
+    p = params(storage={"root": str(root)}, generator=generator,
+               invert={"encoder": str(tmp_path / "r.pt"), "batch_size": 4, "rows_per_file": 5})  # fmt: skip
+    manifest, prefix = invert_from_params(p, ray_connect=False)
+    t = open_table(prefix.uri)
+    table = t.to_table()
+    keys = table.column("key").to_pylist()
+    assert manifest["rows"] == len(images) and t.shape == (g.n_styles, g.style_dim)
+    official, meta = load_encoder(str(tmp_path / "r.pt"))
+    assert meta["layout"] == "restyle_e4e" and official.config.n_iters == 5
+    want = invert_batch(official, torch.stack([_decode(images[k]) for k in keys]), pad_to=4).w_plus
+    np.testing.assert_allclose(t.w_plus(table), want, atol=1e-4, rtol=0, err_msg=f"seed {seed}")
 
 
 def test_killed_actor_still_gives_a_complete_table(tmp_path, ray_local):

@@ -392,6 +392,8 @@ def edit_grid(
     from mambastyle.visual import make_grid
 
     columns = [*sorted(s for s in edit.strengths if s < 0), 0.0, *sorted(s for s in edit.strengths if s > 0)]
+    if not edit.direction.identity_at_zero:  # absolute GANSpace: 0 is a coordinate, not the original
+        columns = sorted(edit.strengths)
     one = Edit(edit.name, edit.direction, tuple(columns), edit.layers)
     if model is None:
         edited, index = apply_edits(w_plus, [one])  # strength-major: reorder to a row per code
@@ -416,7 +418,9 @@ def build_edit(entry, table: LatentTable, options: StorageOptions, table_name: s
         if entry.source == "interfacegan":
             direction = load_direction(entry.uri, n_styles, style_dim, options)
         elif entry.source == "ganspace":
-            direction = load_ganspace(entry.uri, entry.component, n_styles, style_dim, options)
+            direction = load_ganspace(
+                entry.uri, entry.component, n_styles, style_dim, options, absolute=entry.absolute
+            )
         else:
             labels = read_labels(entry.labels, options) if entry.labels else None
             direction = fit_direction_from_table(

@@ -82,16 +82,7 @@ class EncoderConfig:
         if self.arch not in ARCHS:
             raise InvalidConfig("arch", f"must be one of {', '.join(ARCHS)}; got {self.arch!r}")
         check_at_least(self, 1, "n_styles", "style_dim", "d_state", "patch_pool", "n_iters")
-        if self.input_size < 32 or self.input_size & (self.input_size - 1):
-            raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
-        if len(self.widths) != 4 or len(self.units) != 4 or min(self.units) < 1 or min(self.widths) < 1:
-            raise InvalidConfig("units", "widths and units need 4 positive entries (one per backbone stage)")
-        object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
-        object.__setattr__(self, "units", tuple(int(v) for v in self.units))
-        pools = tuple(tuple(int(v) for v in p) for p in self.head_pools)
-        if len(pools) != 3 or any(len(p) != 3 or min(p) < 1 for p in pools):
-            raise InvalidConfig("head_pools", f"needs three (channels, h, w) triples, got {self.head_pools}")
-        object.__setattr__(self, "head_pools", pools)
+        check_backbone_fields(self)
         if self.style_counts is not None:
             counts = tuple(int(v) for v in self.style_counts)
             if len(counts) != 3 or min(counts) < 0 or sum(counts) != self.n_styles:
@@ -119,6 +110,22 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: dict) -> EncoderConfig:
         return config_from_dict(cls, data, "encoder")
+
+
+def check_backbone_fields(config) -> None:
+    """Validates and normalises (to tuples of ints) the input size, backbone widths and units,
+    and head pools of a frozen encoder config."""
+    if config.input_size < 32 or config.input_size & (config.input_size - 1):
+        raise InvalidConfig("input_size", f"must be a power of two >= 32, got {config.input_size}")
+    widths, units = config.widths, config.units
+    if len(widths) != 4 or len(units) != 4 or min(units) < 1 or min(widths) < 1:
+        raise InvalidConfig("units", "widths and units need 4 positive entries (one per backbone stage)")
+    object.__setattr__(config, "widths", tuple(int(v) for v in widths))
+    object.__setattr__(config, "units", tuple(int(v) for v in units))
+    pools = tuple(tuple(int(v) for v in p) for p in config.head_pools)
+    if len(pools) != 3 or any(len(p) != 3 or min(p) < 1 for p in pools):
+        raise InvalidConfig("head_pools", f"needs three (channels, h, w) triples, got {config.head_pools}")
+    object.__setattr__(config, "head_pools", pools)
 
 
 def config_from_dict(cls, data: dict, what: str):
@@ -198,6 +205,19 @@ def irse_body(widths: tuple[int, ...], units: tuple[int, ...]) -> tuple[nn.Seque
             in_c = depth
         taps.append(len(body) - 1)
     return nn.Sequential(*body), tuple(taps[1:])
+
+
+def run_body(
+    input_layer: nn.Module, body: nn.Sequential, taps: tuple[int, ...], x: torch.Tensor
+) -> list[torch.Tensor]:
+    """The stem and the IR-SE units on ``x``; the outputs of the units at ``taps``."""
+    h = input_layer(x)
+    out = []
+    for i, unit in enumerate(body):
+        h = unit(h)
+        if i in taps:
+            out.append(h)
+    return out
 
 
 def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -336,13 +356,7 @@ class MambaStyleEncoder(Encoder):
 
     def offsets(self, x: torch.Tensor, features: bool = False):
         pos = self.new_ps(self.averagepooling(self.proj(x)))
-        h = self.input_layer(x)
-        taps = []
-        for i, unit in enumerate(self.body):
-            h = unit(h)
-            if i in self.taps:
-                taps.append(h)
-        c1, c2, c3 = taps
+        c1, c2, c3 = run_body(self.input_layer, self.body, self.taps, x)
         c2 = _upsample_add(c3, self.latlayer1(c2))
         c2 = c2 + F.interpolate(pos, size=c2.shape[-2:], mode="bilinear", align_corners=False)
         c1 = _upsample_add(c2, self.latlayer2(c1))
@@ -394,13 +408,7 @@ class PSPEncoder(Encoder):
         return s // 16 if i < self.COARSE else s // 8 if i < self.MIDDLE else s // 4
 
     def _backbone(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.input_layer(x)
-        taps = []
-        for i, unit in enumerate(self.body):
-            h = unit(h)
-            if i in self.taps:
-                taps.append(h)
-        return taps
+        return run_body(self.input_layer, self.body, self.taps, x)
 
     def offsets(self, x: torch.Tensor, features: bool = False):
         c1, c2, c3 = self._backbone(x)
@@ -489,15 +497,21 @@ class ReStyleEncoder(Encoder):
         deltas = [torch.zeros_like(w0)] + [blk(h) for blk in self.styles[1:]]
         return w0[:, None] + torch.stack(deltas, dim=1)
 
-    def offsets(self, x: torch.Tensor, features: bool = False):
-        if features:
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """x: (B, 3, S, S) -> absolute W+ codes, accumulated in the official order (each step's
+        output added to the codes so far), so that rounding follows the publisher's."""
+        if return_features:
             raise NotImplementedError("ReStyle encoders have no feature map for the fuser")
+        self._check_input(x)
         y = self.avg_image.expand(x.shape[0], -1, -1, -1)
-        codes = self._step(torch.cat([x, y], dim=1))
+        codes = self._step(torch.cat([x, y], dim=1)) + self.latent_avg
         for _ in range(1, self.config.n_iters):
-            y = self._render(codes + self.latent_avg)
-            codes = codes + self._step(torch.cat([x, y], dim=1))
-        return codes, None  # the caller adds latent_avg once: step 0's start, kept through every step
+            y = self._render(codes)
+            codes = self._step(torch.cat([x, y], dim=1)) + codes
+        return codes
+
+    def offsets(self, x: torch.Tensor, features: bool = False):
+        return self.forward(x, features) - self.latent_avg, None
 
 
 # --------------------------------------------------------------------------- registry

@@ -22,11 +22,14 @@ from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
 from mambastyle.models.encoders import (
-    BottleneckIRSE,
     Encoder,
     GradualStyleBlock,
     _upsample_add,
+    check_backbone_fields,
     config_from_dict,
+    irse_body,
+    irse_stem,
+    run_body,
     style_split,
 )
 
@@ -52,16 +55,7 @@ class EncoderConfigV1:
         if self.arch not in ("mambastyle", "psp"):
             raise InvalidConfig("arch", f"must be 'mambastyle' or 'psp', got {self.arch!r}")
         check_at_least(self, 1, "n_styles", "style_dim", "fpn_dim", "d_state")
-        if self.input_size < 32 or self.input_size & (self.input_size - 1):
-            raise InvalidConfig("input_size", f"must be a power of two >= 32, got {self.input_size}")
-        if len(self.widths) != 4 or len(self.units) != 4 or min(self.units) < 1 or min(self.widths) < 1:
-            raise InvalidConfig("units", "widths and units need 4 positive entries (one per backbone stage)")
-        object.__setattr__(self, "widths", tuple(int(v) for v in self.widths))
-        object.__setattr__(self, "units", tuple(int(v) for v in self.units))
-        pools = tuple(tuple(int(v) for v in p) for p in self.head_pools)
-        if len(pools) != 3 or any(len(p) != 3 or min(p) < 1 for p in pools):
-            raise InvalidConfig("head_pools", f"needs three (channels, h, w) triples, got {self.head_pools}")
-        object.__setattr__(self, "head_pools", pools)
+        check_backbone_fields(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,34 +66,15 @@ class EncoderConfigV1:
 
 
 class IRSEBackbone(nn.Module):
-    """Input stem + four stages of IR-SE units (first unit of each stage has stride 2).
-
-    Returns the outputs of stages 2, 3 and 4: (B, w1, S/4, S/4), (B, w2, S/8, S/8),
-    (B, w3, S/16, S/16) for an (B, 3, S, S) input.
-    """
+    """Input stem + four stages of IR-SE units; returns the outputs at input/4, /8, /16."""
 
     def __init__(self, widths: tuple[int, ...], units: tuple[int, ...]):
         super().__init__()
-        self.input_layer = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0])
-        )
-        body, taps, in_c = [], [], widths[0]
-        for depth, n in zip(widths, units, strict=True):
-            for i in range(n):
-                body.append(BottleneckIRSE(in_c, depth, 2 if i == 0 else 1))
-                in_c = depth
-            taps.append(len(body) - 1)
-        self.body = nn.Sequential(*body)
-        self.taps = tuple(taps[1:])
+        self.input_layer = irse_stem(3, widths[0])
+        self.body, self.taps = irse_body(widths, units)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.input_layer(x)
-        feats = []
-        for i, unit in enumerate(self.body):
-            x = unit(x)
-            if i in self.taps:
-                feats.append(x)
-        return feats
+        return run_body(self.input_layer, self.body, self.taps, x)
 
 
 class StyleHead(nn.Module):

@@ -343,6 +343,7 @@ def export_encoder(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
 
     encoder = build_encoder_from_config(EncoderConfig.from_dict(dict(state["encoder_config"])))
     encoder.load_state_dict(state["ema"] if state.get("ema") is not None else state["encoder"])
+    encoder.set_latent_avg(state["encoder_latent_avg"])
     payload = encoder_payload(
         encoder,
         generator=state["generator"],
@@ -367,6 +368,7 @@ def export_fuser(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
 
     encoder = build_encoder_from_config(EncoderConfig.from_dict(dict(state["encoder_config"])))
     encoder.load_state_dict(state["encoder"])
+    encoder.set_latent_avg(state["encoder_latent_avg"])
     fuser = build_fuser_from_config(FuserConfig.from_dict(dict(state["fuser_config"])))
     fuser.load_state_dict(state["fuser"])
     info = {"run": job.run, "params": state["params"], "loss_status": state.get("loss_status"),

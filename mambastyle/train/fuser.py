@@ -280,6 +280,7 @@ class FuserTrainer(Trainer):
         return {
             "encoder_config": enc.config.to_dict(),
             "encoder": {k: v.detach().cpu() for k, v in enc.state_dict().items()},
+            "encoder_latent_avg": enc.latent_avg.detach().cpu().clone(),  # not among the weights
             "fuser_config": fuser.config.to_dict(),
             "fuser": {k: v.detach().cpu() for k, v in fuser.state_dict().items()},
             "ema": None,

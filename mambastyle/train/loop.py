@@ -34,7 +34,7 @@ from mambastyle.train.losses import TrainingLoss
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "mambastyle-train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the published encoder layouts; latent_avg beside the weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -323,6 +323,7 @@ class Trainer:
         return {
             "encoder_config": self.module.config.to_dict(),
             "encoder": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "encoder_latent_avg": self.module.latent_avg.detach().cpu().clone(),  # not among the weights
             "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.state_dict().items()},
         }
 
