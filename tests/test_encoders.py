@@ -58,10 +58,15 @@ def test_features_for_feature_space_refinement(name):
     assert feats.shape == (1, enc.config.fpn_dim, 16, 16)
 
 
-def _grad_coverage(enc, size):
+def _grad_coverage(enc, size, features=True):
     enc.train()
     w, feats = enc(torch.randn(2, 3, size, size), return_features=True)
-    ((w * torch.randn_like(w)).sum() + (feats * torch.randn_like(feats)).sum()).backward()
+    loss = (w * torch.randn_like(w)).sum()
+    if features:
+        loss = loss + (feats * torch.randn_like(feats)).sum()
+    else:
+        enc.feature_adapter.requires_grad_(False)  # as W+ training does
+    loss.backward()
     return [n for n, p in enc.named_parameters()
             if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]  # fmt: skip
 
@@ -72,6 +77,14 @@ TRAINABLE = [n for n in ENCODERS if n.endswith(("_tiny", "_small")) and "restyle
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_parameter_receives_a_gradient(name):
     assert not _grad_coverage(build_encoder(name, 256, seed=1, input_size=64), 64)
+
+
+@pytest.mark.parametrize("resolution", [32, 256])
+def test_w_plus_training_leaves_no_trainable_parameter_without_a_gradient(resolution):
+    # DDP fails on a trainable parameter that gets no gradient: with 8 styles (32 px) the
+    # fine level has no codes, and W+ training never uses the feature adapter.
+    enc = build_encoder("mambastyle_tiny", resolution, seed=1, input_size=32)
+    assert not _grad_coverage(enc, 32, features=False)
 
 
 @pytest.mark.slow

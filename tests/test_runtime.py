@@ -22,6 +22,8 @@ x = torch.rand(16, 3, 256, 256) * 2 - 1
 out = []
 def work():
     with torch.no_grad():
+        # the heap settles within two passes (the second still grows it by 30-60k pages)
+        enc(x)
         enc(x)
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         enc(x)
@@ -44,7 +46,8 @@ def _faults(env: dict[str, str]) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_allocator_settings_keep_freed_buffers_in_a_worker_thread():
     # glibc's defaults fault a forward pass's activations in again on every pass (~300k
-    # pages here); with the settings, the buffers freed by one pass serve the next.
+    # pages here); with the settings, the buffers freed by one pass serve the next (0 faults
+    # once warm; the bound leaves room for a few stray pages).
     default, tuned = _faults({}), _faults(ALLOCATOR_ENV)
     assert default > 20 * tuned, (default, tuned)
 

@@ -345,6 +345,11 @@ class MambaStyleEncoder(Encoder):
         for name, p in self.named_parameters():  # kept for the layout; frozen so DDP never waits on them
             if name.rsplit(".", 1)[0].endswith(self.UNUSED) or name.endswith(self.UNUSED):
                 p.requires_grad_(False)
+        # A level without codes (e.g. the fine head of a 32-px generator's 8 styles) is never run
+        # for W+ (level 1 still feeds the fuser's features); freezing it spares DDP the same wait.
+        for i, n in enumerate(cfg.head_counts[1:], start=2):
+            if n == 0:
+                getattr(self, f"SS2D_{i}").requires_grad_(False)
 
     @property
     def feature_adapter(self) -> nn.Module:
@@ -360,14 +365,17 @@ class MambaStyleEncoder(Encoder):
         c2 = _upsample_add(c3, self.latlayer1(c2))
         c2 = c2 + F.interpolate(pos, size=c2.shape[-2:], mode="bilinear", align_corners=False)
         c1 = _upsample_add(c2, self.latlayer2(c1))
-        levels = [self._vss(self.SS2D_1, c1), self._vss(self.SS2D_2, c2), self._vss(self.SS2D_3, c3)]
         d = self.config.style_dim
-        codes = []
-        for i, level in enumerate(levels, start=1):
+        codes, first = [], None
+        for i, level in enumerate((c1, c2, c3), start=1):
             head = getattr(self, f"output_layer_{i}")
+            if head is None and not (i == 1 and features):
+                continue
+            out = self._vss(getattr(self, f"SS2D_{i}"), level)
+            first = out if i == 1 else first
             if head is not None:
-                codes.append(head(level).view(x.shape[0], -1, d))
-        return torch.cat(codes, dim=1), (self.adapt_1(levels[0]) if features else None)
+                codes.append(head(out).view(x.shape[0], -1, d))
+        return torch.cat(codes, dim=1), (self.adapt_1(first) if features else None)
 
 
 class GradualStyleBlock(nn.Module):
