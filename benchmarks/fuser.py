@@ -83,10 +83,10 @@ def cost(args) -> None:
 def gain(args) -> None:
     from mambastyle.checkpoints import checkpoint_source, load_fuser
     from mambastyle.config import load_params
+    from mambastyle.data.shards import decode_png, manifest_shards, read_shard
     from mambastyle.evaluate import reconstruction_metrics
     from mambastyle.generate import resolve_generator
     from mambastyle.storage import resolve
-    from mambastyle.train.data import decode_png, manifest_shards, read_shard
     from mambastyle.train.losses import alexnet_hub_path, build_lpips, weights_available
 
     record = Path("data/fuser/fuser.json")

@@ -43,12 +43,13 @@ def pipeline_vs_bare(args) -> None:
     from train_helpers import write_shards  # the tests' shard writer: random images, real format
 
     from mambastyle.checkpoints import save_encoder
+    from mambastyle.data.shards import manifest_shards
     from mambastyle.invert.core import invert_batch
     from mambastyle.invert.pipeline import InvertJob, run_inversion
     from mambastyle.models.encoders import build_encoder
     from mambastyle.runtime import connect_ray
     from mambastyle.storage import StorageOptions, resolve
-    from mambastyle.train.data import ShardStream, manifest_shards
+    from mambastyle.train.data import ShardStream
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray

@@ -27,8 +27,10 @@ import numpy as np
 
 from mambastyle.data.align import _default_models
 from mambastyle.data.demo import demo_inputs
+from mambastyle.data.faces import PrepareConfig, process_input
 from mambastyle.data.images import decode_image
-from mambastyle.data.prepare import PrepareConfig, build_shard, prepare, process_input, write_shard
+from mambastyle.data.prepare import prepare
+from mambastyle.data.shards import build_shard, write_shard
 from mambastyle.storage import resolve
 
 

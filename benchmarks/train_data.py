@@ -25,10 +25,11 @@ import time
 import torch
 
 from mambastyle.config import load_params
+from mambastyle.data.shards import manifest_shards
 from mambastyle.generate import resolve_generator
 from mambastyle.models.encoders import build_encoder
 from mambastyle.storage import resolve
-from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards, tensor_batches
+from mambastyle.train.data import Prefetcher, ShardStream, tensor_batches
 from mambastyle.train.loop import Trainer
 from mambastyle.train.losses import build_loss
 

@@ -190,11 +190,12 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from mambastyle.data.faces import PrepareConfig
     from mambastyle.data.prepare import run_from_source
 
     params = _load(args.params)
     p, st = params.prepare, params.storage
-    config = p.config()
+    config = PrepareConfig.from_params(p)
     if args.size is not None:
         config = replace(config, output_size=args.size)
     if args.multi_face is not None:
@@ -216,7 +217,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from mambastyle.data.prepare import verify
+    from mambastyle.data.shards import verify
     from mambastyle.storage import resolve
 
     out = resolve(args.uri, _load(args.params).storage.options())

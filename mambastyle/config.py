@@ -143,22 +143,6 @@ class PrepareParams:
         )
         check_at_least(self, 0, "upsample")
 
-    def config(self):
-        """The prepare core's configuration (everything that shapes its output)."""
-        from mambastyle.data.prepare import PrepareConfig
-
-        return PrepareConfig(
-            output_size=self.output_size,
-            multi_face=self.multi_face,
-            min_face_size=self.min_face_size,
-            min_score=self.min_score,
-            upsample=self.upsample,
-            max_pixels=self.max_pixels,
-            shard_max_samples=self.shard_max_samples,
-            shard_max_bytes=self.shard_max_bytes,
-            split=(self.split.train, self.split.val, self.split.test),
-        )
-
 
 @dataclass(frozen=True)
 class SyntheticParams:

@@ -22,7 +22,7 @@ from mambastyle.config import Params
 from mambastyle.edit.pipeline import EditError, edit_from_params
 from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
-from mambastyle.runtime import stage_main
+from mambastyle.stage import stage_main
 from mambastyle.visual import save_png
 
 log = logging.getLogger("pipelines.edit")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
-from mambastyle.runtime import stage_main
+from mambastyle.stage import stage_main
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -49,10 +49,10 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     import torch
 
     from mambastyle.checkpoints import checkpoint_source, load_encoder
+    from mambastyle.data.shards import decode_png, manifest_shards, read_shard
     from mambastyle.evaluate import latency, latent_recovery, reconstruction_metrics
     from mambastyle.generate import resolve_generator
     from mambastyle.storage import resolve
-    from mambastyle.train.data import decode_png, manifest_shards, read_shard
     from mambastyle.train.losses import (
         IdentityLoss,
         alexnet_hub_path,
@@ -267,8 +267,8 @@ def _yaw_direction(params: Params, record: dict, g):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mambastyle.data.shards import ShardError
     from mambastyle.edit.directions import DirectionError
-    from mambastyle.train.data import ShardError
 
     return stage_main(
         argv,

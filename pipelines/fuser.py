@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from mambastyle.config import Params
+from mambastyle.data.shards import ShardError
 from mambastyle.errors import CheckpointError
-from mambastyle.runtime import stage_main
-from mambastyle.train.data import ShardError
+from mambastyle.stage import stage_main
 from mambastyle.train.distributed import export_fuser, fuser_job, fuser_worker, train_and_export
 from mambastyle.train.losses import MissingWeights
 

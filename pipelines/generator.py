@@ -19,7 +19,7 @@ from mambastyle.checkpoints import file_sha256, save_generator
 from mambastyle.config import GeneratorParams, to_dict
 from mambastyle.errors import CheckpointError
 from mambastyle.generate import render_samples, resolve_generator, sample_grid
-from mambastyle.runtime import stage_main
+from mambastyle.stage import stage_main
 from mambastyle.visual import save_png
 
 log = logging.getLogger("pipelines.generator")

@@ -21,7 +21,7 @@ from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
 from mambastyle.latents import METRIC_COLUMNS, open_table
-from mambastyle.runtime import stage_main
+from mambastyle.stage import stage_main
 
 log = logging.getLogger("pipelines.invert")
 

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from mambastyle.config import PrepareParams, RayParams, StorageParams
+from mambastyle.data.faces import PrepareConfig
 from mambastyle.data.prepare import run_from_source
-from mambastyle.runtime import stage_main
+from mambastyle.stage import stage_main
 from mambastyle.storage import read_bytes
 
 log = logging.getLogger("pipelines.prepare")
@@ -24,7 +25,8 @@ log = logging.getLogger("pipelines.prepare")
 def run(params: PrepareParams, storage: StorageParams, ray: RayParams, local_out: Path) -> dict:
     """Runs the stage; returns the manifest."""
     t0 = time.perf_counter()
-    manifest, out = run_from_source(params.source, storage.root, params.config(), storage.options(),
+    config = PrepareConfig.from_params(params)
+    manifest, out = run_from_source(params.source, storage.root, config, storage.options(),
                                     params.workers, params.executor, ray.address, ray.num_cpus)  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     shards = out.join("shards")

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from mambastyle.config import Params
+from mambastyle.data.shards import ShardError
 from mambastyle.errors import CheckpointError
-from mambastyle.runtime import stage_main
-from mambastyle.train.data import ShardError
+from mambastyle.stage import stage_main
 from mambastyle.train.distributed import RUNS_DIR, encoder_job, export_encoder, train_and_export, train_worker
 from mambastyle.train.losses import MissingWeights
 

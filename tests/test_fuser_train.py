@@ -81,10 +81,12 @@ def test_edit_sampler_draws_each_family_with_its_units_and_layers(tmp_path):
 
 def _demo_faces(tmp_path, size: int) -> dict[str, torch.Tensor]:
     from mambastyle.data.demo import demo_inputs
+    from mambastyle.data.faces import PrepareConfig
     from mambastyle.data.prepare import prepare
     from mambastyle.storage import resolve
 
-    manifest = prepare(demo_inputs(), resolve(str(tmp_path / "faces")), params().prepare.config(), workers=2)
+    config = PrepareConfig.from_params(params().prepare)
+    manifest = prepare(demo_inputs(), resolve(str(tmp_path / "faces")), config, workers=2)
     faces: dict[str, list[np.ndarray]] = {}
     for entry in manifest["shards"]:
         with tarfile.open(tmp_path / "faces" / "shards" / entry["path"]) as tar:

@@ -58,7 +58,7 @@ def randomize(module: torch.nn.Module, gen: torch.Generator, forward=None) -> No
                 m.reset_running_stats()
                 m.momentum = None  # a cumulative average over the calibration batches
             module.train()
-            for i in range(2):
+            for _ in range(2):
                 forward(images(int(torch.randint(1 << 30, (1,), generator=gen)), 4))
             module.eval()
             for m in norms:

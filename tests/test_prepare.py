@@ -12,16 +12,10 @@ import webdataset as wds
 from PIL import Image
 
 from mambastyle.data.demo import demo_files, demo_inputs
-from mambastyle.data.prepare import (
-    PrepareConfig,
-    inputs_from_source,
-    make_key,
-    prepare,
-    register_webdataset_s3,
-    shard_urls,
-    split_of,
-    verify,
-)
+from mambastyle.data.faces import PrepareConfig
+from mambastyle.data.inputs import make_key, split_of
+from mambastyle.data.prepare import inputs_from_source, prepare
+from mambastyle.data.shards import register_webdataset_s3, shard_urls, verify
 from mambastyle.storage import StorageOptions, resolve, write_bytes
 
 CONFIG = PrepareConfig(output_size=32, min_face_size=80, shard_max_samples=8)
@@ -103,7 +97,7 @@ def test_rerun_is_byte_identical_and_drops_stale_shards(demo_run, tmp_path):
 
 def test_multi_face_policies():
     refs = [r for r in demo_inputs() if r.uri == "demo://group/two_people.jpg"]
-    from mambastyle.data.prepare import process_input
+    from mambastyle.data.faces import process_input
 
     assert len(process_input(refs[0], CONFIG).samples) == 1
     each = process_input(refs[0], dataclasses.replace(CONFIG, multi_face="each")).samples
@@ -194,6 +188,7 @@ def test_ray_data_reads_the_shards_from_s3(s3, tmp_path):
 
 def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tmp_path, monkeypatch):
     import mambastyle.data.prepare as prep
+    import mambastyle.data.shards as shards
 
     out, manifest = demo_run
     target = tmp_path / "interrupted"
@@ -207,11 +202,13 @@ def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tm
         written.append(loc.path)
         real_write(loc, data, **kwargs)
 
-    monkeypatch.setattr(prep, "write_bytes", crash_after_first_shard)
+    for module in (prep, shards):  # saved work units and shards
+        monkeypatch.setattr(module, "write_bytes", crash_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
     assert not (target / "shards" / "manifest.json").exists()  # nothing half-done is committed
-    monkeypatch.setattr(prep, "write_bytes", real_write)
+    for module in (prep, shards):
+        monkeypatch.setattr(module, "write_bytes", real_write)
     again = prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in manifest["shards"]]
     assert verify(resolve(str(target))) == []
@@ -222,7 +219,7 @@ def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
 
     from mambastyle.data.align import detect_faces
     from mambastyle.data.demo import photos
-    from mambastyle.data.prepare import process_input
+    from mambastyle.data.faces import process_input
 
     root = tmp_path / "ffhq"
     entries = {}
@@ -294,11 +291,12 @@ def test_ray_executor_on_a_two_node_cluster_gives_the_same_shards(tmp_path):
 
 
 def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp_path, monkeypatch):
+    import mambastyle.data.executors as executors
     import mambastyle.data.prepare as prep
 
     out, manifest = demo_run
     monkeypatch.setattr(prep, "UNIT_INPUTS", 8)
-    real = prep.process_input
+    real = executors.process_input
     calls = []
     kill_at = [20]
 
@@ -308,7 +306,7 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
         calls.append(ref.key)
         return real(ref, config)
 
-    monkeypatch.setattr(prep, "process_input", killed_at_20)
+    monkeypatch.setattr(executors, "process_input", killed_at_20)
     target = resolve(str(tmp_path / "resumed"))
     with pytest.raises(KeyboardInterrupt):
         prepare(demo_inputs(), target, CONFIG, workers=1)
@@ -335,7 +333,7 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
 
 
 def test_each_face_of_a_photo_lands_in_the_photos_split():
-    from mambastyle.data.prepare import process_input
+    from mambastyle.data.faces import process_input
 
     ref = next(r for r in demo_inputs() if r.uri == "demo://group/two_people.jpg")
     samples = process_input(ref, dataclasses.replace(CONFIG, multi_face="each")).samples
@@ -344,7 +342,8 @@ def test_each_face_of_a_photo_lands_in_the_photos_split():
 
 
 def test_storage_errors_stop_the_stage_instead_of_quarantining(tmp_path, monkeypatch):
-    from mambastyle.data.prepare import InputRef, process_input
+    from mambastyle.data.faces import process_input
+    from mambastyle.data.inputs import InputRef
 
     missing = InputRef("m", str(tmp_path / "gone.jpg"), loc=resolve(str(tmp_path / "gone.jpg")))
     assert process_input(missing, CONFIG).reason == "missing"  # a missing input is the input's fault
@@ -369,9 +368,9 @@ def test_decoding_refuses_formats_outside_the_allow_list():
 def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp_path, monkeypatch):
     import os
 
-    import mambastyle.data.prepare as prep
+    import mambastyle.data.executors as executors
 
-    real = prep.process_input
+    real = executors.process_input
 
     def segfault_on_the_cat(ref, config):
         if ref.uri == "demo://bad/cat.jpg" and os.getpid() != parent:
@@ -379,7 +378,7 @@ def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp
         return real(ref, config)
 
     parent = os.getpid()
-    monkeypatch.setattr(prep, "process_input", segfault_on_the_cat)  # forked workers inherit it
+    monkeypatch.setattr(executors, "process_input", segfault_on_the_cat)  # forked workers inherit it
     manifest = prepare(demo_inputs(), resolve(str(tmp_path / "out")), CONFIG, workers=2)
     c = manifest["counts"]
     assert c["inputs"] == c["written"] + c["quarantined"] == len(demo_files())
@@ -392,7 +391,7 @@ def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp
 def test_tar_bytes_is_what_tarfile_writes_and_reads_back():
     import random
 
-    from mambastyle.data.prepare import tar_bytes
+    from mambastyle.data.shards import tar_bytes
 
     rng = random.Random()
     sizes = [0, 1, 511, 512, 513, 10240, 10239, *(rng.randrange(0, 300_000) for _ in range(20))]
@@ -418,7 +417,7 @@ def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path):
     import hashlib
     import random
 
-    from mambastyle.data.prepare import Sample, build_shard, write_shard
+    from mambastyle.data.shards import Sample, build_shard, write_shard
 
     rng = random.Random()
     samples = [Sample.of(f"k{i:03d}", "train", rng.randbytes(rng.randrange(0, 200_000)),

@@ -13,12 +13,13 @@ from train_helpers import params, write_shards
 
 from mambastyle.checkpoints import read_checkpoint, state_sha256
 from mambastyle.config import LossParams, PretrainedParams
+from mambastyle.data.shards import ShardError, manifest_shards, read_shard
 from mambastyle.errors import CheckpointError
 from mambastyle.generate import resolve_generator
 from mambastyle.models.arcface import ArcFaceIRSE
 from mambastyle.models.encoders import build_encoder
 from mambastyle.storage import StorageOptions, resolve
-from mambastyle.train.data import ShardError, ShardStream, manifest_shards, read_shard, tensor_batches
+from mambastyle.train.data import ShardStream, tensor_batches
 from mambastyle.train.loop import Trainer, TrainingDiverged, lr_factor, run
 from mambastyle.train.losses import IdentityLoss, MissingWeights, build_loss, build_lpips, load_arcface
 

@@ -12,7 +12,7 @@ from conftest import REPO
 from PIL import Image
 
 from mambastyle.config import Params, parse_params
-from mambastyle.data.prepare import Sample, build_shard
+from mambastyle.data.shards import Sample, build_shard
 from mambastyle.storage import Location, write_bytes
 
 # A generator whose style space is as wide as W (style_dim = channels), so codes are

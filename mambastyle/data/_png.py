@@ -15,7 +15,7 @@ import zlib
 import numba as nb
 import numpy as np
 
-from mambastyle.data.images import PNG_SIGNATURE
+from mambastyle.data import PNG_SIGNATURE
 
 try:
     from isal import isal_zlib as _inflater

@@ -16,7 +16,7 @@ import numpy as np
 import skimage.data
 from PIL import Image, ImageOps
 
-from mambastyle.data.prepare import InputRef, make_key
+from mambastyle.data.inputs import InputRef, make_key
 
 
 def _jpeg(img: Image.Image, quality: int = 92, **kw) -> bytes:

@@ -10,6 +10,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mambastyle.data import PNG_SIGNATURE
+
 try:  # ISA-L's deflate: levels 0-3, several times faster than zlib's
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - a core dependency; zlib does the same job slower
@@ -88,9 +90,6 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, 
         return _to_rgb(img), (width, height)
     except (OSError, ValueError) as exc:  # modes without an RGB conversion, broken palettes
         raise InputRejected("decode_error", f"cannot convert mode {img.mode} to RGB: {exc}") from None
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

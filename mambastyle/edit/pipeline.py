@@ -258,7 +258,7 @@ class TaskWriter:
         )
 
     def _flush(self) -> None:
-        from mambastyle.data.prepare import tar_bytes
+        from mambastyle.data.shards import tar_bytes
 
         path = self._tar_path()
         data = tar_bytes(self.members)

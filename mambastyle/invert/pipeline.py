@@ -106,7 +106,7 @@ class Inverter:
 
         keys, urls = [str(k) for k in batch["__key__"]], [str(u) for u in batch["__url__"]]
         if batch["png"].dtype == object:  # undecoded (CPU actors decode their own, see run_inversion)
-            from mambastyle.train.data import decode_png
+            from mambastyle.data.shards import decode_png
 
             where = [f"{u}#{k}.png" for u, k in zip(urls, keys, strict=True)]
             images = torch.stack([decode_png(png, w) for png, w in zip(batch["png"], where, strict=True)])
@@ -266,9 +266,9 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         load_encoder,
         state_sha256,
     )
+    from mambastyle.data.shards import ShardError
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
-    from mambastyle.train.data import ShardError
     from mambastyle.train.distributed import FUSER_RUNS_DIR, fuser_job, trained_encoder
     from mambastyle.train.losses import alexnet_hub_path, weights_available
 

@@ -14,106 +14,15 @@ otherwise every rank reads all shards and keeps every ``world``-th sample.
 
 from __future__ import annotations
 
-import io
-import json
 import queue
 import random
-import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
-from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
-
-
-class ShardError(ValueError):
-    """A shard is missing, unreadable or does not hold well-formed samples (names the shard)."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    uri: str
-    samples: int
-
-
-def manifest_shards(root: Location, split: str) -> list[ShardInfo]:
-    """The shards of ``split`` that the manifest under ``root/shards`` lists."""
-    loc = root.join("shards", "manifest.json")
-    try:
-        manifest = json.loads(read_bytes(loc))
-    except FileNotFoundError:
-        raise ShardError(f"no shard manifest at {loc.uri}: run the prepare stage first") from None
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"unreadable shard manifest {loc.uri}: {exc}") from None
-    shards_root = root.join("shards")
-    return [
-        ShardInfo(shards_root.join(e["path"]).uri, int(e["samples"]))
-        for e in manifest.get("shards", [])
-        if e.get("split") == split and int(e.get("samples", 0)) > 0
-    ]
-
-
-def read_shard(uri: str, options: StorageOptions | None = None) -> Iterator[tuple[str, bytes]]:
-    """(key, PNG bytes) of each sample of one shard, in order, streamed (not held whole).
-
-    Raises:
-        ShardError: unreadable tar, a sample without ``.png``, or a sample split apart.
-    """
-    loc = resolve(uri, options)
-    try:
-        stream = loc.fs.open_input_stream(loc.path)
-    except (FileNotFoundError, OSError) as exc:
-        raise ShardError(f"{uri}: cannot open shard ({exc})") from None
-    seen: set[str] = set()
-    key, png = None, None
-
-    def finish():
-        if key is None:
-            return None
-        if png is None:
-            raise ShardError(f"{uri}: sample {key!r} has no .png member")
-        seen.add(key)
-        return key, png
-
-    try:
-        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name
-                if "/" in name or "." not in name:
-                    raise ShardError(f"{uri}: unexpected member {name!r} (expected KEY.EXT)")
-                k, ext = name.split(".", 1)
-                if k != key:
-                    done = finish()
-                    if done:
-                        yield done
-                    if k in seen:
-                        raise ShardError(f"{uri}: the files of sample {k!r} are not adjacent")
-                    key, png = k, None
-                f = tar.extractfile(member)  # a file object over the stream, nothing touches disk
-                data = f.read() if f is not None else b""
-                if ext == "png":
-                    png = data
-            done = finish()
-            if done:
-                yield done
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ShardError(f"{uri}: corrupt shard ({exc})") from None
-
-
-def decode_png(data: bytes, where: str) -> torch.Tensor:
-    """PNG bytes -> (3, H, W) uint8."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(img.convert("RGB"))
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad sample
-        raise ShardError(f"{where}: undecodable PNG ({exc})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+from mambastyle.data.shards import ShardError, ShardInfo, decode_png, read_shard
+from mambastyle.storage import StorageOptions
 
 
 class ShardStream:

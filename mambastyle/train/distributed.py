@@ -116,7 +116,8 @@ def _metrics_history(loc: Location, upto: int) -> list[dict]:
 def _val_images(job: TrainJob, n: int, splits: tuple[str, ...]) -> torch.Tensor | None:
     """Up to ``n`` real images for evaluation and pictures, from ``splits`` in turn (the trainer's
     ``shown_images``)."""
-    from mambastyle.train.data import ShardError, ShardStream, manifest_shards
+    from mambastyle.data.shards import ShardError, manifest_shards
+    from mambastyle.train.data import ShardStream
 
     root = resolve(job.root, job.storage.options())
     images: list[torch.Tensor] = []
@@ -214,7 +215,8 @@ def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state
     import torch.distributed as dist
     from PIL import Image
 
-    from mambastyle.train.data import Prefetcher, ShardStream, manifest_shards
+    from mambastyle.data.shards import manifest_shards
+    from mambastyle.train.data import Prefetcher, ShardStream
     from mambastyle.train.loop import run
     from mambastyle.visual import make_grid, to_uint8
 
@@ -422,7 +424,8 @@ def trained_encoder(params, manifest_bytes: bytes | None) -> tuple[Location, str
 def _shard_manifest(params, needs_real: bool, num_workers: int) -> tuple[Location, bytes | None]:
     """(the storage root, the shard manifest's bytes or None); when the run needs real images,
     a missing manifest or unreadable train shards fail here, before any worker starts."""
-    from mambastyle.train.data import ShardError, ShardStream, manifest_shards
+    from mambastyle.data.shards import ShardError, manifest_shards
+    from mambastyle.train.data import ShardStream
 
     root = resolve(params.storage.root, params.storage.options())
     manifest_loc = root.join("shards", "manifest.json")
