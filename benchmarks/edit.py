@@ -40,8 +40,8 @@ def main() -> int:
     import ray
 
     from mambastyle.config import load_params
+    from mambastyle.directions import Direction
     from mambastyle.edit.core import Edit, apply_edits
-    from mambastyle.edit.directions import Direction
     from mambastyle.edit.pipeline import EditJob, run_edits
     from mambastyle.generate import resolve_generator
     from mambastyle.storage import StorageOptions

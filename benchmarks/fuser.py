@@ -44,12 +44,11 @@ def _timed(fn, repeats: int = 3) -> float:
 
 def cost(args) -> None:
     from mambastyle.config import load_params
+    from mambastyle.directions import Direction
     from mambastyle.edit.core import Edit, apply_edits, fused_edits, render
-    from mambastyle.edit.directions import Direction
     from mambastyle.generate import resolve_generator
     from mambastyle.models.encoders import build_encoder
-    from mambastyle.models.fuser import build_fuser
-    from mambastyle.train.fuser import FuserModel
+    from mambastyle.models.fuser import FuserModel, build_fuser
 
     enc_name, fuser_name, style_dim, input_size = SIZES[args.resolution]
     gp = load_params().generator
@@ -86,8 +85,8 @@ def gain(args) -> None:
     from mambastyle.data.shards import decode_png, manifest_shards, read_shard
     from mambastyle.evaluate import reconstruction_metrics
     from mambastyle.generate import resolve_generator
+    from mambastyle.pretrained import alexnet_hub_path, build_lpips, weights_available
     from mambastyle.storage import resolve
-    from mambastyle.train.losses import alexnet_hub_path, build_lpips, weights_available
 
     record = Path("data/fuser/fuser.json")
     if not record.is_file() or not json.loads(record.read_text()).get("enabled"):

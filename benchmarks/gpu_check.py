@@ -135,8 +135,8 @@ def invert_actor(device: str, n: int = 32, timed: int = 512) -> dict:
     from mambastyle.checkpoints import save_encoder
     from mambastyle.config import GeneratorParams, SampleParams
     from mambastyle.generate import resolve_generator
-    from mambastyle.invert.core import invert_batch
     from mambastyle.invert.pipeline import Inverter, InvertJob
+    from mambastyle.models.inversion import invert_batch
     from mambastyle.models.stylegan2 import GeneratorConfig
     from mambastyle.storage import StorageOptions
 

@@ -44,9 +44,9 @@ def pipeline_vs_bare(args) -> None:
 
     from mambastyle.checkpoints import save_encoder
     from mambastyle.data.shards import manifest_shards
-    from mambastyle.invert.core import invert_batch
     from mambastyle.invert.pipeline import InvertJob, run_inversion
     from mambastyle.models.encoders import build_encoder
+    from mambastyle.models.inversion import invert_batch
     from mambastyle.runtime import connect_ray
     from mambastyle.storage import StorageOptions, resolve
     from mambastyle.train.data import ShardStream

@@ -322,7 +322,7 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
 
 
 def cmd_edit_fit_direction(args: argparse.Namespace) -> int:
-    from mambastyle.edit.directions import DirectionError, save_direction
+    from mambastyle.directions import DirectionError, save_direction
     from mambastyle.edit.pipeline import fit_direction_from_table, read_labels
 
     table = _open_latents(args)
@@ -345,8 +345,8 @@ def _edit_entries(args: argparse.Namespace, defined: dict) -> list:
     --fit or the params file's edits)."""
     import dataclasses
 
+    from mambastyle.directions import DirectionError
     from mambastyle.edit.core import parse_strengths
-    from mambastyle.edit.directions import DirectionError
 
     entries = []
     for spec in args.direction:

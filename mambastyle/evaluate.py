@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mambastyle.invert.core import prepare_images, ssim
 from mambastyle.models.fuser import fused_synthesis
+from mambastyle.models.inversion import prepare_images, ssim
 
 
 def _batches(images: Iterable[torch.Tensor], batch_size: int):

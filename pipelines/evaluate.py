@@ -52,14 +52,14 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     from mambastyle.data.shards import decode_png, manifest_shards, read_shard
     from mambastyle.evaluate import latency, latent_recovery, reconstruction_metrics
     from mambastyle.generate import resolve_generator
-    from mambastyle.storage import resolve
-    from mambastyle.train.losses import (
+    from mambastyle.pretrained import (
         IdentityLoss,
         alexnet_hub_path,
         build_lpips,
         load_arcface,
         weights_available,
     )
+    from mambastyle.storage import resolve
     from mambastyle.visual import make_grid, save_png, to_uint8
 
     t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def _yaw_direction(params: Params, record: dict, g):
     """The editability direction: the configured file, or a W direction fitted from the latent
     table's ``yaw`` on the faces outside the evaluated split (all faces when those are too few).
     Returns (vector or None, description)."""
-    from mambastyle.edit.directions import DirectionError, load_direction
+    from mambastyle.directions import DirectionError, load_direction
     from mambastyle.latents import LatentTableError, open_table
 
     ep, options = params.evaluate, params.storage.options()
@@ -249,7 +249,7 @@ def _yaw_direction(params: Params, record: dict, g):
     if not record.get("table"):
         reason = "evaluate.editability.direction is null and the invert record names no table"
         return None, {"reason": reason}
-    from mambastyle.edit.directions import fit_direction
+    from mambastyle.directions import fit_direction
 
     try:
         table = open_table(record["table"], options)
@@ -268,7 +268,7 @@ def _yaw_direction(params: Params, record: dict, g):
 
 def main(argv: list[str] | None = None) -> int:
     from mambastyle.data.shards import ShardError
-    from mambastyle.edit.directions import DirectionError
+    from mambastyle.directions import DirectionError
 
     return stage_main(
         argv,

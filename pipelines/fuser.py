@@ -25,9 +25,10 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.data.shards import ShardError
 from mambastyle.errors import CheckpointError
+from mambastyle.pretrained import MissingWeights
+from mambastyle.runs import export_fuser, fuser_job
 from mambastyle.stage import stage_main
-from mambastyle.train.distributed import export_fuser, fuser_job, fuser_worker, train_and_export
-from mambastyle.train.losses import MissingWeights
+from mambastyle.train.distributed import fuser_worker, train_and_export
 
 log = logging.getLogger("pipelines.fuser")
 
@@ -45,7 +46,7 @@ def run(params: Params, local_out: Path) -> dict:
         log.info("fuser.enabled is false: nothing to train")
         return record
     job, encoder = fuser_job(params)
-    log.info("run %s: %d steps on %d worker(s), refining %s", job.run, params.fuser.steps,
+    log.info("run %s: %d steps on %d worker(s), refining %s", job.run_id, params.fuser.steps,
              params.fuser.num_workers, job.encoder_uri)  # fmt: skip
     record, meta = train_and_export(params, job, fuser_worker, export_fuser, local_out, "eval/edit_mse_fuser")
     record.update(enabled=True, fuser=meta["fuser_config"], encoder=encoder)

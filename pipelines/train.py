@@ -23,9 +23,10 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.data.shards import ShardError
 from mambastyle.errors import CheckpointError
+from mambastyle.pretrained import MissingWeights
+from mambastyle.runs import RUNS_DIR, encoder_job, export_encoder
 from mambastyle.stage import stage_main
-from mambastyle.train.distributed import RUNS_DIR, encoder_job, export_encoder, train_and_export, train_worker
-from mambastyle.train.losses import MissingWeights
+from mambastyle.train.distributed import train_and_export, train_worker
 
 log = logging.getLogger("pipelines.train")
 
@@ -34,8 +35,8 @@ def run(params: Params, local_out: Path) -> dict:
     """Trains (or resumes) and exports the encoder; returns the encoder.json record."""
     t0 = time.perf_counter()
     job = encoder_job(params)
-    log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run, params.train.steps,
-             params.train.num_workers, job.location(RUNS_DIR, job.run).uri)  # fmt: skip
+    log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run_id, params.train.steps,
+             params.train.num_workers, job.location(RUNS_DIR, job.run_id).uri)  # fmt: skip
     record, meta = train_and_export(params, job, train_worker, export_encoder, local_out, "eval/latent_rel")
     record["encoder"] = meta["config"]
     (local_out / "encoder.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

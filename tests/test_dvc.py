@@ -87,13 +87,13 @@ def test_generator_sample_settings_do_not_change_run_ids():
 
     from train_helpers import params
 
-    from mambastyle.train.distributed import run_name
+    from mambastyle.runs import run_id
 
     p = params()
     other = dataclasses.replace(p.generator, sample=dataclasses.replace(p.generator.sample, num=3))
-    assert run_name(p.train, other, b"m") == run_name(p.train, p.generator, b"m")
+    assert run_id(p.train, other, b"m") == run_id(p.train, p.generator, b"m")
     seeded = dataclasses.replace(p.generator, init_seed=7)
-    assert run_name(p.train, seeded, b"m") != run_name(p.train, p.generator, b"m")
+    assert run_id(p.train, seeded, b"m") != run_id(p.train, p.generator, b"m")
 
 
 def _clone_with_env(repo, tmp_path) -> tuple[Path, Path, dict[str, str]]:

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mambastyle.edit.core import Edit, apply_edits, parse_strengths, render, strength_label
-from mambastyle.edit.directions import (
+from mambastyle.directions import (
     DirectionError,
     fit_direction,
     load_direction,
     load_ganspace,
     save_direction,
 )
+from mambastyle.edit.core import Edit, apply_edits, parse_strengths, render, strength_label
 
 S, D = 6, 24
 

@@ -17,11 +17,11 @@ from mambastyle.checkpoints import save_encoder
 from mambastyle.config import to_dict
 from mambastyle.evaluate import latency, latent_recovery, reconstruction_metrics
 from mambastyle.generate import resolve_generator
-from mambastyle.invert.core import invert_batch
 from mambastyle.models.arcface import ArcFaceIRSE
 from mambastyle.models.encoders import build_encoder
+from mambastyle.models.inversion import invert_batch
+from mambastyle.pretrained import IdentityLoss
 from mambastyle.storage import resolve
-from mambastyle.train.losses import IdentityLoss
 
 
 def official_psp(path, g, seed: int) -> None:
@@ -157,7 +157,7 @@ def test_stage_reports_what_it_measured_and_names_what_it_did_not(tmp_path, mode
 
 def test_compare_encoders_measures_each_at_the_common_size(models):
     from mambastyle.evaluate import compare_encoders
-    from mambastyle.invert.core import prepare_images, ssim
+    from mambastyle.models.inversion import prepare_images, ssim
 
     enc, g = models
     wide = build_encoder("mambastyle_tiny", 32, seed=5, input_size=64, style_dim=32).eval()

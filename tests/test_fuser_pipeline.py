@@ -14,11 +14,11 @@ from mambastyle.checkpoints import fuser_payload, state_sha256
 from mambastyle.edit.core import fused_edits
 from mambastyle.edit.pipeline import EditError, edit_from_params, load_fuser_model, read_images
 from mambastyle.generate import resolve_generator
-from mambastyle.invert.core import invert_batch
 from mambastyle.invert.pipeline import invert_from_params
 from mambastyle.latents import EDITS_FORMAT, open_table
 from mambastyle.models.encoders import build_encoder
 from mambastyle.models.fuser import build_fuser
+from mambastyle.models.inversion import invert_batch
 from mambastyle.storage import resolve, write_bytes
 from mambastyle.train.fuser import image_with_fuser
 from mambastyle.visual import to_uint8

@@ -19,8 +19,8 @@ from mambastyle.config import FuserDirectionParams, LossParams
 from mambastyle.errors import CheckpointError
 from mambastyle.generate import resolve_generator
 from mambastyle.models.encoders import build_encoder
-from mambastyle.models.fuser import build_fuser
-from mambastyle.train.fuser import EditSampler, FuserModel, FuserTrainer, image_with_fuser
+from mambastyle.models.fuser import FuserModel, build_fuser
+from mambastyle.train.fuser import EditSampler, FuserTrainer, image_with_fuser
 from mambastyle.train.loop import Trainer, resize, to_unit_range
 from mambastyle.train.losses import TrainingLoss
 
@@ -193,15 +193,9 @@ def test_fuser_on_ray_train_with_two_workers(tmp_path):
     from ray.cluster_utils import Cluster
 
     from mambastyle.checkpoints import state_sha256
+    from mambastyle.runs import FUSER_RUNS_DIR, TrainJob, export_fuser, load_state
     from mambastyle.storage import list_files, resolve
-    from mambastyle.train.distributed import (
-        FUSER_RUNS_DIR,
-        TrainJob,
-        export_fuser,
-        fit,
-        fuser_worker,
-        load_state,
-    )
+    from mambastyle.train.distributed import fit, fuser_worker
 
     root = resolve(str(tmp_path / "data"))
     write_shards(root, {"train": [3, 3, 2], "val": [2], "test": [2]})

@@ -8,8 +8,8 @@ import torch
 from skimage.metrics import structural_similarity
 
 from mambastyle.generate import resolve_generator
-from mambastyle.invert.core import invert_batch, prepare_images, ssim
 from mambastyle.models.encoders import build_encoder
+from mambastyle.models.inversion import invert_batch, prepare_images, ssim
 from mambastyle.models.stylegan2 import GeneratorConfig
 
 

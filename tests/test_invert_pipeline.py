@@ -16,10 +16,10 @@ from train_helpers import cmdline, params, write_shards
 
 from mambastyle.checkpoints import load_encoder, save_encoder, state_sha256
 from mambastyle.generate import resolve_generator
-from mambastyle.invert.core import invert_batch
 from mambastyle.invert.pipeline import InvertError, default_actors, invert_from_params
 from mambastyle.latents import open_table
 from mambastyle.models.encoders import build_encoder
+from mambastyle.models.inversion import invert_batch
 from mambastyle.storage import StorageOptions, list_files, resolve, write_bytes
 
 pytestmark = pytest.mark.slow

@@ -18,10 +18,11 @@ from mambastyle.errors import CheckpointError
 from mambastyle.generate import resolve_generator
 from mambastyle.models.arcface import ArcFaceIRSE
 from mambastyle.models.encoders import build_encoder
+from mambastyle.pretrained import IdentityLoss, MissingWeights, build_lpips, load_arcface
 from mambastyle.storage import StorageOptions, resolve
 from mambastyle.train.data import ShardStream, tensor_batches
 from mambastyle.train.loop import Trainer, TrainingDiverged, lr_factor, run
-from mambastyle.train.losses import IdentityLoss, MissingWeights, build_loss, build_lpips, load_arcface
+from mambastyle.train.losses import build_loss
 
 
 def make_trainer(p, rank: int = 0, loss=None):

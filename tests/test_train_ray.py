@@ -20,8 +20,9 @@ from conftest import REPO, _free_port
 from train_helpers import cmdline, params, write_shards
 
 from mambastyle.config import to_dict
+from mambastyle.runs import RUNS_DIR, TrainJob, export_encoder, load_state, run_id
 from mambastyle.storage import StorageOptions, list_files, read_bytes, resolve
-from mambastyle.train.distributed import RUNS_DIR, TrainJob, export_encoder, fit, load_state, run_name
+from mambastyle.train.distributed import fit
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def _job(root: str, endpoint: str | None = None, **train) -> TrainJob:
     storage = {"root": root, "endpoint_url": endpoint}
     p = params(train={**TRAIN, **train}, storage=storage)
     manifest = read_bytes(resolve(root, p.storage.options()).join("shards", "manifest.json"))
-    return TrainJob(p.train, p.generator, p.storage, run_name(p.train, p.generator, manifest))
+    return TrainJob(p.train, p.generator, p.storage, run_id(p.train, p.generator, manifest))
 
 
 def _history(job: TrainJob) -> list[dict]:
@@ -74,7 +75,7 @@ def test_ddp_on_a_two_node_cluster(tmp_path):
 
 def _kill_worker_after(run_dir: Path | None, job: TrainJob, checkpoint: str, done: threading.Event) -> None:
     """Waits for ``checkpoint`` to appear in the run directory, then SIGKILLs the train worker."""
-    ckpt = job.location(RUNS_DIR, job.run, checkpoint, "state.pt")
+    ckpt = job.location(RUNS_DIR, job.run_id, checkpoint, "state.pt")
     while not done.is_set():
         if list_files(ckpt):
             for proc in psutil.Process().children(recursive=True):  # only this test's Ray
@@ -115,7 +116,7 @@ def test_killed_worker_resumes_from_the_last_s3_checkpoint(s3):
     assert resumed and resumed <= {4, 8}, f"no restart from a checkpoint: {resumed}"
     assert all(m["step"] > m["start_step"] for m in history)
     assert load_state(result.checkpoint)["step"] == 24
-    assert any("checkpoint_00000024/state.pt" in p for p in list_files(job.location(RUNS_DIR, job.run)))
+    assert any("checkpoint_00000024/state.pt" in p for p in list_files(job.location(RUNS_DIR, job.run_id)))
 
 
 def _stop_cluster(temp_dir: str) -> None:

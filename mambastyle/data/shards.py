@@ -239,6 +239,15 @@ def manifest_shards(root: Location, split: str) -> list[ShardInfo]:
     ]
 
 
+def check_feeds(shards: list[ShardInfo], world: int) -> None:
+    """Raises ShardError unless ``shards`` hold at least one sample for each of ``world`` readers."""
+    if not shards:
+        raise ShardError("no training shards: the manifest lists no samples for this split")
+    total = sum(s.samples for s in shards)
+    if total < world:
+        raise ShardError(f"{total} training samples cannot feed {world} workers")
+
+
 def read_shard(uri: str, options: StorageOptions | None = None) -> Iterator[tuple[str, bytes]]:
     """(key, PNG bytes) of each sample of one shard, in order, streamed (not held whole).
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mambastyle.edit.directions import Direction, DirectionError, GanspaceDirection, check_layers
+from mambastyle.directions import Direction, DirectionError, GanspaceDirection, check_layers
 
 NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -153,8 +153,8 @@ def fused_edits(
     """
     import torch
 
-    from mambastyle.invert.core import prepare_images
     from mambastyle.models.fuser import fused_synthesis
+    from mambastyle.models.inversion import prepare_images
     from mambastyle.visual import to_uint8
 
     device = model.latent_avg.device

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from mambastyle.directions import DirectionError
 from mambastyle.edit.core import Edit, apply_edits, fused_edits, png_bytes, render, strength_label
-from mambastyle.edit.directions import DirectionError
 from mambastyle.latents import (
     EDITS_FORMAT,
     LatentTable,
@@ -131,7 +131,7 @@ def select(table: LatentTable, where, sources: bool = False) -> pa.Table:
 def load_fuser_model(uri: str, options: StorageOptions | None, device="cpu"):
     """The ``FuserModel`` (encoder + fuser) of a fuser checkpoint, in eval mode."""
     from mambastyle.checkpoints import checkpoint_source, load_fuser
-    from mambastyle.train.fuser import FuserModel
+    from mambastyle.models.fuser import FuserModel
 
     encoder, fuser, _ = load_fuser(checkpoint_source(uri, options), device=device)
     return FuserModel(encoder, fuser).eval()
@@ -411,7 +411,7 @@ def build_edit(entry, table: LatentTable, options: StorageOptions, table_name: s
     """An :class:`Edit` from one ``edit.edits`` entry: loads its direction file, or fits it on
     the table's rows that ``fit_where`` selects (``table_name``: how the fit's record names
     the table, default its URI)."""
-    from mambastyle.edit.directions import load_direction, load_ganspace
+    from mambastyle.directions import load_direction, load_ganspace
 
     n_styles, style_dim = table.shape
     try:
@@ -471,7 +471,7 @@ def fit_direction_from_table(
     ``key`` column, joined to the latent table by key; ``where`` sees both; see
     :func:`read_labels`).
     """
-    from mambastyle.edit.directions import fit_direction
+    from mambastyle.directions import fit_direction
 
     source = labels.schema if labels is not None else table.dataset.schema
     if column in ("key", "split", "w_plus") or column not in source.names:
@@ -540,7 +540,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     """
     from mambastyle import __version__
     from mambastyle.checkpoints import state_sha256
-    from mambastyle.edit.directions import save_direction
+    from mambastyle.directions import save_direction
     from mambastyle.generate import resolve_generator
     from mambastyle.latents import open_table
 

@@ -2,7 +2,7 @@
 
 ``read_webdataset`` over the shards the manifest lists -> an actor pool (encoder and, for
 metrics, generator loaded once per actor; GPUs when asked) running
-:func:`mambastyle.invert.core.invert_batch` -> a datasink whose write tasks each write one
+:func:`mambastyle.models.inversion.invert_batch` -> a datasink whose write tasks each write one
 Parquet part per split (at least ``rows_per_file`` rows, explicit row groups) -> on the
 driver, a completeness check (every sample of the manifest exactly once) and the table's
 ``_manifest.json``, written last. The table's prefix is ``{root}/latents/{run}`` with
@@ -93,7 +93,7 @@ class Inverter:
             )
         self.lpips = None
         if job.lpips_alexnet is not None and self.generator is not None:
-            from mambastyle.train.losses import build_lpips
+            from mambastyle.pretrained import build_lpips
 
             self.lpips = build_lpips(job.lpips_alexnet, job.options).to(self.device)
         n_styles, style_dim = self.encoder.n_styles, self.encoder.config.style_dim
@@ -102,7 +102,7 @@ class Inverter:
     def _invert(self, batch: dict) -> pa.Table:
         import torch
 
-        from mambastyle.invert.core import invert_batch
+        from mambastyle.models.inversion import invert_batch
 
         keys, urls = [str(k) for k in batch["__key__"]], [str(u) for u in batch["__url__"]]
         if batch["png"].dtype == object:  # undecoded (CPU actors decode their own, see run_inversion)
@@ -269,8 +269,8 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     from mambastyle.data.shards import ShardError
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
-    from mambastyle.train.distributed import FUSER_RUNS_DIR, fuser_job, trained_encoder
-    from mambastyle.train.losses import alexnet_hub_path, weights_available
+    from mambastyle.pretrained import alexnet_hub_path, weights_available
+    from mambastyle.runs import FUSER_RUNS_DIR, fuser_job, trained_encoder
 
     options = params.storage.options()
     root = resolve(params.storage.root, options)
@@ -286,8 +286,8 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
             raise InvertError(f"fuser.enabled: {exc}") from None
         fuser_loc = fuser_run.artifacts.join("fuser.pt")
         encoder_loc = fuser_loc
-        encoder_name = "/".join((params.storage.root.rstrip("/"), FUSER_RUNS_DIR, fuser_run.run, "artifacts",
-                                 "fuser.pt"))  # fmt: skip
+        parts = (params.storage.root.rstrip("/"), FUSER_RUNS_DIR, fuser_run.run_id, "artifacts", "fuser.pt")
+        encoder_name = "/".join(parts)
     elif ip.encoder is not None:
         encoder_loc, encoder_name = resolve(ip.encoder, options), ip.encoder
     else:

@@ -3,7 +3,7 @@
 The module layout (``input_layer``, ``body.N.{shortcut_layer,res_layer}``, ``output_layer``)
 matches the widely used InsightFace/TreB1eN ``model_ir_se50.pth`` state dict that pSp, e4e
 and MambaStyle load, so that file loads with ``strict=True``. The network is only built
-here; its weights come from a file (see :mod:`mambastyle.train.losses`).
+here; its weights come from a file (see :mod:`mambastyle.pretrained`).
 """
 
 from __future__ import annotations

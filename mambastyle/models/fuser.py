@@ -33,7 +33,7 @@ from torch import nn
 from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
-from mambastyle.models.encoders import config_from_dict
+from mambastyle.models.encoders import Encoder, config_from_dict
 from mambastyle.models.stylegan2 import GeneratorConfig, ModulatedConv2d
 
 
@@ -142,6 +142,31 @@ def fused_synthesis(generator, fuser: Fuser, w_plus: torch.Tensor, features: tor
         direction = w_plus.new_zeros(1, *w_plus.shape[1:])
     offset = fuser(features, direction)
     return generator.synthesis(w_plus, noise_mode="const", feature_offset=(fuser.config.inject_res, offset))
+
+
+class FuserModel(nn.Module):
+    """The encoder and the fuser as one module: what a fuser training run trains and saves."""
+
+    def __init__(self, encoder: Encoder, fuser: Fuser):
+        super().__init__()
+        self.encoder, self.fuser = encoder, fuser
+
+    @property
+    def input_size(self) -> int:
+        return self.encoder.config.input_size
+
+    @property
+    def inject_res(self) -> int:
+        return self.fuser.config.inject_res
+
+    @property
+    def latent_avg(self) -> torch.Tensor:
+        return self.encoder.latent_avg
+
+    def forward(self, x: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) images, (B or 1, n_styles, D) directions -> (W+ codes, feature correction)."""
+        w_hat, features = self.encoder(x, return_features=True)
+        return w_hat, self.fuser(features, direction)
 
 
 # --------------------------------------------------------------------------- registry

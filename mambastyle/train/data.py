@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from mambastyle.data.shards import ShardError, ShardInfo, decode_png, read_shard
+from mambastyle.data.shards import ShardError, ShardInfo, check_feeds, decode_png, read_shard
 from mambastyle.storage import StorageOptions
 
 
@@ -37,11 +37,7 @@ class ShardStream:
         shuffle_buffer: int = 64,
         options: StorageOptions | None = None,
     ):
-        if not shards:
-            raise ShardError("no training shards: the manifest lists no samples for this split")
-        total = sum(s.samples for s in shards)
-        if total < world:
-            raise ShardError(f"{total} training samples cannot feed {world} workers")
+        check_feeds(shards, world)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
         self.shards, self.rank, self.world, self.seed = list(shards), rank, world, seed

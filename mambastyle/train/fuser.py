@@ -26,39 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambastyle.config import FuserDirectionParams, FuserParams
-from mambastyle.models.encoders import Encoder
-from mambastyle.models.fuser import Fuser, fused_synthesis
+from mambastyle.models.fuser import FuserModel, fused_synthesis
 from mambastyle.models.stylegan2 import Generator
 from mambastyle.storage import StorageOptions
 from mambastyle.train.loop import Trainer, resize, sample_w_plus, step_seed, to_unit_range
 from mambastyle.train.losses import TrainingLoss
 
 STATE_FORMAT = "mambastyle-fuser-train-state"
-
-
-class FuserModel(nn.Module):
-    """The encoder and the fuser as one module: what a fuser training run trains and saves."""
-
-    def __init__(self, encoder: Encoder, fuser: Fuser):
-        super().__init__()
-        self.encoder, self.fuser = encoder, fuser
-
-    @property
-    def input_size(self) -> int:
-        return self.encoder.config.input_size
-
-    @property
-    def inject_res(self) -> int:
-        return self.fuser.config.inject_res
-
-    @property
-    def latent_avg(self) -> torch.Tensor:
-        return self.encoder.latent_avg
-
-    def forward(self, x: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) images, (B or 1, n_styles, D) directions -> (W+ codes, feature correction)."""
-        w_hat, features = self.encoder(x, return_features=True)
-        return w_hat, self.fuser(features, direction)
 
 
 def image_with_fuser(
@@ -83,7 +57,7 @@ class EditSampler:
         families: tuple[FuserDirectionParams, ...],
         options: StorageOptions | None = None,
     ):
-        from mambastyle.edit.directions import check_layers, load_direction, load_ganspace
+        from mambastyle.directions import check_layers, load_direction, load_ganspace
 
         self.generator = generator
         self.families = families
