@@ -16,7 +16,7 @@ export MALLOC_ARENA_MAX := 1
 # Stage commands call `python`: the project's environment comes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test venv bench lint constraints clean
+.PHONY: demo test test-fast venv bench lint deps constraints clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,11 @@ demo: $(STAMP)
 	$(BIN)/mambastyle report
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# Unit tests only (no Ray clusters, no stage runs): a minute or two.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/generator_forward.py
@@ -44,6 +48,12 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mambastyle pipelines tests benchmarks docs
+	$(BIN)/ruff format --check mambastyle pipelines tests benchmarks docs
+	$(BIN)/python -m mambastyle.codegraph --check
+
+# Rewrites dvc.yaml's code deps from the import graph (after adding a module or an import).
+deps: $(STAMP)
+	$(BIN)/python -m mambastyle.codegraph
 
 # Re-pin every package after a dependency change in pyproject.toml.
 constraints: $(STAMP)

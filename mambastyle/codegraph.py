@@ -34,8 +34,8 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 @functools.cache
-def _direct(path: Path, root: Path) -> frozenset[str]:
-    """Repository modules that ``path`` imports anywhere in its body (functions included)."""
+def _imported_names(path: Path, root: Path) -> frozenset[str]:
+    """Every module name ``path`` imports anywhere in its body (functions included), absolute."""
     tree = ast.parse(path.read_bytes(), filename=str(path))
     name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -52,8 +52,15 @@ def _direct(path: Path, root: Path) -> frozenset[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import mod`
+    return frozenset(found)
+
+
+@functools.cache
+def _direct(path: Path, root: Path) -> frozenset[str]:
+    """Repository modules that ``path`` imports (and the packages above them, which run too)."""
+    name = _module_name(path, root)
     out: set[str] = set()
-    for mod in found:
+    for mod in _imported_names(path, root):
         if mod.split(".")[0] not in PACKAGES:
             continue
         # a module and every package above it run on import
@@ -71,6 +78,15 @@ def imports(name: str, root: Path = ROOT) -> frozenset[str]:
     if path is None:
         raise ModuleNotFoundError(f"{name} is not a module of this repository ({root})")
     return _direct(path, root)
+
+
+def external(name: str, root: Path = ROOT) -> frozenset[str]:
+    """Top-level packages outside the repository that ``name`` imports (``ray``, ``torch``...)."""
+    path = module_file(name, root)
+    if path is None:
+        raise ModuleNotFoundError(f"{name} is not a module of this repository ({root})")
+    tops = {m.split(".")[0] for m in _imported_names(path, root) if m}
+    return frozenset(tops - set(PACKAGES))
 
 
 def closure(*names: str, root: Path = ROOT) -> list[str]:
@@ -139,3 +155,97 @@ def source_hash(*names: str, salt: str = "", root: Path = ROOT) -> str:
     for path in files(*names, root=root):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def dvc_deps(*names: str, root: Path = ROOT) -> list[str]:
+    """The code deps a DVC stage running ``names`` needs: the closure's files, a whole package
+    folder where every module in it is reached (so new files there are covered too)."""
+    needed = {p.relative_to(root).as_posix() for p in files(*names, root=root)}
+    out: set[str] = set()
+    for path in needed:
+        folder = path.rpartition("/")[0]
+        while folder:
+            found = (root / folder).rglob("*.py")
+            siblings = {p.relative_to(root).as_posix() for p in found if "__pycache__" not in p.parts}
+            if not siblings <= needed:
+                break
+            path, folder = folder, folder.rpartition("/")[0]
+        out.add(path)
+    return sorted(p for p in out if not any(p.startswith(q + "/") for q in out if q != p))
+
+
+CODE_PREFIXES = tuple(f"{pkg}/" for pkg in PACKAGES) + PACKAGES
+
+
+def stage_module(cmd: str) -> str | None:
+    """The repository module a DVC stage command runs (``python pipelines/x.py ...`` or
+    ``python -m pkg.mod ...``), or None."""
+    words = cmd.split()
+    for i, word in enumerate(words[:-1]):
+        if word == "-m":
+            return words[i + 1]
+        if word.endswith(".py") and word.startswith(CODE_PREFIXES):
+            return word.removesuffix(".py").replace("/", ".")
+    last = words[-1] if words else ""
+    return last.removesuffix(".py").replace("/", ".") if last.endswith(".py") else None
+
+
+def rewrite_dvc_deps(text: str, root: Path = ROOT) -> str:
+    """``dvc.yaml``'s text with each stage's code deps replaced by :func:`dvc_deps` of the
+    module its command runs; other deps (data), comments and layout are kept."""
+    import yaml
+
+    stages = yaml.safe_load(text)["stages"]
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    stage = None
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if line.startswith("  ") and not line.startswith("   ") and stripped.endswith(":"):
+            stage = stripped[:-1]
+        if stripped == "deps:" and stage in stages:
+            out.append(line)
+            indent = line[: len(line) - len(line.lstrip())] + "  "
+            i += 1
+            kept: list[str] = []
+            while i < len(lines) and lines[i].startswith(indent + "- "):
+                dep = lines[i].strip()[2:].strip()
+                if not dep.startswith(CODE_PREFIXES):
+                    kept.append(lines[i])
+                i += 1
+            module = stage_module(stages[stage]["cmd"])
+            code = dvc_deps(module, root=root) if module else []
+            out.extend(f"{indent}- {dep}\n" for dep in code)
+            out.extend(kept)
+            continue
+        out.append(line)
+        i += 1
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mambastyle.codegraph [--check] [dvc.yaml]``: writes each stage's code deps
+    from the import graph (``--check``: exits 1 and names the stages whose deps differ)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("dvc_yaml", nargs="?", default=str(ROOT / "dvc.yaml"))
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    path = Path(args.dvc_yaml)
+    text = path.read_text()
+    new = rewrite_dvc_deps(text, path.parent)
+    if args.check:
+        if new != text:
+            print(f"{path}: code deps differ from the import graph; run `python -m mambastyle.codegraph`")
+            return 1
+        return 0
+    if new != text:
+        path.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

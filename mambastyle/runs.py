@@ -24,7 +24,6 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -154,33 +153,6 @@ def export_fuser(job: TrainJob, state: dict) -> tuple[Location, str, dict]:
     meta = {k: v for k, v in payload.items() if k not in ("encoder", "fuser")}
     meta["fuser_config"] = payload["fuser"]["config"]
     return loc, hashlib.sha256(data).hexdigest(), meta
-
-
-def write_run_records(job: TrainJob, out: Path) -> list[dict]:
-    """The run's DVCLive records under ``out``: metrics per step (curves for ``dvc plots``), the
-    final values and the last reconstruction picture; returns the metrics history."""
-    from dvclive import Live
-
-    from mambastyle.storage import list_files
-
-    history = [
-        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
-    ]
-    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
-    out.mkdir(parents=True, exist_ok=True)
-    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in history:
-            live.step = record["step"]
-            for key, value in sorted(record.items()):
-                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
-                # on how busy the machine was
-                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
-                    live.log_metric(key, value)
-    if grids:
-        path = out / "plots" / "images" / "reconstruction.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1])))
-    return history
 
 
 def trained_encoder(params, manifest_bytes: bytes | None) -> tuple[Location, str]:

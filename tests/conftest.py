@@ -5,36 +5,63 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 # Keep any Ray instance a test starts on loopback (must be set before Ray starts).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, free_port
+
+# Every random draw in a test comes from one seed per test: fresh each run (so the suite keeps
+# trying new inputs), or MAMBASTYLE_TEST_SEED=N for every test (to repeat a failure, or to run
+# the suite under chosen seeds). The seed is printed with any failure. Tests take `rng` (numpy);
+# torch's global generator is seeded alike.
+SEED_ENV = "MAMBASTYLE_TEST_SEED"
+
+
+def _test_seed() -> int:
+    fixed = os.environ.get(SEED_ENV)
+    return int(fixed) if fixed is not None else int.from_bytes(os.urandom(4), "little")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_torch_seed():
-    """Each test draws its own fresh random inputs, but failures can be reproduced."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def _seed(request):
+    seed = _test_seed()
+    request.node.test_seed = seed
     torch.manual_seed(seed)
-    yield
-    # pytest shows this on failure via the captured output
-    print(f"torch seed for this test: {seed}")
+    yield seed
+
+
+@pytest.fixture
+def rng(_seed) -> np.random.Generator:
+    """numpy's generator for this test, from the test's seed."""
+    return np.random.default_rng(_seed)
+
+
+# Tests that start servers, Ray or whole stages are `slow`; `make test-fast` runs the rest.
+SERVICE_FIXTURES = {"ray_local", "s3", "moto_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = getattr(item, "test_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"{seed}: repeat with {SEED_ENV}={seed}"))
+    return report
 
 
 @pytest.fixture
 def repo() -> Path:
     return REPO
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +76,7 @@ def moto_server():
     exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if exe is None:
         pytest.skip("moto[server] is not installed")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -176,8 +176,7 @@ def test_alignment_matches_the_full_resolution_recipe(make, size):
     assert 10 * np.log10(255**2 / mse) > 36.0
 
 
-def test_warp_matches_pillows_affine_transform():
-    rng = np.random.default_rng()
+def test_warp_matches_pillows_affine_transform(rng):
     src = rng.integers(0, 256, (rng.integers(40, 90), rng.integers(40, 90), 3), dtype=np.uint8)
     angle, scale = rng.uniform(-np.pi, np.pi), rng.uniform(0.3, 1.5)
     a, b = scale * np.cos(angle), -scale * np.sin(angle)
@@ -195,8 +194,7 @@ def test_warp_matches_pillows_affine_transform():
     assert np.abs(grid - expected)[inside].max() <= 1.0  # Pillow rounds to uint8
 
 
-def test_decimation_is_the_lanczos_filter():
-    rng = np.random.default_rng()
+def test_decimation_is_the_lanczos_filter(rng):
     n = int(rng.integers(3, 20))
     grid = rng.uniform(0, 255, (2 * n + 2 * _resample.MARGIN, 2 * n + 2 * _resample.MARGIN, 3)).astype(
         np.float32
@@ -213,8 +211,7 @@ def test_decimation_is_the_lanczos_filter():
     assert np.abs(out - np.clip(np.rint(expected), 0, 255)).max() <= 1
 
 
-def test_gather_reduce_is_the_mean_of_each_block():
-    rng = np.random.default_rng()
+def test_gather_reduce_is_the_mean_of_each_block(rng):
     src = rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)
     rows, cols = rng.integers(0, 37, 23), rng.integers(0, 29, 17)
     k = 4

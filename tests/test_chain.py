@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from train_helpers import params
+from helpers import params
 
 from mambastyle.config import to_dict
 from mambastyle.latents import EDITS_FORMAT, open_table

@@ -85,7 +85,7 @@ def test_a_param_reruns_only_the_stages_that_read_it(repo, tmp_path):
 def test_generator_sample_settings_do_not_change_run_ids():
     import dataclasses
 
-    from train_helpers import params
+    from helpers import params
 
     from mambastyle.runs import run_id
 

@@ -38,8 +38,7 @@ def _planted(rng: np.random.Generator, space: str = "W"):
 
 
 @pytest.mark.parametrize("space", ["W", "W+"])
-def test_fit_recovers_a_planted_numeric_attribute(space):
-    rng = np.random.default_rng()
+def test_fit_recovers_a_planted_numeric_attribute(rng, space):
     a, attribute = _planted(rng, space)
     w = _codes(rng, 400)
     y = attribute(w) + rng.normal(scale=0.5, size=400)
@@ -58,8 +57,7 @@ def test_fit_recovers_a_planted_numeric_attribute(space):
     np.testing.assert_allclose(np.diff(fitted, axis=0), d.info["model"]["slope"], rtol=1e-4)
 
 
-def test_fit_recovers_a_planted_boolean_attribute_and_skips_missing_values():
-    rng = np.random.default_rng()
+def test_fit_recovers_a_planted_boolean_attribute_and_skips_missing_values(rng):
     a, attribute = _planted(rng)
     w = _codes(rng, 1500)
     labels = [bool(v > 3.0) for v in attribute(w) + rng.normal(scale=0.3, size=1500)]
@@ -71,8 +69,7 @@ def test_fit_recovers_a_planted_boolean_attribute_and_skips_missing_values():
     assert d.vector[0] @ a > 0.8
 
 
-def test_fit_refuses_what_cannot_be_fitted():
-    rng = np.random.default_rng()
+def test_fit_refuses_what_cannot_be_fitted(rng):
     w = _codes(rng, 10)
     with pytest.raises(DirectionError, match="constant"):
         fit_direction(w, [1.0] * 10)
@@ -84,8 +81,7 @@ def test_fit_refuses_what_cannot_be_fitted():
         fit_direction(w, list(range(10)), "Z")
 
 
-def test_saved_fit_loads_back_with_its_record(tmp_path):
-    rng = np.random.default_rng()
+def test_saved_fit_loads_back_with_its_record(rng, tmp_path):
     _, attribute = _planted(rng)
     w = _codes(rng, 60)
     d = fit_direction(w, attribute(w).tolist(), "W", provenance={"column": "attr", "where": "x > 1"})
@@ -102,8 +98,7 @@ def test_saved_fit_loads_back_with_its_record(tmp_path):
 
 @pytest.mark.parametrize("shape", [(D,), (1, D), (S, D), (1, S, D)])
 @pytest.mark.parametrize("suffix", [".npy", ".pt"])
-def test_interfacegan_files_load_in_every_layout(tmp_path, shape, suffix):
-    rng = np.random.default_rng()
+def test_interfacegan_files_load_in_every_layout(rng, tmp_path, shape, suffix):
     arr = rng.normal(size=shape).astype(np.float32)
     path = tmp_path / f"dir{suffix}"
     if suffix == ".npy":
@@ -149,8 +144,7 @@ def _pca(rng, k: int = 5):
     return rng.normal(size=(1, D)), comp, rng.uniform(0.5, 2.0, size=k)
 
 
-def test_ganspace_files_load_in_both_layouts_and_edit_as_documented(tmp_path):
-    rng = np.random.default_rng()
+def test_ganspace_files_load_in_both_layouts_and_edit_as_documented(rng, tmp_path):
     mean, comp, std = _pca(rng)
     # e4e's ffhq_pca.pt layout and GANSpace's own .npz layout
     torch.save({"mean": torch.tensor(mean), "comp": torch.tensor(comp), "std": torch.tensor(std)},
@@ -192,8 +186,7 @@ def test_strengths_are_validated_and_labelled_uniquely():
     assert strength_label(-3.0) == "m3" and strength_label(1.5) == "p1_5" and strength_label(0.0) == "0"
 
 
-def test_apply_edits_covers_every_combination_and_strength_zero_is_exact():
-    rng = np.random.default_rng()
+def test_apply_edits_covers_every_combination_and_strength_zero_is_exact(rng):
     w = _codes(rng, 3)
     a = load_like(rng.normal(size=(1, D)))
     b = load_like(rng.normal(size=(S, D)))
@@ -229,14 +222,14 @@ def load_like(arr: np.ndarray):
         return load_direction(str(path), S, D)
 
 
-def test_render_matches_the_generator_in_any_batch_size():
+def test_render_matches_the_generator_in_any_batch_size(rng):
     from mambastyle.models.stylegan2 import GeneratorConfig, build_generator
     from mambastyle.visual import to_uint8
 
     cfg = GeneratorConfig(resolution=16, style_dim=16, n_mlp=2, channel_multiplier=1, channel_max=16)
     g = build_generator(cfg, seed=0).eval().requires_grad_(False)
     g.compute_latent_avg(100)
-    w = np.random.default_rng().normal(size=(5, g.n_styles, 16)).astype(np.float32)
+    w = rng.normal(size=(5, g.n_styles, 16)).astype(np.float32)
     with torch.no_grad():
         want = to_uint8(g.synthesis(torch.from_numpy(w), noise_mode="const"))
     for batch in (1, 2, 5):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import torch
-from train_helpers import params
+from helpers import params
 
 from mambastyle.checkpoints import state_sha256
 from mambastyle.config import ConfigError
@@ -37,11 +37,15 @@ def _generator():
     return resolve_generator(None, gp.architecture, gp.init_seed, gp.latent_avg_samples)
 
 
-def _table(root_uri: str, options: StorageOptions | None = None, generator_sha: str | None = None):
+def _table(
+    root_uri: str,
+    rng: np.random.Generator,
+    options: StorageOptions | None = None,
+    generator_sha: str | None = None,
+):
     """A latent table of codes from the tiny generator's mapping, with ``yaw`` a planted linear
     function of the layer-mean code (plus noise). Returns (uri, codes by key, planted direction)."""
     g = _generator()
-    rng = np.random.default_rng()
     n = sum(SPLITS.values())
     with torch.no_grad():
         w = g.mapping(torch.from_numpy(rng.normal(size=(n, g.style_dim)).astype(np.float32)), 0.7).numpy()
@@ -89,11 +93,11 @@ def _ifg(path, arr) -> dict:
             "layers": [0, 4]}  # fmt: skip
 
 
-def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(tmp_path, ray_local):
+def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(rng, tmp_path, ray_local):
     root = str(tmp_path / "data")
-    uri, codes, planted = _table(root)
+    uri, codes, planted = _table(root, rng)
     g = _generator()
-    direction = np.random.default_rng().normal(size=(1, g.style_dim))
+    direction = rng.normal(size=(1, g.style_dim))
     p = _edit_params(
         root, uri, edits=[_edit_params(root, uri).edit.edits[0].__dict__, _ifg(tmp_path / "d.pt", direction)]
     )
@@ -160,11 +164,11 @@ def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(tmp_p
     assert t.to_table(filter=pc.field("strength") == 1.5, columns=["key"]).num_rows == 6
 
 
-def test_folder_output_on_s3(s3, ray_local):
+def test_folder_output_on_s3(rng, s3, ray_local):
     endpoint, bucket = s3
     options = StorageOptions(endpoint_url=endpoint)
     root = f"s3://{bucket}/data"
-    uri, codes, _ = _table(root, options)
+    uri, codes, _ = _table(root, rng, options)
     p = _edit_params(root, uri, endpoint, output="folder")
     result = edit_from_params(p, ray_connect=False)
     assert result.prefix.uri.startswith(f"{root}/edits/run-") and result.manifest["rows"] == 18
@@ -190,9 +194,9 @@ def _nothing_written(root: str) -> bool:
         ({"edits": "unknown-column"}, "cannot be fitted"),
     ],
 )
-def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, edit, match):
+def test_bad_inputs_fail_clearly_and_write_nothing(rng, tmp_path, edit, match):
     root = str(tmp_path / "data")
-    uri, _, _ = _table(root)
+    uri, _, _ = _table(root, rng)
     base = _edit_params(root, uri).edit.edits[0].__dict__
     if edit.get("edits") == "wrong-shape":
         edit = {"edits": [_ifg(tmp_path / "d.pt", np.zeros((1, 512)))]}
@@ -205,9 +209,9 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, edit, match):
     assert _nothing_written(root)
 
 
-def test_strengths_that_are_not_numbers_and_foreign_tables_are_refused(tmp_path):
+def test_strengths_that_are_not_numbers_and_foreign_tables_are_refused(rng, tmp_path):
     root = str(tmp_path / "data")
-    uri, _, _ = _table(root, generator_sha="0" * 64)
+    uri, _, _ = _table(root, rng, generator_sha="0" * 64)
     base = _edit_params(root, uri).edit.edits[0].__dict__
     with pytest.raises(ConfigError, match=r"edit.edits\[0\].strengths\[1\]: must be a number"):
         _edit_params(root, uri, edits=[{**base, "strengths": [1.0, "big"]}])
@@ -230,11 +234,11 @@ def _params_file(tmp_path, root: str, uri: str) -> str:
     return str(path)
 
 
-def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsys):
+def test_cli_fits_a_direction_and_applies_named_edits(rng, tmp_path, ray_local, capsys):
     from mambastyle.cli import main
 
     root = str(tmp_path / "data")
-    uri, codes, planted = _table(root)
+    uri, codes, planted = _table(root, rng)
     pf = _params_file(tmp_path, root, uri)
     out = tmp_path / "dirs" / "yaw.npy"
     assert main(["edit", "fit-direction", uri, "--params", pf, "--column", "yaw", "--where",
@@ -275,13 +279,12 @@ def test_cli_fits_a_direction_and_applies_named_edits(tmp_path, ray_local, capsy
         assert message in capsys.readouterr().err
 
 
-def test_fit_direction_on_joined_boolean_labels(tmp_path, capsys):
+def test_fit_direction_on_joined_boolean_labels(rng, tmp_path, capsys):
     from mambastyle.cli import main
 
     root = str(tmp_path / "data")
-    uri, codes, _ = _table(root)
+    uri, codes, _ = _table(root, rng)
     pf = _params_file(tmp_path, root, uri)
-    rng = np.random.default_rng()
     keys = sorted(codes)
     # like a real attribute, planted along directions the codes vary in (the mapping network's
     # output fills few of W's directions; along the others a split is mostly per-layer noise)

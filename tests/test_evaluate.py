@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from train_helpers import params, write_shards
+from helpers import params, write_shards
 
 from mambastyle.checkpoints import save_encoder
 from mambastyle.config import to_dict

@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import params, write_shards
 from PIL import Image
-from train_helpers import params, write_shards
 
 from mambastyle.checkpoints import fuser_payload, state_sha256
 from mambastyle.edit.core import fused_edits

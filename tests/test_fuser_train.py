@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import params, write_shards
 from PIL import Image
-from train_helpers import params, write_shards
 
 from mambastyle.checkpoints import fuser_payload, load_fuser, save_encoder
 from mambastyle.config import FuserDirectionParams, LossParams

@@ -11,8 +11,8 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 import torch
+from helpers import cmdline, params, write_shards
 from PIL import Image
-from train_helpers import cmdline, params, write_shards
 
 from mambastyle.checkpoints import load_encoder, save_encoder, state_sha256
 from mambastyle.generate import resolve_generator

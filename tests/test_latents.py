@@ -7,37 +7,15 @@ import json
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from helpers import META, make_table
 
 from mambastyle.latents import (
     LatentTableError,
     build_part,
-    commit,
     open_table,
     schema,
-    table_metadata,
-    write_part,
 )
 from mambastyle.storage import StorageOptions, resolve
-
-META = {"encoder_sha256": "e" * 64, "generator_sha256": "g" * 64, "run_id": "run-test"}
-
-
-def make_table(prefix, n_per_split=(30, 10), n_styles=4, style_dim=8, seed=0, row_group_size=8):
-    rng = np.random.default_rng(seed)
-    s = schema(n_styles, style_dim, META)
-    parts, truth = [], {}
-    for split, n in zip(("train", "test"), n_per_split, strict=True):
-        w = rng.standard_normal((n, n_styles, style_dim)).astype(np.float32)
-        keys = [f"{split}_{i:04d}" for i in range(n)]
-        yaw = rng.uniform(-40, 40, n).astype(np.float32)
-        rows = {"key": keys, "shard": [f"{split}-000000.tar"] * n, "w_plus": w, "mse": rng.random(n),
-                "yaw": yaw, "source": [f"photos/{k}.jpg" for k in keys]}  # fmt: skip
-        path = f"split={split}/part-000000.parquet"
-        write_part(build_part(rows, s), prefix.join(path), row_group_size)
-        parts.append({"path": path, "split": split, "rows": n})
-        truth.update({k: (w[i], float(yaw[i]), split) for i, k in enumerate(keys)})
-    commit(prefix, parts, table_metadata(s))
-    return truth
 
 
 def test_round_trip_and_layout(tmp_path):
@@ -139,7 +117,7 @@ def test_cli_info_and_query(tmp_path, capsys, repo):
 
 
 def test_cli_invert_names_a_missing_encoder(tmp_path, capsys, repo):
-    from train_helpers import write_shards
+    from helpers import write_shards
 
     from mambastyle.cli import main
 

@@ -63,8 +63,7 @@ def pillow_rgb(data: bytes) -> np.ndarray:
 
 
 @pytest.mark.parametrize("colour", [0, 4, 2, 6], ids=list(MODES.values()))
-def test_every_filter_decodes_to_the_pixels_and_to_pillows_rgb(colour):
-    rng = np.random.default_rng()
+def test_every_filter_decodes_to_the_pixels_and_to_pillows_rgb(rng, colour):
     h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
     pixels = rng.integers(0, 256, (h, w, len(MODES[colour])), dtype=np.uint8)
     if colour in (4, 6):
@@ -78,8 +77,7 @@ def test_every_filter_decodes_to_the_pixels_and_to_pillows_rgb(colour):
     np.testing.assert_array_equal(np.asarray(img), pillow_rgb(data))  # the same bytes as Pillow's path
 
 
-def test_pillows_own_pngs_decode_alike():
-    rng = np.random.default_rng()
+def test_pillows_own_pngs_decode_alike(rng):
     for mode in MODES.values():
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (33, 47, len(mode)), dtype=np.uint8).squeeze(), mode).save(
@@ -97,8 +95,7 @@ def _pillow_png(img: Image.Image, **kw) -> bytes:
     return buf.getvalue()
 
 
-def test_other_pngs_are_left_to_pillow():
-    rng = np.random.default_rng()
+def test_other_pngs_are_left_to_pillow(rng):
     rgb = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotated
@@ -117,8 +114,7 @@ def test_other_pngs_are_left_to_pillow():
     assert decode_image(cases["exif"], 10**6)[0].size == (20, 30)  # EXIF orientation honoured
 
 
-def test_damaged_pngs_get_pillows_verdict():
-    rng = np.random.default_rng()
+def test_damaged_pngs_get_pillows_verdict(rng):
     good = encode(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), 2, rng)
     bad_crc = bytearray(good)
     bad_crc[-20] ^= 0xFF  # inside the last IDAT
@@ -137,8 +133,7 @@ def test_damaged_pngs_get_pillows_verdict():
     np.testing.assert_array_equal(np.asarray(decode_image(no_end, 10**6)[0]), pillow_rgb(good))
 
 
-def test_size_limit_is_checked_before_inflating(monkeypatch):
-    rng = np.random.default_rng()
+def test_size_limit_is_checked_before_inflating(rng, monkeypatch):
     data = encode(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8), 2, rng)
     assert _png.decode(data, 30 * 40 - 1) is None
     with pytest.raises(InputRejected, match="too_large"):

@@ -450,12 +450,11 @@ def _check_png_chunks(data: bytes) -> None:
     assert kinds == [b"IHDR", b"IDAT", b"IEND"] and pos == len(data)
 
 
-def test_encode_png_decodes_to_the_same_pixels_at_every_level(monkeypatch):
+def test_encode_png_decodes_to_the_same_pixels_at_every_level(rng, monkeypatch):
     import numpy as np
 
     from mambastyle.data import images
 
-    rng = np.random.default_rng()
     shapes = [(1, 1), (1, 7), (5, 1), *((int(h), int(w)) for h, w in rng.integers(2, 300, (4, 2)))]
     for level in range(10):
         h, w = shapes[level % len(shapes)]

@@ -6,7 +6,7 @@ import re
 import shlex
 
 import pytest
-from test_latents import make_table
+from helpers import make_table
 
 from mambastyle.cli import build_parser
 from mambastyle.storage import resolve

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from train_helpers import params, write_shards
+from helpers import params, write_shards
 
 from mambastyle.checkpoints import read_checkpoint, state_sha256
 from mambastyle.config import LossParams, PretrainedParams

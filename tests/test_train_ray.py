@@ -16,8 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, _free_port
-from train_helpers import cmdline, params, write_shards
+from helpers import REPO, cmdline, free_port, params, write_shards
 
 from mambastyle.config import to_dict
 from mambastyle.runs import RUNS_DIR, TrainJob, export_encoder, load_state, run_id
@@ -144,7 +143,7 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
     p = params(train={**TRAIN, "steps": 4}, storage={"root": root.uri}, ray={"address": "auto"})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(to_dict(p)))
-    port, dash, agent = _free_port(), _free_port(), _free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     # A private temp dir marks this cluster's processes, so the test stops exactly them (`ray stop`
     # would stop every Ray of the user on the machine). Short: Ray's socket paths live under it.
     # Free ports throughout: the job agent's default port is taken by any other Ray on the machine.

@@ -36,7 +36,6 @@ class InputRef:
         return read_bytes(self.loc)
 
 
-
 def make_key(relative: str) -> str:
     """A stable key without dots: a readable slug of the path plus a short hash of it."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", relative).strip("_")[-48:] or "input"

@@ -215,5 +215,3 @@ def run_from_source(
         manifest = prepare(refs, out, config, workers=workers, executor=executor,
                            progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
     return manifest, out
-
-

@@ -47,7 +47,6 @@ class Sample:
         return json.loads(self.meta_json)
 
 
-
 def _tar_header(name: str, size: int) -> bytes:
     """The USTAR header ``tarfile`` writes for a member with fixed metadata (mtime 0, mode
     644, no owner), formatted directly for names of up to 100 bytes (tarfile's own ``tobuf``

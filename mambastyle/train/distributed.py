@@ -21,11 +21,12 @@ from mambastyle.config import (
     FuserParams,
     to_dict,
 )
-from mambastyle.runs import STATE_FILE, TrainJob, load_state, write_run_records
+from mambastyle.runs import STATE_FILE, TrainJob, load_state
 from mambastyle.runtime import worker_env
 from mambastyle.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
+
 
 def _metrics_history(loc: Location, upto: int) -> list[dict]:
     """Saved report lines with ``step <= upto`` (steps after a restored checkpoint are dropped)."""
@@ -252,6 +253,33 @@ def fit(job: TrainJob, worker=train_worker):
         ),
     )
     return trainer.fit()
+
+
+def write_run_records(job: TrainJob, out: Path) -> list[dict]:
+    """The run's DVCLive records under ``out``: metrics per step (curves for ``dvc plots``), the
+    final values and the last reconstruction picture; returns the metrics history."""
+    from dvclive import Live
+
+    from mambastyle.storage import list_files
+
+    history = [
+        json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
+    ]
+    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
+    out.mkdir(parents=True, exist_ok=True)
+    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for record in history:
+            live.step = record["step"]
+            for key, value in sorted(record.items()):
+                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
+                # on how busy the machine was
+                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
+                    live.log_metric(key, value)
+    if grids:
+        path = out / "plots" / "images" / "reconstruction.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1])))
+    return history
 
 
 def train_and_export(params, job: TrainJob, worker, export, local_out: Path, final_key: str):

@@ -1,19 +1,33 @@
-"""Small training setups shared by the train tests (a tiny generator, tiny encoder, fake shards)."""
+"""Helpers shared by the tests: the repository, free ports, params with a tiny generator,
+fake shards and latent tables. (Fixtures live in conftest.py.)"""
 
 from __future__ import annotations
 
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import REPO
 from PIL import Image
 
 from mambastyle.config import Params, parse_params
 from mambastyle.data.shards import Sample, build_shard
+from mambastyle.latents import build_part, commit, schema, table_metadata, write_part
 from mambastyle.storage import Location, write_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # A generator whose style space is as wide as W (style_dim = channels), so codes are
 # recoverable from images, and small enough for CPU tests.
@@ -83,3 +97,24 @@ def cmdline(proc) -> list[str]:
         return proc.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return []
+
+
+META = {"encoder_sha256": "e" * 64, "generator_sha256": "g" * 64, "run_id": "run-test"}
+
+
+def make_table(prefix, n_per_split=(30, 10), n_styles=4, style_dim=8, seed=0, row_group_size=8):
+    rng = np.random.default_rng(seed)
+    s = schema(n_styles, style_dim, META)
+    parts, truth = [], {}
+    for split, n in zip(("train", "test"), n_per_split, strict=True):
+        w = rng.standard_normal((n, n_styles, style_dim)).astype(np.float32)
+        keys = [f"{split}_{i:04d}" for i in range(n)]
+        yaw = rng.uniform(-40, 40, n).astype(np.float32)
+        rows = {"key": keys, "shard": [f"{split}-000000.tar"] * n, "w_plus": w, "mse": rng.random(n),
+                "yaw": yaw, "source": [f"photos/{k}.jpg" for k in keys]}  # fmt: skip
+        path = f"split={split}/part-000000.parquet"
+        write_part(build_part(rows, s), prefix.join(path), row_group_size)
+        parts.append({"path": path, "split": split, "rows": n})
+        truth.update({k: (w[i], float(yaw[i]), split) for i, k in enumerate(keys)})
+    commit(prefix, parts, table_metadata(s))
+    return truth
