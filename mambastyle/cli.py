@@ -323,7 +323,7 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
 
 def cmd_edit_fit_direction(args: argparse.Namespace) -> int:
     from mambastyle.directions import DirectionError, save_direction
-    from mambastyle.edit.pipeline import fit_direction_from_table, read_labels
+    from mambastyle.edit.stage import fit_direction_from_table, read_labels
 
     table = _open_latents(args)
     try:
@@ -376,7 +376,8 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mambastyle.config import EditEntryParams
-    from mambastyle.edit.pipeline import EditError, edit_from_params
+    from mambastyle.edit.pipeline import EditError
+    from mambastyle.edit.stage import edit_from_params
     from mambastyle.visual import save_png
 
     params = _load(args.params)

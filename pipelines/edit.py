@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from mambastyle.config import Params
-from mambastyle.edit.pipeline import EditError, edit_from_params
+from mambastyle.edit.pipeline import EditError
+from mambastyle.edit.stage import edit_from_params
 from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
 from mambastyle.stage import stage_main

@@ -29,7 +29,7 @@ import torch
 from mambastyle.config import EditEntryParams
 from mambastyle.directions import DirectionError, load_direction, load_ganspace
 from mambastyle.edit.core import Edit, apply_edits
-from mambastyle.edit.pipeline import build_edit
+from mambastyle.edit.stage import build_edit
 from mambastyle.errors import InvalidConfig
 from mambastyle.storage import StorageOptions
 

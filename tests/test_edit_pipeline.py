@@ -15,7 +15,8 @@ from helpers import params
 from mambastyle.checkpoints import state_sha256
 from mambastyle.config import ConfigError
 from mambastyle.edit.core import render
-from mambastyle.edit.pipeline import EditError, edit_from_params, read_images
+from mambastyle.edit.pipeline import EditError, read_images
+from mambastyle.edit.stage import edit_from_params
 from mambastyle.generate import resolve_generator
 from mambastyle.latents import (
     EDITS_FORMAT,
@@ -158,7 +159,8 @@ def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(rng, 
     )
     listed = {prefix.join(x["path"]).path for x in again.manifest["parts"] + again.manifest["shards"]}
     assert set(list_files(prefix)) == listed | {prefix.join("_manifest.json").path}
-    # SQL over the edits table
+    # SQL over the edits table (opened again: the re-run replaced the files the first handle read)
+    t = open_table(prefix.uri, fmt=EDITS_FORMAT)
     n = t.query("SELECT count(*) AS n FROM edits WHERE edit = 'yaw' AND strength > 0").column("n")[0].as_py()
     assert n == 6
     assert t.to_table(filter=pc.field("strength") == 1.5, columns=["key"]).num_rows == 6

@@ -12,7 +12,8 @@ from PIL import Image
 
 from mambastyle.checkpoints import fuser_payload, state_sha256
 from mambastyle.edit.core import fused_edits
-from mambastyle.edit.pipeline import EditError, edit_from_params, load_fuser_model, read_images
+from mambastyle.edit.pipeline import EditError, load_fuser_model, read_images
+from mambastyle.edit.stage import edit_from_params
 from mambastyle.generate import resolve_generator
 from mambastyle.invert.pipeline import invert_from_params
 from mambastyle.latents import EDITS_FORMAT, open_table

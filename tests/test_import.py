@@ -141,7 +141,7 @@ def test_config_and_the_result_stages_stay_off_the_layers_they_must_not_touch():
     results = (
         "mambastyle.invert.pipeline",
         "mambastyle.evaluate",
-        "mambastyle.edit.pipeline",
+        "mambastyle.edit.stage",
         "pipelines.evaluate",
     )
     for core in results:
