@@ -7,6 +7,10 @@ and optionally ``latent_avg``, as written by that code's ``train.py`` and
 Files written here add a ``config`` entry (plain types) so the architecture never has
 to be guessed.
 
+One module for every checkpoint layout the project reads (its own generator, encoder and fuser
+files, rosinality's generators, the official pSp / e4e / ReStyle / MambaStyle training files),
+so :func:`load_encoder` dispatches across them in one place; hence its length.
+
 Everything goes through ``torch.load(..., weights_only=True)``: tensors, plain
 containers and numbers only. The single extra allowed type is ``argparse.Namespace``,
 which rosinality's training script stores as ``args`` and which carries attributes only.

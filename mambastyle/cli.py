@@ -3,6 +3,9 @@
 Results go to stdout, logs and errors to stderr; a failure exits non-zero with a
 one-line message (no traceback) for expected errors such as a bad params file or an
 unreadable checkpoint. Settings a flag leaves unset come from ``params.yaml``.
+
+Its length is the command table (``build_parser``, declarative) and one short function per
+subcommand; the work is in the library.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ arguments. Every key must be present (no hidden defaults: what a stage uses is w
 in the file, so ``dvc exp run -S key=value`` can change it), unknown keys are errors,
 and every error names the offending key, e.g.
 ``params.yaml: generator.architecture.resolution: must be a power of two ...``.
+
+The file is long because it is a declarative schema: one dataclass per params section, each
+with its own validation.
 """
 
 from __future__ import annotations

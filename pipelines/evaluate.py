@@ -52,13 +52,6 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     from mambastyle.data.shards import decode_png, manifest_shards, read_shard
     from mambastyle.evaluate import latency, latent_recovery, reconstruction_metrics
     from mambastyle.generate import resolve_generator
-    from mambastyle.pretrained import (
-        IdentityLoss,
-        alexnet_hub_path,
-        build_lpips,
-        load_arcface,
-        weights_available,
-    )
     from mambastyle.storage import resolve
     from mambastyle.visual import make_grid, save_png, to_uint8
 
@@ -81,26 +74,7 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
     )
 
-    not_measured = {}
-    lpips_net = identity = None
-    # (the reasons name files as the params do, so the record is the same on every machine)
-    lp_uri = ep.lpips_alexnet or params.invert.lpips_alexnet
-    if weights_available(lp_uri or alexnet_hub_path(), options):
-        lpips_net = build_lpips(lp_uri or alexnet_hub_path(), options)
-    else:
-        where = f"at {lp_uri}" if lp_uri else "in the torch hub cache"
-        not_measured["lpips"] = f"no AlexNet weights {where} (evaluate.lpips_alexnet)"
-    arc_uri = ep.arcface or params.train.pretrained.arcface
-    if weights_available(arc_uri, options):
-        identity = IdentityLoss(load_arcface(arc_uri, options)).eval()
-    else:
-        where = (
-            f"at {arc_uri}"
-            if arc_uri
-            else "configured: evaluate.arcface and train.pretrained.arcface are null"
-        )
-        not_measured["id_similarity"] = f"no ArcFace IR-SE50 weights {where}"
-
+    lpips_net, identity, not_measured = _metric_nets(params)
     root = resolve(params.storage.root, options)
     shards = manifest_shards(root, ep.split)
 
@@ -116,28 +90,8 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     n = len(values["mse"])
     if n == 0:
         raise FileNotFoundError(f"the shards hold no {ep.split!r} faces to evaluate")
-    metrics: dict = {
-        "split": ep.split,
-        "images": n,
-        "reconstruction": {k: _summary(v) for k, v in values.items() if not k.endswith("_fuser")},
-        "latent_recovery": {
-            k: (float(f"{v:.6g}") if isinstance(v, float) else v)
-            for k, v in latent_recovery(
-                encoder, g, ep.synthetic_samples, ep.seed, ep.truncation, ep.batch_size
-            ).items()
-        },  # fmt: skip
-        "encoder": {
-            "arch": encoder.config.arch,
-            "parameters": sum(p.numel() for p in encoder.parameters()),
-            "uri": encoder_uri,
-        },  # fmt: skip
-        "not_measured": not_measured,
-    }
-    if fuser is not None:  # the same faces with the fuser's feature correction
-        metrics["reconstruction_fuser"] = {k[: -len("_fuser")]: _summary(v) for k, v in values.items()
-                                           if k.endswith("_fuser")}  # fmt: skip
-        metrics["fuser"] = {"parameters": sum(p.numel() for p in fuser.parameters()),
-                            "inject_res": fuser.config.inject_res}  # fmt: skip
+    recovery = latent_recovery(encoder, g, ep.synthetic_samples, ep.seed, ep.truncation, ep.batch_size)
+    metrics = _metrics_record(ep, values, recovery, encoder, encoder_uri, fuser, not_measured)
     local_out.mkdir(parents=True, exist_ok=True)
     (local_out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     comparison, speeds, shown_side = _compare(params, record, encoder, encoder_uri, g, images, lpips_net,
@@ -159,6 +113,65 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
              metrics["reconstruction"], metrics["latent_recovery"], speed["ms_per_image"],
              sorted(not_measured) or "none", time.perf_counter() - t0)  # fmt: skip
     return {**metrics, "latency": speed}
+
+
+def _metrics_record(
+    ep, values: dict, recovery: dict, encoder, encoder_uri: str, fuser, not_measured: dict
+) -> dict:
+    """metrics.json: the pipeline encoder's reconstruction (and with the fuser), latent recovery."""
+    metrics: dict = {
+        "split": ep.split,
+        "images": len(values["mse"]),
+        "reconstruction": {k: _summary(v) for k, v in values.items() if not k.endswith("_fuser")},
+        "latent_recovery": {
+            k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in recovery.items()
+        },
+        "encoder": {
+            "arch": encoder.config.arch,
+            "parameters": sum(p.numel() for p in encoder.parameters()),
+            "uri": encoder_uri,
+        },  # fmt: skip
+        "not_measured": not_measured,
+    }
+    if fuser is not None:  # the same faces with the fuser's feature correction
+        metrics["reconstruction_fuser"] = {k[: -len("_fuser")]: _summary(v) for k, v in values.items()
+                                           if k.endswith("_fuser")}  # fmt: skip
+        metrics["fuser"] = {"parameters": sum(p.numel() for p in fuser.parameters()),
+                            "inject_res": fuser.config.inject_res}  # fmt: skip
+    return metrics
+
+
+def _metric_nets(params: Params):
+    """(LPIPS or None, ArcFace identity or None, {metric: why it is not measured}). The reasons
+    name files as the params do, so the record is the same on every machine."""
+    from mambastyle.pretrained import (
+        IdentityLoss,
+        alexnet_hub_path,
+        build_lpips,
+        load_arcface,
+        weights_available,
+    )
+
+    ep, options = params.evaluate, params.storage.options()
+    not_measured = {}
+    lpips_net = identity = None
+    lp_uri = ep.lpips_alexnet or params.invert.lpips_alexnet
+    if weights_available(lp_uri or alexnet_hub_path(), options):
+        lpips_net = build_lpips(lp_uri or alexnet_hub_path(), options)
+    else:
+        where = f"at {lp_uri}" if lp_uri else "in the torch hub cache"
+        not_measured["lpips"] = f"no AlexNet weights {where} (evaluate.lpips_alexnet)"
+    arc_uri = ep.arcface or params.train.pretrained.arcface
+    if weights_available(arc_uri, options):
+        identity = IdentityLoss(load_arcface(arc_uri, options)).eval()
+    else:
+        where = (
+            f"at {arc_uri}"
+            if arc_uri
+            else "configured: evaluate.arcface and train.pretrained.arcface are null"
+        )
+        not_measured["id_similarity"] = f"no ArcFace IR-SE50 weights {where}"
+    return lpips_net, identity, not_measured
 
 
 def _compare(params: Params, record: dict, pipeline_encoder, encoder_uri: str, g, images, lpips_net, identity,

@@ -257,7 +257,6 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
 
     Returns (the table's manifest, its prefix).
     """
-
     from mambastyle.checkpoints import (
         FUSER_FORMAT,
         check_encoder_generator,
@@ -266,32 +265,14 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         load_encoder,
         state_sha256,
     )
-    from mambastyle.data.shards import ShardError
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
-    from mambastyle.pretrained import alexnet_hub_path, weights_available
-    from mambastyle.runs import FUSER_RUNS_DIR, fuser_job, trained_encoder
 
     options = params.storage.options()
     root = resolve(params.storage.root, options)
     manifest_bytes, manifest = read_manifest(root)
     ip = params.invert
-    fuser_loc = None
-    if (
-        ip.encoder is None and params.fuser.enabled
-    ):  # the fuser stage's checkpoint: its encoder makes the codes
-        try:
-            fuser_run, _ = fuser_job(params)
-        except (CheckpointError, ShardError) as exc:
-            raise InvertError(f"fuser.enabled: {exc}") from None
-        fuser_loc = fuser_run.artifacts.join("fuser.pt")
-        encoder_loc = fuser_loc
-        parts = (params.storage.root.rstrip("/"), FUSER_RUNS_DIR, fuser_run.run_id, "artifacts", "fuser.pt")
-        encoder_name = "/".join(parts)
-    elif ip.encoder is not None:
-        encoder_loc, encoder_name = resolve(ip.encoder, options), ip.encoder
-    else:
-        encoder_loc, encoder_name = trained_encoder(params, manifest_bytes)
+    encoder_loc, encoder_name, fuser_loc = _encoder_file(params, manifest_bytes)
     try:
         src = checkpoint_source(encoder_loc.uri, options)
         encoder, meta = load_encoder(src)
@@ -313,13 +294,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     except CheckpointError as exc:
         raise InvertError(str(exc)) from None
     generator_sha = state_sha256(g)
-    lpips = None
-    if ip.metrics:
-        candidate = ip.lpips_alexnet or alexnet_hub_path()
-        if weights_available(candidate, options):
-            lpips = candidate
-        else:
-            log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)
+    lpips = _lpips_weights(ip, options)
     settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity(),
                 "fuser": fuser_loc is not None}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
@@ -357,3 +332,39 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
     table_manifest = run_inversion(job, expected, shard_uris, sizes)
     return table_manifest, out
+
+
+def _encoder_file(params, manifest_bytes: bytes) -> tuple[Location, str, Location | None]:
+    """Where the codes come from: (the checkpoint, its name as the params give it, the fuser
+    checkpoint or None). ``invert.encoder`` when set; else the fuser stage's checkpoint when the
+    fuser is enabled (its encoder makes the codes); else the train stage's encoder."""
+    from mambastyle.data.shards import ShardError
+    from mambastyle.errors import CheckpointError
+    from mambastyle.runs import FUSER_RUNS_DIR, fuser_job, trained_encoder
+
+    ip = params.invert
+    if ip.encoder is not None:
+        return resolve(ip.encoder, params.storage.options()), ip.encoder, None
+    if params.fuser.enabled:
+        try:
+            fuser_run, _ = fuser_job(params)
+        except (CheckpointError, ShardError) as exc:
+            raise InvertError(f"fuser.enabled: {exc}") from None
+        fuser_loc = fuser_run.artifacts.join("fuser.pt")
+        parts = (params.storage.root.rstrip("/"), FUSER_RUNS_DIR, fuser_run.run_id, "artifacts", "fuser.pt")
+        return fuser_loc, "/".join(parts), fuser_loc
+    encoder_loc, encoder_name = trained_encoder(params, manifest_bytes)
+    return encoder_loc, encoder_name, None
+
+
+def _lpips_weights(ip, options) -> str | None:
+    """The AlexNet weights LPIPS is measured with, or None (not asked for, or not there)."""
+    from mambastyle.pretrained import alexnet_hub_path, weights_available
+
+    if not ip.metrics:
+        return None
+    candidate = ip.lpips_alexnet or alexnet_hub_path()
+    if weights_available(candidate, options):
+        return candidate
+    log.warning("lpips is not measured: no AlexNet weights at %s (invert.lpips_alexnet)", candidate)
+    return None

@@ -21,6 +21,8 @@ code, so that the ``encoder.*`` weights of an official checkpoint load into it w
   refined ``n_iters`` times with the generator in the loop (:meth:`ReStyleEncoder.attach_generator`).
 
 Reduced-width variants (``*_small``, ``*_tiny``) keep the topology for CPU runs and tests.
+The four published architectures share the IR-SE backbone and the registry, so they live in
+one module; hence its length.
 """
 
 from __future__ import annotations

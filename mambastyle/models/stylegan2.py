@@ -7,6 +7,9 @@ and the ``noises.noise_{i}`` buffers. All ops are native PyTorch (see
 :mod:`mambastyle.layers`): nothing is compiled, at import or ever, so the generator runs
 on any CPU or GPU.
 
+The generator is one module, its layers kept beside it, because rosinality's key layout
+ties them together; hence its length.
+
 Naming: ``Equal*`` layers use the equalized learning rate (weights stored at unit
 variance, scaled at run time). Shapes: B batch, C channels, D style dim (512),
 S = n_styles = 2 * log2(resolution) - 2 per-layer codes of W+.
