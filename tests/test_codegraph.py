@@ -98,3 +98,32 @@ def test_the_repository_dvc_yaml_lists_every_file_each_stage_imports(repo):
     done = subprocess.run([sys.executable, "-m", "mambastyle.codegraph", "--check", str(repo / "dvc.yaml")],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_code_hashes_cover_what_their_code_imports(tmp_path):
+    # prepare's saved work is keyed by the per-input code and what it imports (the pixel
+    # kernels included); a training run's id by its workers' closure
+    import shutil
+
+    import mambastyle
+    from mambastyle.data import prepare
+    from mambastyle.runs import TRAINING_CODE, code_hash
+
+    faces = {p.relative_to(codegraph.ROOT).as_posix() for p in codegraph.files("mambastyle.data.faces")}
+    assert {"mambastyle/data/_resample.py", "mambastyle/data/_png.py", "mambastyle/data/align.py"} <= faces
+    assert prepare._code_hash() == codegraph.source_hash("mambastyle.data.faces", salt=mambastyle.__version__)
+    trained = {p.relative_to(codegraph.ROOT).as_posix() for p in codegraph.files(TRAINING_CODE)}
+    assert {
+        "mambastyle/train/loop.py",
+        "mambastyle/models/encoders.py",
+        "mambastyle/layers/ss2d.py",
+    } <= trained
+    assert code_hash() == codegraph.source_hash(TRAINING_CODE, salt=mambastyle.__version__)
+    # and the hash moves when one of those files changes, in a copy of the package
+    shutil.copytree(
+        codegraph.ROOT / "mambastyle", tmp_path / "mambastyle", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    before = codegraph.source_hash("mambastyle.data.faces", root=tmp_path)
+    with open(tmp_path / "mambastyle/data/_png.py", "a") as f:
+        f.write("\n# changed\n")
+    assert codegraph.source_hash("mambastyle.data.faces", root=tmp_path) != before
