@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # glibc hands large freed blocks back to the OS and page-faults them in again on every
 # forward pass; keeping up to 1 GiB, in one arena for all threads, makes CPU inference
-# about 1.5x faster (see README).
+# faster (the README has the figure).
 export MALLOC_MMAP_THRESHOLD_ := 1073741824
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 export MALLOC_ARENA_MAX := 1

@@ -6,7 +6,7 @@ import os
 
 # glibc malloc for processes that run models on CPU. A forward pass allocates and frees the
 # same large activation buffers each time; by default glibc hands such blocks back to the OS
-# and page-faults them in again on the next pass (about 1.5x slower). Threads other than the
+# and page-faults them in again on the next pass (see the README for the cost). Threads other than the
 # main one (Ray Data and Ray Train run user code in threads of their own) get extra arenas,
 # whose heaps cannot keep blocks over 64 MiB at all, so there is one arena. glibc reads these
 # when a process starts.

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mambastyle.checkpoints import file_sha256, save_generator
-from mambastyle.config import GeneratorParams, to_dict
+from mambastyle.config import Params, to_dict
 from mambastyle.errors import CheckpointError
 from mambastyle.generate import render_samples, resolve_generator, sample_grid
 from mambastyle.stage import stage_main
@@ -25,9 +25,11 @@ from mambastyle.visual import save_png
 log = logging.getLogger("pipelines.generator")
 
 
-def run(params: GeneratorParams, out_dir: Path) -> dict:
+def run(params: Params, out_dir: Path) -> dict:
     """Builds or loads the generator, writes the stage's outputs, returns the info record."""
     t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = params.generator
     g = resolve_generator(params.checkpoint, params.architecture, params.init_seed, params.latent_avg_samples)
     ckpt_path = out_dir / "generator.pt"
     save_generator(g, ckpt_path)
@@ -56,11 +58,7 @@ def run(params: GeneratorParams, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def stage(params, out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run(params.generator, out_dir)
-
-    return stage_main(argv, __doc__, "data/generator", stage, (CheckpointError,), log)
+    return stage_main(argv, __doc__, "data/generator", run, (CheckpointError,), log)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from mambastyle.config import PrepareParams, RayParams, StorageParams
+from mambastyle.config import Params
 from mambastyle.data.faces import PrepareConfig
 from mambastyle.data.prepare import run_from_source
 from mambastyle.stage import stage_main
@@ -22,8 +22,9 @@ from mambastyle.storage import read_bytes
 log = logging.getLogger("pipelines.prepare")
 
 
-def run(params: PrepareParams, storage: StorageParams, ray: RayParams, local_out: Path) -> dict:
+def run(params: Params, local_out: Path) -> dict:
     """Runs the stage; returns the manifest."""
+    storage, ray, params = params.storage, params.ray, params.prepare
     t0 = time.perf_counter()
     config = PrepareConfig.from_params(params)
     manifest, out = run_from_source(params.source, storage.root, config, storage.options(),
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         argv,
         __doc__,
         "data/prepare",
-        lambda params, out: run(params.prepare, params.storage, params.ray, out),
+        run,
         (FileNotFoundError, ValueError),
         log,
         show=lambda manifest: manifest["counts"],

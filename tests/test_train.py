@@ -21,7 +21,7 @@ from mambastyle.models.encoders import build_encoder
 from mambastyle.pretrained import IdentityLoss, MissingWeights, build_lpips, load_arcface
 from mambastyle.storage import StorageOptions, resolve
 from mambastyle.train.data import ShardStream, tensor_batches
-from mambastyle.train.loop import Trainer, TrainingDiverged, lr_factor, run
+from mambastyle.train.loop import Trainer, TrainingDiverged, lr_factor, run_steps
 from mambastyle.train.losses import build_loss
 
 
@@ -58,7 +58,7 @@ def test_latent_recovery_on_held_out_samples_improves():
                       "synthetic": {"mixing": 0.0}, "optimizer": {"lr": 0.002}})  # fmt: skip
     t = make_trainer(p)
     before = t.evaluate()
-    run(t)
+    run_steps(t)
     after = t.evaluate()
     # Held-out codes (never trained on): recovery well below where it started, and well
     # below always answering the average code (latent_rel = 1).
@@ -139,7 +139,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run():
 def test_run_needs_real_images_unless_all_synthetic():
     t = make_trainer(params(train={"synthetic_ratio": 0.5, "steps": 2}))
     with pytest.raises(ValueError, match="needs real images"):
-        run(t)
+        run_steps(t)
 
 
 def test_step_kinds_follow_the_ratio():

@@ -2,7 +2,7 @@
 
 Pillow spends about half of its PNG decoding in zlib and half in undoing the row filters,
 one byte at a time. Here ISA-L inflates the pixel data and a compiled loop undoes the
-filters, about 3x faster in all. Anything else (other depths, palettes, interlacing,
+filters (benchmarks/prepare.py measures the gain). Anything else (other depths, palettes, interlacing,
 transparency chunks, EXIF, animation, a CRC or length that does not check out) is left to
 Pillow, which also decides what a damaged file's error is: :func:`decode` returns None.
 """

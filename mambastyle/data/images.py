@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mambastyle.data import PNG_SIGNATURE
 
-try:  # ISA-L's deflate: levels 0-3, several times faster than zlib's
+try:  # ISA-L's deflate: levels 0-3, faster than zlib's
     from isal import isal_zlib as _isal_zlib
 except ImportError:  # pragma: no cover - a core dependency; zlib does the same job slower
     _isal_zlib = None
@@ -101,9 +101,9 @@ def encode_png(rgb: np.ndarray, level: int = 1) -> bytes:
 
     Every row uses PNG's "Up" filter (the byte above subtracted) and the rows are deflated at
     ``level`` (0-9) by ISA-L for levels 0-3 (its level 0 still compresses, fastest), by zlib
-    above or where ``isal`` is missing. For aligned faces this is about 7x faster than
-    Pillow's encoder at level 1, which tries all five filters on every row, for files about
-    5% larger. With the same library build and CPU, the same pixels and level give the same
+    above or where ``isal`` is missing. One fixed filter is much faster than Pillow's encoder,
+    which tries all five on every row, for slightly larger files (benchmarks/prepare.py).
+    With the same library build and CPU, the same pixels and level give the same
     bytes (a reproducible shard); another deflate implementation gives other bytes, never
     other pixels.
     """

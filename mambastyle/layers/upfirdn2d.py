@@ -96,8 +96,8 @@ def upfirdn2d(
 
     if upx == 1 and upy == 1 and x.device.type == "cpu" and kh * kw <= 64:
         # On the CPU a single-channel convolution over B*C planes is slow, worst of all its
-        # backward (oneDNN): for the small blur kernels a sum of shifted slices is several
-        # times faster both ways, and two 1-D passes when the kernel is separable.
+        # backward (oneDNN): for the small blur kernels a sum of shifted slices is faster both
+        # ways (benchmarks/generator_forward.py), and two 1-D passes when it is separable.
         return _fir_slices(F.pad(x, [px0, px1, py0, py1]), kernel.flip([0, 1]), downy, downx, out_h, out_w)
     if upx == 1 and upy == 1:
         # Plain padded correlation with the flipped kernel; stride does the downsampling.

@@ -140,7 +140,7 @@ def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state
 
     from mambastyle.data.shards import manifest_shards
     from mambastyle.train.data import Prefetcher, ShardStream
-    from mambastyle.train.loop import run
+    from mambastyle.train.loop import run_steps
     from mambastyle.visual import make_grid, to_uint8
 
     p, options = job.train, job.storage.options()
@@ -223,7 +223,7 @@ def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state
     if trainer.step >= p.steps:  # a finished run, re-submitted: nothing to train
         ray.train.report({"step": trainer.step, "start_step": start, "world_size": world})
         return
-    run(trainer, real_batches, [on_step])
+    run_steps(trainer, real_batches, [on_step])
 
 
 def fit(job: TrainJob, worker=train_worker):

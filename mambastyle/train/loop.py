@@ -365,7 +365,7 @@ class Trainer:
 Callback = Callable[[Trainer, dict[str, float]], None]
 
 
-def run(
+def run_steps(
     trainer: Trainer,
     real_batches: Callable[[int], Iterator[torch.Tensor]] | None = None,
     callbacks: Iterable[Callback] = (),
