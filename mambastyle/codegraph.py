@@ -28,6 +28,11 @@ def module_file(name: str, root: Path = ROOT) -> Path | None:
     return None
 
 
+def _sources(folder: Path) -> list[Path]:
+    """The Python source files below ``folder``."""
+    return [p for p in folder.rglob("*.py") if "__pycache__" not in p.parts]
+
+
 def _module_name(path: Path, root: Path) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -109,8 +114,7 @@ def files(*names: str, root: Path = ROOT) -> list[Path]:
 
 def graph(root: Path = ROOT) -> dict[str, frozenset[str]]:
     """Every repository module and what it imports."""
-    paths = [p for pkg in PACKAGES for p in (root / pkg).rglob("*.py") if "__pycache__" not in p.parts]
-    mods = sorted(_module_name(p, root) for p in paths)
+    mods = sorted(_module_name(p, root) for pkg in PACKAGES for p in _sources(root / pkg))
     return {m: imports(m, root) for m in mods}
 
 
@@ -165,8 +169,7 @@ def dvc_deps(*names: str, root: Path = ROOT) -> list[str]:
     for path in needed:
         folder = path.rpartition("/")[0]
         while folder:
-            found = (root / folder).rglob("*.py")
-            siblings = {p.relative_to(root).as_posix() for p in found if "__pycache__" not in p.parts}
+            siblings = {p.relative_to(root).as_posix() for p in _sources(root / folder)}
             if not siblings <= needed:
                 break
             path, folder = folder, folder.rpartition("/")[0]
@@ -181,13 +184,12 @@ def stage_module(cmd: str) -> str | None:
     """The repository module a DVC stage command runs (``python pipelines/x.py ...`` or
     ``python -m pkg.mod ...``), or None."""
     words = cmd.split()
-    for i, word in enumerate(words[:-1]):
-        if word == "-m":
+    for i, word in enumerate(words):
+        if word == "-m" and i + 1 < len(words):
             return words[i + 1]
         if word.endswith(".py") and word.startswith(CODE_PREFIXES):
             return word.removesuffix(".py").replace("/", ".")
-    last = words[-1] if words else ""
-    return last.removesuffix(".py").replace("/", ".") if last.endswith(".py") else None
+    return None
 
 
 def rewrite_dvc_deps(text: str, root: Path = ROOT) -> str:

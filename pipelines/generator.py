@@ -29,16 +29,16 @@ def run(params: Params, out_dir: Path) -> dict:
     """Builds or loads the generator, writes the stage's outputs, returns the info record."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = params.generator
-    g = resolve_generator(params.checkpoint, params.architecture, params.init_seed, params.latent_avg_samples)
+    gp = params.generator
+    g = resolve_generator(gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples)
     ckpt_path = out_dir / "generator.pt"
     save_generator(g, ckpt_path)
-    sp = params.sample
+    sp = gp.sample
     images = render_samples(g, seed=sp.seed, num=sp.num, truncation=sp.truncation, noise_mode=sp.noise_mode)
     save_png(sample_grid(images), out_dir / "samples.png")
     info = {
-        "source": params.checkpoint or f"random-init(seed={params.init_seed})",
-        "source_sha256": file_sha256(params.checkpoint) if params.checkpoint else None,
+        "source": gp.checkpoint or f"random-init(seed={gp.init_seed})",
+        "source_sha256": file_sha256(gp.checkpoint) if gp.checkpoint else None,
         "sha256": file_sha256(ckpt_path),
         "config": g.config.to_dict(),
         "n_styles": g.n_styles,

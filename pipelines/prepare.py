@@ -24,11 +24,11 @@ log = logging.getLogger("pipelines.prepare")
 
 def run(params: Params, local_out: Path) -> dict:
     """Runs the stage; returns the manifest."""
-    storage, ray, params = params.storage, params.ray, params.prepare
+    pp, storage, ray = params.prepare, params.storage, params.ray
     t0 = time.perf_counter()
-    config = PrepareConfig.from_params(params)
-    manifest, out = run_from_source(params.source, storage.root, config, storage.options(),
-                                    params.workers, params.executor, ray.address, ray.num_cpus)  # fmt: skip
+    config = PrepareConfig.from_params(pp)
+    manifest, out = run_from_source(pp.source, storage.root, config, storage.options(),
+                                    pp.workers, pp.executor, ray.address, ray.num_cpus)  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     shards = out.join("shards")
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))
