@@ -4,8 +4,8 @@ Results go to stdout, logs and errors to stderr; a failure exits non-zero with a
 one-line message (no traceback) for expected errors such as a bad params file or an
 unreadable checkpoint. Settings a flag leaves unset come from ``params.yaml``.
 
-Its length is the command table (``build_parser``, declarative) and one short function per
-subcommand; the work is in the library.
+Its length is the command tables (one declarative ``_NOUN_commands`` per noun) and one short
+function per subcommand; the work is in the library.
 """
 
 from __future__ import annotations
@@ -458,14 +458,7 @@ def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mambastyle",
-        description="Dataset-scale StyleGAN2 inversion (MambaStyle encoder) and bulk latent editing.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
-
+def _config_commands(nouns) -> None:
     config = nouns.add_parser("config", help="inspect and validate params.yaml")
     verbs = config.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("show", help="print the validated parameters")
@@ -476,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(p)
     p.set_defaults(func=cmd_config_validate)
 
+
+def _generator_commands(nouns) -> None:
     gen = nouns.add_parser("generator", help="the StyleGAN2 generator")
     verbs = gen.add_subparsers(dest="verb", metavar="VERB", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -501,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generator_sample)
 
+
+def _data_commands(nouns) -> None:
     data = nouns.add_parser("data", help="prepare and check datasets of aligned faces")
     verbs = data.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("prepare", help="align faces from photos into WebDataset shards")
@@ -516,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("uri", help="the root that holds shards/ (local or s3://)")
     p.set_defaults(func=cmd_data_verify)
 
+
+def _encoder_commands(nouns) -> None:
     enc = nouns.add_parser("encoder", help="image -> W+ encoders")
     verbs = enc.add_subparsers(dest="verb", metavar="VERB", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -532,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered encoder name (see `mambastyle encoder list`)")
     p.set_defaults(func=cmd_encoder_info)
 
+
+def _latents_commands(nouns) -> None:
     lat = nouns.add_parser("latents", help="query latent tables (the invert stage's Parquet datasets)")
     verbs = lat.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("info", help="schema, metadata and counts of a latent table")
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="rows to print (default: %(default)s)")
     p.set_defaults(func=cmd_latents_query)
 
+
+def _edit_commands(nouns) -> None:
     ed = nouns.add_parser("edit", help="fit edit directions and apply edits in bulk (Ray Data)")
     verbs = ed.add_subparsers(dest="verb", metavar="VERB", required=True)
     p = verbs.add_parser("fit-direction", help="fit a direction in W/W+ to a numeric or boolean column")
@@ -601,12 +604,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-out", default="data/invert", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_edit_apply)
 
+
+def _report_commands(nouns) -> None:
     p = nouns.add_parser("report", help="where the pipeline's results are: tables, metrics, pictures")
     _add_params(p)
     p.add_argument(
         "--records", default="data", help="folder of the stages' DVC records (default: %(default)s)"
     )
     p.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mambastyle",
+        description="Dataset-scale StyleGAN2 inversion (MambaStyle encoder) and bulk latent editing.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
+
+    _config_commands(nouns)
+    _generator_commands(nouns)
+    _data_commands(nouns)
+    _encoder_commands(nouns)
+    _latents_commands(nouns)
+    _edit_commands(nouns)
+    _report_commands(nouns)
     return parser
 
 

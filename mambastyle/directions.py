@@ -309,6 +309,44 @@ def _quality(pred: np.ndarray, y: np.ndarray, boolean: bool) -> float:
     return float(np.corrcoef(pred, y)[0, 1])
 
 
+def _targets(raw: list) -> tuple[list[int], np.ndarray, bool]:
+    """The rows with a value, their targets (booleans as -1/+1) and whether the column is boolean."""
+    keep = [i for i, v in enumerate(raw) if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    boolean = all(isinstance(raw[i], bool | np.bool_) for i in keep) and bool(keep)
+    try:
+        y = np.array([float(raw[i]) for i in keep], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DirectionError("the column to fit must be numeric or boolean") from None
+    if boolean:
+        y = np.where(y > 0, 1.0, -1.0)
+    if len(keep) < 4:
+        raise DirectionError(f"{len(keep)} rows with a value: at least 4 are needed to fit a direction")
+    if np.all(y == y[0]):
+        raise DirectionError("the column is constant over the selected rows: nothing to fit")
+    return keep, y, boolean
+
+
+def _select_penalty(
+    x: np.ndarray, y: np.ndarray, splits: list[np.ndarray], penalties: Sequence[float]
+) -> tuple[float, np.ndarray]:
+    """The penalty with the lowest out-of-fold squared error (the first on ties) and its predictions."""
+    best: tuple[float, float, np.ndarray] | None = None
+    for penalty in penalties:
+        pred = np.empty_like(y)
+        for test in splits:
+            train = np.setdiff1d(np.arange(len(y)), test)
+            if np.all(y[train] == y[train][0]):
+                pred[test] = y[train][0]
+                continue
+            coef, icpt = _ridge(x[train], y[train], penalty)
+            pred[test] = x[test] @ coef + icpt
+        err = float(np.mean((pred - y) ** 2))
+        if best is None or err < best[0] - 1e-12:
+            best = (err, penalty, pred)
+    assert best is not None
+    return best[1], best[2]
+
+
 def fit_direction(
     w_plus: np.ndarray,
     values: Sequence,
@@ -334,38 +372,12 @@ def fit_direction(
     if w.ndim != 3:
         raise DirectionError(f"codes must be (n, n_styles, style_dim), got {w.shape}")
     raw = list(values)
-    keep = [i for i, v in enumerate(raw) if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    boolean = all(isinstance(raw[i], bool | np.bool_) for i in keep) and bool(keep)
-    try:
-        y = np.array([float(raw[i]) for i in keep], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DirectionError("the column to fit must be numeric or boolean") from None
-    if boolean:
-        y = np.where(y > 0, 1.0, -1.0)
-    if len(keep) < 4:
-        raise DirectionError(f"{len(keep)} rows with a value: at least 4 are needed to fit a direction")
-    if np.all(y == y[0]):
-        raise DirectionError("the column is constant over the selected rows: nothing to fit")
+    keep, y, boolean = _targets(raw)
     x = features(w[keep], space)
     scale = float(np.mean(np.sum((x - x.mean(0)) ** 2, axis=1))) or 1.0
     k = max(2, min(folds, len(keep) // 2))
-    splits = _folds(len(keep), k, seed)
-    best: tuple[float, float, np.ndarray] | None = None
-    for rel in alphas:
-        pred = np.empty_like(y)
-        for test in splits:
-            train = np.setdiff1d(np.arange(len(y)), test)
-            if np.all(y[train] == y[train][0]):
-                pred[test] = y[train][0]
-                continue
-            coef, icpt = _ridge(x[train], y[train], rel * scale)
-            pred[test] = x[test] @ coef + icpt
-        err = float(np.mean((pred - y) ** 2))
-        if best is None or err < best[0] - 1e-12:
-            best = (err, rel, pred)
-    assert best is not None
-    _, rel, cv_pred = best
-    coef, icpt = _ridge(x, y, rel * scale)
+    penalty, cv_pred = _select_penalty(x, y, _folds(len(keep), k, seed), [a * scale for a in alphas])
+    coef, icpt = _ridge(x, y, penalty)
     norm = float(np.linalg.norm(coef))
     if not math.isfinite(norm) or norm == 0:
         raise DirectionError("the fit is degenerate (zero or non-finite coefficients)")
@@ -380,7 +392,7 @@ def fit_direction(
         "kind": "boolean" if boolean else "numeric",
         "rows": len(keep),
         "rows_without_value": len(raw) - len(keep),
-        "alpha": rel * scale,
+        "alpha": penalty,
         "folds": k,
         "quality": {
             ("cv_accuracy" if boolean else "cv_correlation"): _quality(cv_pred, y, boolean),

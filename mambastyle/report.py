@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-STAGES = ("generator", "prepare", "train", "fuser", "invert", "evaluate", "edit")
-
 
 def _read(path: Path) -> dict[str, Any] | None:
     try:
@@ -30,90 +28,113 @@ def _pictures(*paths: Path) -> str:
     return ", ".join(str(p) for p in paths if p.is_file()) or "none"
 
 
+def _generator(rec: Path, gen: dict, storage_root: str) -> list[str]:
+    cfg = gen.get("config", {})
+    return [
+        f"generator   {rec / 'generator' / 'generator.pt'}: {cfg.get('resolution')} px, "
+        f"{gen.get('n_styles')} styles x {cfg.get('style_dim')}, source {gen.get('source')}",
+        f"            samples: {_pictures(rec / 'generator' / 'samples.png')}",
+    ]
+
+
+def _prepare(rec: Path, prep: dict, storage_root: str) -> list[str]:
+    counts = prep.get("counts", {})
+    splits = ", ".join(f"{k} {v.get('samples')}" for k, v in sorted(prep.get("splits", {}).items()))
+    return [
+        f"prepare     shards: {storage_root.rstrip('/')}/shards/ ({splits})",
+        f"            {counts.get('inputs')} inputs = {counts.get('written')} faces written + "
+        f"{counts.get('quarantined')} quarantined (reasons: {rec / 'prepare' / 'quarantine.jsonl'})",
+    ]
+
+
+def _figures(final: dict, keys: tuple[str, ...]) -> str:
+    figures = ", ".join(f"{k.split('/')[-1]} {_fmt(final[k])}" for k in keys if k in final)
+    return ", " + figures if figures else ""
+
+
+def _train(rec: Path, enc: dict, storage_root: str) -> list[str]:
+    figures = _figures(enc.get("final_metrics", {}), ("eval/latent_rel", "eval/real_mse"))
+    return [
+        f"train       encoder: {enc.get('uri')} ({enc.get('encoder', {}).get('arch')}, step "
+        f"{enc.get('step')}{figures})",
+        f"            curves: {rec / 'train' / 'dvclive'} (dvc plots show)",
+    ]
+
+
+def _fuser(rec: Path, fus: dict, storage_root: str) -> list[str]:
+    if not fus.get("enabled"):
+        return ["fuser       off (fuser.enabled: false)"]
+    figures = _figures(fus.get("final_metrics", {}), ("eval/real_mse_wplus", "eval/real_mse_fuser"))
+    cfg = fus.get("fuser", {})
+    return [
+        f"fuser       checkpoint: {fus.get('uri')} ({cfg.get('dim')} channels at "
+        f"{cfg.get('inject_res')} px, step {fus.get('step')}{figures})"
+    ]
+
+
+def _invert(rec: Path, inv: dict, storage_root: str) -> list[str]:
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(inv.get("splits", {}).items()))
+    return [
+        f"invert      latent table: {inv.get('table')} ({inv.get('rows')} rows: {splits})",
+        f"            query: mambastyle latents query {inv.get('table')} "
+        '"SELECT key, split, yaw, mse FROM latents ORDER BY mse"',
+    ]
+
+
+def _evaluate(rec: Path, ev: dict, storage_root: str) -> list[str]:
+    figures = ", ".join(f"{k} {_fmt(v)}" for k, v in ev.get("reconstruction", {}).items())
+    rel = ev.get("latent_recovery", {}).get("latent_rel")
+    lat = _read(rec / "evaluate" / "latency.json") or {}
+    lines = [
+        f"evaluate    {rec / 'evaluate' / 'metrics.json'}: {ev.get('split')} split, {ev.get('images')} "
+        f"images: {figures}; latent_rel {_fmt(rel)}"
+        + (f"; {_fmt(lat['ms_per_image'])} ms/image" if "ms_per_image" in lat else ""),
+    ]
+    if ev.get("reconstruction_fuser"):
+        fused = ", ".join(f"{k} {_fmt(v)}" for k, v in ev["reconstruction_fuser"].items())
+        lines.append(f"            with the fuser: {fused}")
+    if ev.get("not_measured"):
+        lines.append(f"            not measured: {', '.join(sorted(ev['not_measured']))} (see metrics.json)")
+    lines.append(f"            reconstructions: {_pictures(rec / 'evaluate' / 'reconstructions.png')}")
+    side = _read(rec / "evaluate" / "comparison.json") or {}
+    if side.get("encoders"):
+        names = ", ".join(side["encoders"])
+        lines.append(f"            encoders side by side ({names}): {rec / 'evaluate' / 'comparison.md'}")
+    return lines
+
+
+def _edit(rec: Path, ed: dict, storage_root: str) -> list[str]:
+    grids = sorted((rec / "edit" / "grids").glob("*.png"))
+    return [
+        f"edit        edits table + images: {ed.get('table')} ({ed.get('rows')} rows, "
+        f"{ed.get('images')} images, edits: {', '.join(sorted(ed.get('edits', {})))})",
+        f"            grids: {_pictures(*grids)}",
+    ]
+
+
+# stage -> (its record, the lines it contributes); in pipeline order
+SECTIONS = {
+    "generator": ("info.json", _generator),
+    "prepare": ("manifest.json", _prepare),
+    "train": ("encoder.json", _train),
+    "fuser": ("fuser.json", _fuser),
+    "invert": ("manifest.json", _invert),
+    "evaluate": ("metrics.json", _evaluate),
+    "edit": ("metrics.json", _edit),
+}
+
+
 def pipeline_report(records: str | Path = "data", storage_root: str = "data") -> list[str]:
     """Lines naming each stage's outputs and headline figures, from the records under ``records``."""
     rec = Path(records)
     lines: list[str] = []
     missing: list[str] = []
-
-    def section(stage: str, record: str) -> dict[str, Any] | None:
+    for stage, (record, describe) in SECTIONS.items():
         data = _read(rec / stage / record)
         if data is None:
             missing.append(stage)
-        return data
-
-    if gen := section("generator", "info.json"):
-        cfg = gen.get("config", {})
-        lines += [
-            f"generator   {rec / 'generator' / 'generator.pt'}: {cfg.get('resolution')} px, "
-            f"{gen.get('n_styles')} styles x {cfg.get('style_dim')}, source {gen.get('source')}",
-            f"            samples: {_pictures(rec / 'generator' / 'samples.png')}",
-        ]
-    if prep := section("prepare", "manifest.json"):
-        counts = prep.get("counts", {})
-        splits = ", ".join(f"{k} {v.get('samples')}" for k, v in sorted(prep.get("splits", {}).items()))
-        lines += [
-            f"prepare     shards: {storage_root.rstrip('/')}/shards/ ({splits})",
-            f"            {counts.get('inputs')} inputs = {counts.get('written')} faces written + "
-            f"{counts.get('quarantined')} quarantined (reasons: {rec / 'prepare' / 'quarantine.jsonl'})",
-        ]
-    if enc := section("train", "encoder.json"):
-        final = enc.get("final_metrics", {})
-        figures = ", ".join(
-            f"{k.split('/')[-1]} {_fmt(final[k])}" for k in ("eval/latent_rel", "eval/real_mse") if k in final
-        )
-        lines += [
-            f"train       encoder: {enc.get('uri')} ({enc.get('encoder', {}).get('arch')}, step "
-            f"{enc.get('step')}{', ' + figures if figures else ''})",
-            f"            curves: {rec / 'train' / 'dvclive'} (dvc plots show)",
-        ]
-    if (fus := section("fuser", "fuser.json")) and fus.get("enabled"):
-        final = fus.get("final_metrics", {})
-        figures = ", ".join(f"{k.split('/')[-1]} {_fmt(final[k])}" for k in
-                            ("eval/real_mse_wplus", "eval/real_mse_fuser") if k in final)  # fmt: skip
-        cfg = fus.get("fuser", {})
-        lines.append(
-            f"fuser       checkpoint: {fus.get('uri')} ({cfg.get('dim')} channels at "
-            f"{cfg.get('inject_res')} px, step {fus.get('step')}{', ' + figures if figures else ''})"
-        )
-    elif fus:
-        lines.append("fuser       off (fuser.enabled: false)")
-    if inv := section("invert", "manifest.json"):
-        splits = ", ".join(f"{k} {v}" for k, v in sorted(inv.get("splits", {}).items()))
-        lines += [
-            f"invert      latent table: {inv.get('table')} ({inv.get('rows')} rows: {splits})",
-            f"            query: mambastyle latents query {inv.get('table')} "
-            '"SELECT key, split, yaw, mse FROM latents ORDER BY mse"',
-        ]
-    if ev := section("evaluate", "metrics.json"):
-        rec_m = ev.get("reconstruction", {})
-        figures = ", ".join(f"{k} {_fmt(v)}" for k, v in rec_m.items())
-        rel = ev.get("latent_recovery", {}).get("latent_rel")
-        lat = _read(rec / "evaluate" / "latency.json") or {}
-        lines += [
-            f"evaluate    {rec / 'evaluate' / 'metrics.json'}: {ev.get('split')} split, {ev.get('images')} "
-            f"images: {figures}; latent_rel {_fmt(rel)}"
-            + (f"; {_fmt(lat['ms_per_image'])} ms/image" if "ms_per_image" in lat else ""),
-        ]
-        if ev.get("reconstruction_fuser"):
-            fused = ", ".join(f"{k} {_fmt(v)}" for k, v in ev["reconstruction_fuser"].items())
-            lines.append(f"            with the fuser: {fused}")
-        if ev.get("not_measured"):
-            lines.append(
-                f"            not measured: {', '.join(sorted(ev['not_measured']))} (see metrics.json)"
-            )
-        lines.append(f"            reconstructions: {_pictures(rec / 'evaluate' / 'reconstructions.png')}")
-        side = _read(rec / "evaluate" / "comparison.json") or {}
-        if side.get("encoders"):
-            names = ", ".join(side["encoders"])
-            lines.append(f"            encoders side by side ({names}): {rec / 'evaluate' / 'comparison.md'}")
-    if ed := section("edit", "metrics.json"):
-        grids = sorted((rec / "edit" / "grids").glob("*.png"))
-        lines += [
-            f"edit        edits table + images: {ed.get('table')} ({ed.get('rows')} rows, "
-            f"{ed.get('images')} images, edits: {', '.join(sorted(ed.get('edits', {})))})",
-            f"            grids: {_pictures(*grids)}",
-        ]
+        else:
+            lines += describe(rec, data, storage_root)
     if missing:
         lines.append(f"not run yet: {', '.join(missing)} (no records under {rec}/; run `dvc repro`)")
     lines.append("all metrics: dvc metrics show; all pictures: dvc plots show")

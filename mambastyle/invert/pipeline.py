@@ -257,14 +257,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
 
     Returns (the table's manifest, its prefix).
     """
-    from mambastyle.checkpoints import (
-        FUSER_FORMAT,
-        check_encoder_generator,
-        checkpoint_source,
-        file_sha256,
-        load_encoder,
-        state_sha256,
-    )
+    from mambastyle.checkpoints import check_encoder_generator, state_sha256
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
 
@@ -272,18 +265,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     root = resolve(params.storage.root, options)
     manifest_bytes, manifest = read_manifest(root)
     ip = params.invert
-    encoder_loc, encoder_name, fuser_loc = _encoder_file(params, manifest_bytes)
-    try:
-        src = checkpoint_source(encoder_loc.uri, options)
-        encoder, meta = load_encoder(src)
-    except CheckpointError as exc:
-        stage = "fuser" if fuser_loc is not None else "train"
-        hint = "" if ip.encoder is not None and fuser_loc is None else (
-            f" (the {stage} stage's checkpoint for these params: run it first)")  # fmt: skip
-        raise InvertError(f"{exc}{hint}") from None
-    encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
-    if fuser_loc is None and meta.get("format") == FUSER_FORMAT:  # a fuser checkpoint named explicitly
-        fuser_loc = encoder_loc
+    encoder_loc, encoder_name, fuser_loc, encoder_sha, meta = _checked_encoder(params, manifest_bytes)
     gp = params.generator
     g = resolve_generator(
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
@@ -332,6 +314,27 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
     table_manifest = run_inversion(job, expected, shard_uris, sizes)
     return table_manifest, out
+
+
+def _checked_encoder(params, manifest_bytes: bytes) -> tuple[Location, str, Location | None, str, dict]:
+    """The encoder file (see ``_encoder_file``) opened and read: (its location, name, the fuser
+    checkpoint or None, its sha256, its metadata)."""
+    from mambastyle.checkpoints import FUSER_FORMAT, checkpoint_source, file_sha256, load_encoder
+    from mambastyle.errors import CheckpointError
+
+    encoder_loc, encoder_name, fuser_loc = _encoder_file(params, manifest_bytes)
+    try:
+        src = checkpoint_source(encoder_loc.uri, params.storage.options())
+        _, meta = load_encoder(src)
+    except CheckpointError as exc:
+        stage = "fuser" if fuser_loc is not None else "train"
+        hint = "" if params.invert.encoder is not None and fuser_loc is None else (
+            f" (the {stage} stage's checkpoint for these params: run it first)")  # fmt: skip
+        raise InvertError(f"{exc}{hint}") from None
+    encoder_sha = file_sha256(src.getvalue() if hasattr(src, "getvalue") else src)
+    if fuser_loc is None and meta.get("format") == FUSER_FORMAT:  # a fuser checkpoint named explicitly
+        fuser_loc = encoder_loc
+    return encoder_loc, encoder_name, fuser_loc, encoder_sha, meta
 
 
 def _encoder_file(params, manifest_bytes: bytes) -> tuple[Location, str, Location | None]:

@@ -132,16 +132,50 @@ def fuser_worker(config: dict) -> None:
     _train(job, trainer, g, rank, world, device, extra)
 
 
+def _assert_replicas_in_sync(module, world: int, device, step: int) -> None:
+    """DDP replicas must hold identical weights, since a checkpoint is rank 0's copy only.
+
+    Parameters are compared, not buffers: BatchNorm statistics differ until DDP re-broadcasts
+    them from rank 0 at the next forward.
+    """
+    import torch.distributed as dist
+
+    total = sum(t.detach().double().sum() for t in module.parameters())
+    digest = torch.tensor([float(total)], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(gathered, digest)
+    if any(not torch.equal(g_, digest) for g_ in gathered):
+        raise RuntimeError(f"step {step}: DDP replicas diverged ({[float(g_) for g_ in gathered]})")
+
+
+def _write_grid(loc, trainer, shown) -> None:
+    """The reconstructions of the shown images as one PNG grid."""
+    from PIL import Image
+
+    from mambastyle.visual import make_grid, to_uint8
+
+    grid = make_grid(to_uint8(trainer.reconstructions(shown)), ncols=trainer.grid_columns)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    write_bytes(loc, buf.getvalue(), durable=False)
+
+
+def _local_checkpoint(state: dict):
+    """A Ray Train checkpoint in a fresh local folder (Ray uploads it and deletes the folder)."""
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix="mambastyle-ckpt-")
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    return ray.train.Checkpoint.from_directory(tmp)
+
+
 def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state: dict) -> None:
     """Restores the latest checkpoint, trains to the end, reports and checkpoints (rank 0 writes)."""
     import ray.train
-    import torch.distributed as dist
-    from PIL import Image
 
     from mambastyle.data.shards import manifest_shards
     from mambastyle.train.data import Prefetcher, ShardStream
     from mambastyle.train.loop import run_steps
-    from mambastyle.visual import make_grid, to_uint8
 
     p, options = job.train, job.storage.options()
     start = 0
@@ -183,35 +217,20 @@ def _train(job: TrainJob, trainer, g, rank: int, world: int, device, extra_state
             t_last = now
         window.clear()
         if due_ckpt and world > 1:
-            # DDP replicas must hold identical weights; a checkpoint is rank 0's copy only.
-            # (BatchNorm statistics differ until DDP re-broadcasts them from rank 0 at the
-            # next forward, so parameters are compared.)
-            total = sum(t.detach().double().sum() for t in trainer.module.parameters())
-            digest = torch.tensor([float(total)], dtype=torch.float64, device=device)
-            gathered = [torch.zeros_like(digest) for _ in range(world)]
-            dist.all_gather(gathered, digest)
-            if any(not torch.equal(g_, digest) for g_ in gathered):
-                raise RuntimeError(f"step {step}: DDP replicas diverged ({[float(g_) for g_ in gathered]})")
+            _assert_replicas_in_sync(trainer.module, world, device, step)
             out["replicas_in_sync"] = 1.0
         ckpt = None
         if rank == 0:
             if due_eval:
                 out.update(trainer.evaluate(shown))
             if shown is not None and (final or (p.image_every and step % p.image_every == 0)):
-                grid = make_grid(to_uint8(trainer.reconstructions(shown)), ncols=trainer.grid_columns)
-                buf = io.BytesIO()
-                Image.fromarray(grid).save(buf, format="PNG")
-                write_bytes(artifacts.join("images", f"recon-{step:06d}.png"), buf.getvalue(), durable=False)
+                _write_grid(artifacts.join("images", f"recon-{step:06d}.png"), trainer, shown)
             history.append(out)
             lines = "".join(json.dumps(m, sort_keys=True) + "\n" for m in history)
             write_bytes(artifacts.join("metrics.jsonl"), lines.encode(), durable=False)
             if due_ckpt:
-                tmp = tempfile.mkdtemp(prefix="mambastyle-ckpt-")
-                state = trainer.state_dict()
-                state["generator"] = generator_id
-                state.update(extra_state)
-                torch.save(state, os.path.join(tmp, STATE_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                state = trainer.state_dict() | {"generator": generator_id, **extra_state}
+                ckpt = _local_checkpoint(state)
         name = f"checkpoint_{step:08d}" if due_ckpt else None
         ray.train.report(out, checkpoint=ckpt, checkpoint_dir_name=name,
                          delete_local_checkpoint_after_upload=ckpt is not None)  # fmt: skip
