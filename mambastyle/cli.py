@@ -124,7 +124,7 @@ def cmd_generator_sample(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- encoder
 
 
-def _encoder_info(name: str, resolution: int) -> dict:
+def _encoder_info(name: str, resolution: int, style_dim: int = 512) -> dict:
     import torch
 
     from mambastyle.layers.selective_scan import available_backends, resolve_backend
@@ -133,7 +133,7 @@ def _encoder_info(name: str, resolution: int) -> dict:
     if name not in ENCODERS:
         raise CliError(f"unknown encoder {name!r}; registered: {', '.join(sorted(ENCODERS))}")
     with torch.device("meta"):  # parameter counts without allocating weights
-        enc = build_encoder(name, resolution)
+        enc = build_encoder(name, resolution, style_dim=style_dim)
     groups: dict[str, int] = {}
     for pname, p in enc.named_parameters():
         top = pname.split(".")[0]
@@ -159,7 +159,7 @@ def _encoder_info(name: str, resolution: int) -> dict:
 def cmd_encoder_list(args: argparse.Namespace) -> int:
     from mambastyle.models.encoders import ENCODERS
 
-    rows = [_encoder_info(name, args.resolution) for name in ENCODERS]
+    rows = [_encoder_info(name, args.resolution, args.style_dim) for name in ENCODERS]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
@@ -170,7 +170,7 @@ def cmd_encoder_list(args: argparse.Namespace) -> int:
 
 
 def cmd_encoder_info(args: argparse.Namespace) -> int:
-    info = _encoder_info(args.name, args.resolution)
+    info = _encoder_info(args.name, args.resolution, args.style_dim)
     if args.format == "json":
         print(json.dumps(info, indent=2))
         return 0
@@ -524,6 +524,8 @@ def _encoder_commands(nouns) -> None:
         default=1024,
         help="generator resolution, sets n_styles (default: %(default)s)",
     )
+    common.add_argument("--style-dim", type=int, default=512,
+                        help="the generator's style width (default: %(default)s, StyleGAN2's)")  # fmt: skip
     common.add_argument("--format", choices=["text", "json"], default="text")
     p = verbs.add_parser("list", parents=[common], help="registered encoders with parameter counts")
     p.set_defaults(func=cmd_encoder_list)
@@ -646,6 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = None
         return 0
+    except OSError as exc:  # storage: a missing file, no permission, an unreachable S3 endpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

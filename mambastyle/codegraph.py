@@ -104,6 +104,9 @@ def closure(*names: str, root: Path = ROOT) -> list[str]:
             continue
         seen.add(name)
         todo.extend(imports(name, root) - seen)
+        # the packages above a module run first (``python -m pkg.mod`` included)
+        parents = (name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1))
+        todo.extend(p for p in parents if p not in seen and module_file(p, root) is not None)
     return sorted(seen)
 
 

@@ -256,6 +256,14 @@ class LatentTable:
             if relation is None:  # a statement, not a query
                 raise LatentTableError(f"not a query: {sql!r}")
             return relation.to_arrow_table()
+        except duckdb.CatalogException as exc:
+            # DuckDB suggests its own catalog's names ("Did you mean pg_settings?"): name ours
+            registered = name or self.name
+            first = str(exc).splitlines()[0].split("!")[0]
+            raise LatentTableError(
+                f"SQL error: {first}; this table is queried as `{registered}` "
+                f"(columns: {', '.join(self.dataset.schema.names)})"
+            ) from None
         except duckdb.Error as exc:
             raise LatentTableError(f"SQL error: {exc}") from None
         finally:

@@ -57,7 +57,7 @@ def _train(rec: Path, enc: dict, storage_root: str) -> list[str]:
     return [
         f"train       encoder: {enc.get('uri')} ({enc.get('encoder', {}).get('arch')}, step "
         f"{enc.get('step')}{figures})",
-        f"            curves: {rec / 'train' / 'dvclive'} (dvc plots show)",
+        "            curves: metrics/train/ (dvc plots show)",
     ]
 
 

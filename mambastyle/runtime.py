@@ -37,16 +37,22 @@ def worker_env() -> dict[str, str]:
 
 
 def worker_options() -> dict:
-    """Ray options for the actors that run models: nothing where every worker inherits
-    :func:`worker_env` already (a local instance started by :func:`connect_ray`, which puts
-    it in the environment first), so that Ray can hand out its pre-started workers; else a
+    """Ray options for the actors that run models: no ``runtime_env`` where every worker
+    inherits :func:`worker_env` already (a local instance started by :func:`connect_ray`, which
+    puts it in the environment first), so that Ray can hand out its pre-started workers; else a
     ``runtime_env`` with the variables, which makes Ray start a worker process with them
-    (about 2 s more per actor)."""
+    (about 2 s more per actor). On that local instance, actors are not restarted."""
     import ray
 
     ours = ray.is_initialized() and ray.get_runtime_context().gcs_address == _local_gcs
-    if ours and all(os.environ.get(k) == v for k, v in worker_env().items()):
-        return {}
+    if ours:
+        # On one machine an actor dies of a bug or of memory, which a restart would only repeat;
+        # restarts are for clusters, where nodes come and go (and where Ray warns that a restart
+        # fails if the actor's constructor arguments were evicted from the object store).
+        options: dict = {"max_restarts": 0}
+        if all(os.environ.get(k) == v for k, v in worker_env().items()):
+            return options
+        return options | {"runtime_env": {"env_vars": worker_env()}}
     return {"runtime_env": {"env_vars": worker_env()}}
 
 
@@ -69,13 +75,46 @@ def connect_ray(address: str | None, num_cpus: int | None = None, num_gpus: int 
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         for key, value in ALLOCATOR_ENV.items():
             os.environ.setdefault(key, value)
+        _token_auth_for_local_instance()
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=False,
                  _system_config={"idle_worker_killing_time_threshold_ms": LOCAL_IDLE_WORKER_MS})  # fmt: skip
         _local_gcs = ray.get_runtime_context().gcs_address
+        _wait_for_cpus(ray, 1 if num_cpus is None else min(1, num_cpus))
     else:
         ray.init(address=address, log_to_driver=False)
     return ray
+
+
+def _wait_for_cpus(ray, cpus: int, timeout_s: float = 30.0) -> None:
+    """Returns once the new instance reports ``cpus`` available CPUs (or after ``timeout_s``).
+
+    ``ray.init`` returns before the node's resources reach the cluster state; work submitted
+    in that window sees a cluster without CPUs (Ray Data then warns that the job will hang).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _token_auth_for_local_instance() -> None:
+    """Token authentication for the instance about to start, chosen explicitly.
+
+    With ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a new local instance and
+    warns that it did, on every stage. Choosing it here keeps it on without the notice; like
+    Ray's own switch, it sets the variable and has this process re-read its Ray config (read
+    when Ray was imported). A mode the environment sets is left alone.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._raylet import Config
+    except ImportError:  # another Ray: leave the choice (and its notice) to Ray
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
 
 
 def actor_device(use_gpu: bool, cpus: int):

@@ -23,25 +23,13 @@ from mambastyle.edit.pipeline import EditError
 from mambastyle.edit.stage import edit_from_params
 from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
-from mambastyle.stage import stage_main
+from mambastyle.stage import rounded, stage_main, write_metrics
 from mambastyle.visual import save_png
 
 log = logging.getLogger("pipelines.edit")
 
 
-def _round(value, digits: int = 6):
-    """Floats to ``digits`` significant digits, recursively: codes can differ in their last bits
-    between inversion runs, and the DVC-tracked record must not."""
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    if isinstance(value, dict):
-        return {k: _round(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_round(v, digits) for v in value]
-    return value
-
-
-def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert")) -> dict:
+def run(params: Params, local_out: Path, metrics: Path, invert_out: Path = Path("data/invert")) -> dict:
     """Runs the stage; returns the metrics summary."""
     t0 = time.perf_counter()
     table_uri = params.edit.table
@@ -82,8 +70,16 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
     record["table"] = summary["table"]
     record["metadata"] = {k: v for k, v in record["metadata"].items() if k != "edits"}  # listed below
     record["images"] = {k: v for k, v in record["images"].items() if k != "bytes"}  # PNG sizes vary by zlib
-    (local_out / "manifest.json").write_text(json.dumps(_round(record), indent=2, sort_keys=True) + "\n")
-    (local_out / "metrics.json").write_text(json.dumps(_round(summary), indent=2, sort_keys=True) + "\n")
+    (local_out / "manifest.json").write_text(json.dumps(rounded(record), indent=2, sort_keys=True) + "\n")
+    (local_out / "metrics.json").write_text(json.dumps(rounded(summary), indent=2, sort_keys=True) + "\n")
+    write_metrics(metrics / "edit.json", {
+        "counts": {k: summary[k] for k in ("selected", "rows", "images")},
+        # per fitted direction: how far the attribute moves per unit of strength, and how well
+        # the fit predicts rows it did not see (correlation, or accuracy for a boolean column)
+        "fitted": {name: {"per_strength": e["attribute_per_unit_strength"],
+                          "cv": next(v for k, v in e["fit"].items() if k.startswith("cv_"))}
+                   for name, e in summary["edits"].items() if "fit" in e},
+    })  # fmt: skip
     grids = local_out / "grids"
     for old in grids.glob("*.png") if grids.is_dir() else []:
         old.unlink()

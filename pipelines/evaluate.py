@@ -8,18 +8,18 @@ are there; otherwise listed under `not_measured` with the reason); latent recove
 generator samples; the encoder's parameter count. When the table was inverted with a fuser, the
 reconstruction metrics are measured with its feature correction too (`reconstruction_fuser`).
 Writes data/evaluate/metrics.json and data/evaluate/reconstructions.png (each face next to its
-reconstruction, and the fuser's). The encoder's speed
-(ms/image, which varies from run to run) goes to data/evaluate/latency.json, a metric DVC shows
-but does not lock.
+reconstruction, and the fuser's), and the headline figures to metrics/evaluate.json. The encoder's
+speed (ms/image, which varies from run to run) goes to data/evaluate/latency.json and
+metrics/latency.json, a metric DVC shows but no stage locks.
 
 Side by side (`evaluate.encoders`: the invert stage's encoder and any other checkpoint, official
 pSp/e4e/ReStyle/MambaStyle files included, each checked against the configured generator): on the
 same faces, each encoder's parameters, ms/image at batch 1 and 8, MSE, SSIM, LPIPS, ArcFace
 identity and dlib identity (`identity_dlib`), and its editability: a yaw direction (a file, or
 fitted from the latent table's `yaw`) applied at `evaluate.editability.strengths`, the edited
-faces' yaw re-measured from their landmarks. Writes data/evaluate/comparison.json (a DVC metric,
-so `dvc metrics diff` compares experiments; the speeds, which vary from run to run, go to
-latency.json under `encoders`), comparison.md (all of it as one table) and comparison.png (each
+faces' yaw re-measured from their landmarks. Writes data/evaluate/comparison.json (each other
+encoder's main figures also go to metrics/evaluate.json under `encoders`; the speeds, which vary
+from run to run, go to latency.json under `encoders`), comparison.md (all of it as one table) and comparison.png (each
 input, then each encoder's reconstruction, in the order listed).
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
-from mambastyle.stage import stage_main
+from mambastyle.stage import stage_main, write_metrics
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -44,7 +44,7 @@ def _summary(values: list[float]) -> float:
     return float(f"{math.fsum(values) / len(values):.6g}")
 
 
-def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert")) -> dict:
+def run(params: Params, local_out: Path, metrics_dir: Path, invert_out: Path = Path("data/invert")) -> dict:
     """Runs the stage; returns the metrics."""
     import torch
 
@@ -105,6 +105,11 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
              local_out / "comparison.png")  # fmt: skip
     speed = {**latency(encoder, ep.batch_size, ep.latency_batches), "encoders": speeds}
     (local_out / "latency.json").write_text(json.dumps(speed, indent=2, sort_keys=True) + "\n")
+    own = {e.name for e in ep.encoders if e.uri is None}  # the pipeline's encoder, by its name here
+    write_metrics(metrics_dir / "evaluate.json", _headline(metrics, comparison, own))
+    # speed varies from run to run: a metric of its own, outside the stage's locked outputs
+    batch_sizes = next((speeds[name] for name in sorted(own) if name in speeds), {})
+    write_metrics(metrics_dir / "latency.json", {"ms_per_image": speed["ms_per_image"], **batch_sizes})
     # up to 4 faces a row, each followed by its reconstruction (and the fuser's)
     shown = pairs[: ep.grid_samples]
     grid = make_grid(to_uint8(torch.stack(shown).flatten(0, 1)), ncols=shown[0].shape[0] * min(4, len(shown)))
@@ -113,6 +118,32 @@ def run(params: Params, local_out: Path, invert_out: Path = Path("data/invert"))
              metrics["reconstruction"], metrics["latent_recovery"], speed["ms_per_image"],
              sorted(not_measured) or "none", time.perf_counter() - t0)  # fmt: skip
     return {**metrics, "latency": speed}
+
+
+def _headline(metrics: dict, comparison: dict, own: set[str]) -> dict:
+    """What ``dvc exp show`` compares: the pipeline encoder's quality, latent recovery, the fuser's
+    quality and editability, and the main figures of each other encoder in ``evaluate.encoders``."""
+    recovery = metrics["latent_recovery"]
+    head: dict = {
+        "images": metrics["images"],
+        "quality": dict(metrics["reconstruction"]),
+        "latent": {k: recovery[k] for k in ("latent_rel", "style_rel") if k in recovery},
+    }
+    if "reconstruction_fuser" in metrics:
+        head["fuser"] = dict(metrics["reconstruction_fuser"])
+    for name, row in comparison["encoders"].items():
+        edit = row.get("editability", {})
+        figures = {k: row[k] for k in ("mse", "ssim", "lpips", "id_similarity", "identity_dlib") if k in row}
+        figures |= {k: edit[k] for k in ("yaw_per_strength", "linearity_r2") if k in edit}
+        if name in own:
+            head["quality"] |= {k: figures[k] for k in ("identity_dlib",) if k in figures}
+            if edit:
+                head["editability"] = {
+                    k: figures[k] for k in ("yaw_per_strength", "linearity_r2") if k in figures
+                }
+        else:
+            head.setdefault("encoders", {})[name] = figures
+    return head
 
 
 def _metrics_record(

@@ -25,8 +25,10 @@ from mambastyle.visual import save_png
 log = logging.getLogger("pipelines.generator")
 
 
-def run(params: Params, out_dir: Path) -> dict:
-    """Builds or loads the generator, writes the stage's outputs, returns the info record."""
+def run(params: Params, out_dir: Path, metrics: Path) -> dict:
+    """Builds or loads the generator, writes the stage's outputs, returns the info record.
+
+    It has no headline metrics: nothing about a generator is compared between experiments."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     gp = params.generator

@@ -21,12 +21,12 @@ from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
 from mambastyle.latents import METRIC_COLUMNS, open_table
-from mambastyle.stage import stage_main
+from mambastyle.stage import stage_main, write_metrics
 
 log = logging.getLogger("pipelines.invert")
 
 
-def run(params: Params, local_out: Path) -> dict:
+def run(params: Params, local_out: Path, metrics: Path) -> dict:
     """Runs the stage; returns the metrics summary."""
     t0 = time.perf_counter()
     manifest, prefix = invert_from_params(params)
@@ -58,6 +58,9 @@ def run(params: Params, local_out: Path) -> dict:
     summary["table"] = record["table"]
     (local_out / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     (local_out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_metrics(metrics / "invert.json", {
+        "counts": {"rows": summary["rows"]},  # per split: the prepare stage's samples
+    })  # fmt: skip
     log.info(
         "%d rows %s -> %s in %.1fs",
         manifest["rows"],

@@ -16,13 +16,13 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.data.faces import PrepareConfig
 from mambastyle.data.prepare import run_from_source
-from mambastyle.stage import stage_main
+from mambastyle.stage import stage_main, write_metrics
 from mambastyle.storage import read_bytes
 
 log = logging.getLogger("pipelines.prepare")
 
 
-def run(params: Params, local_out: Path) -> dict:
+def run(params: Params, local_out: Path, metrics: Path) -> dict:
     """Runs the stage; returns the manifest."""
     pp, storage, ray = params.prepare, params.storage, params.ray
     t0 = time.perf_counter()
@@ -34,6 +34,10 @@ def run(params: Params, local_out: Path) -> dict:
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))
     (local_out / "quarantine.jsonl").write_bytes(read_bytes(shards.join("quarantine.jsonl")))
     c = manifest["counts"]
+    samples = {split: entry["samples"] for split, entry in sorted(manifest["splits"].items())}
+    write_metrics(metrics / "prepare.json", {
+        "counts": {k: c[k] for k in ("inputs", "written", "quarantined")}, "samples": samples,
+    })  # fmt: skip
     log.info(
         "%d inputs = %d written + %d quarantined %s; %d samples in %d shards at %s (%.1fs)",
         c["inputs"], c["written"], c["quarantined"], c["quarantine_reasons"], c["samples"],

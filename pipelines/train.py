@@ -8,8 +8,9 @@ to run). The same module is the cluster entry point:
 
 Checkpoints, metrics and the exported encoder live under {storage.root}/train-runs/ (local or S3);
 the stage's DVC outputs are small local files under data/train/: encoder.json (where the
-encoder is, its sha256, step, generator identity) and DVCLive metrics, curves and
-reconstruction grids. Re-running the same inputs resumes the run from its last checkpoint.
+encoder is, its sha256, step, generator identity) and the last reconstruction grid; the
+headline figures go to metrics/train.json and the curves to metrics/train/ (tracked by git).
+Re-running the same inputs resumes the run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -25,21 +26,25 @@ from mambastyle.data.shards import ShardError
 from mambastyle.errors import CheckpointError
 from mambastyle.pretrained import MissingWeights
 from mambastyle.runs import RUNS_DIR, encoder_job, export_encoder
-from mambastyle.stage import stage_main
-from mambastyle.train.distributed import train_and_export, train_worker
+from mambastyle.stage import stage_main, write_metrics
+from mambastyle.train.distributed import headline_metrics, train_and_export, train_worker
 
 log = logging.getLogger("pipelines.train")
 
 
-def run(params: Params, local_out: Path) -> dict:
+def run(params: Params, local_out: Path, metrics: Path) -> dict:
     """Trains (or resumes) and exports the encoder; returns the encoder.json record."""
     t0 = time.perf_counter()
     job = encoder_job(params)
     log.info("run %s: %d steps on %d worker(s), checkpoints under %s", job.run_id, params.train.steps,
              params.train.num_workers, job.location(RUNS_DIR, job.run_id).uri)  # fmt: skip
-    record, meta = train_and_export(params, job, train_worker, export_encoder, local_out, "eval/latent_rel")
+    record, meta = train_and_export(params, job, train_worker, export_encoder, local_out, metrics / "train",
+                                    "eval/latent_rel")  # fmt: skip
     record["encoder"] = meta["config"]
     (local_out / "encoder.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_metrics(
+        metrics / "train.json", headline_metrics(record, ("eval/latent_rel", "eval/real_mse", "loss/total"))
+    )
     log.info("encoder (step %d) -> %s in %.1fs; %s", record["step"], record["uri"], time.perf_counter() - t0,
              {k: round(v, 4) for k, v in record["final_metrics"].items()})  # fmt: skip
     return record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +20,8 @@ from mambastyle.storage import StorageOptions, exists, resolve
 pytestmark = pytest.mark.slow
 
 STAGES = ("prepare", "train", "fuser", "invert", "evaluate", "edit")
+ALARM = re.compile(r"\bWARNING\b|\bERROR\b|^\[.* E \d+ ")  # Python logging, and glog's "E pid" lines
+OURS = re.compile(r" (mambastyle|pipelines)\.[\w.]+ (WARNING|ERROR) ")
 
 
 def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
@@ -32,11 +35,16 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the fixture's test credentials
     local = {stage: tmp_path / stage for stage in STAGES}
     for stage in STAGES:
-        cmd = [sys.executable, f"pipelines/{stage}.py", "--params", str(pf), "--out", str(local[stage])]
+        cmd = [sys.executable, f"pipelines/{stage}.py", "--params", str(pf), "--out", str(local[stage]),
+               "--metrics", str(tmp_path / "metrics")]  # fmt: skip
         if stage in ("evaluate", "edit"):
             cmd += ["--invert-out", str(local["invert"])]
         run = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-4000:]}"
+        # quiet: warnings and errors only from the project's own loggers (about the user's data
+        # or settings), none from Ray's machinery (authentication, restarts, resources)
+        alarms = [line for line in run.stderr.splitlines() if ALARM.search(line) and not OURS.search(line)]
+        assert not alarms, f"{stage}:\n" + "\n".join(alarms)
     options = StorageOptions(endpoint_url=endpoint)
     # every stage's data is on S3; the local records name it
     prepared = json.loads((local["prepare"] / "manifest.json").read_text())
@@ -77,6 +85,18 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
     ]:
         assert str(where) in report
     assert "not run yet: generator " in report  # this test runs the generator in-process
+    # the headline metrics agree with the records they summarise, and the curves reach the last step
+    head = {stage: json.loads((tmp_path / "metrics" / f"{stage}.json").read_text()) for stage in STAGES}
+    assert head["prepare"]["counts"]["written"] == prepared["counts"]["written"]
+    assert head["invert"]["counts"]["rows"] == latents.manifest["rows"]
+    # bound: the same figure, each rounded to 6 significant digits (<= 5e-6 relative)
+    assert head["evaluate"]["quality"]["mse"] == pytest.approx(evaluated["reconstruction"]["mse"], rel=1e-5)
+    assert head["edit"]["counts"]["rows"] == edited["rows"]
+    assert head["train"]["step"] == 6 and head["fuser"]["step"] == 4 and head["fuser"]["enabled"]
+    for stage, steps in (("train", 6), ("fuser", 4)):
+        curve = (tmp_path / "metrics" / stage / "loss" / "total.tsv").read_text().splitlines()
+        assert curve[0] == "step\ttotal" and int(curve[-1].split("\t")[0]) == steps
+    assert set(json.loads((tmp_path / "metrics" / "latency.json").read_text())) >= {"ms_per_image"}
 
 
 def test_report_lists_stages_that_have_not_run(tmp_path, capsys):

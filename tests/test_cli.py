@@ -161,3 +161,62 @@ def test_data_prepare_and_verify(params, tmp_path, capsys):
     assert "1 shard(s) do not match" in capsys.readouterr().err
     assert main([*prep, "--input", str(tmp_path / "none")]) == 1
     assert "no input files" in capsys.readouterr().err
+
+
+def test_nothing_usable_fails_in_one_line_with_the_counts_and_invert_fails_before_ray(
+    params, tmp_path, capsys
+):
+    import ray
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "notes.jpg").write_bytes(b"a text file named like a photo")
+    root = tmp_path / "root"
+    args = ["data", "prepare", "--params", str(params), "--input", str(photos), "--output", str(root)]
+    assert main([*args, "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no face written: 1 inputs, 1 quarantined" in err[0], err
+    assert (root / "shards" / "quarantine.jsonl").read_text().count("\n") == 1  # kept for inspection
+    assert main(["latents", "invert", "--params", str(params), "--root", str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lists no faces (1 inputs, 1 quarantined" in err[0], err
+    assert not ray.is_initialized()
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(params, tmp_path, capsys, monkeypatch):
+    from helpers import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-only")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-only")
+    import yaml
+
+    data = yaml.safe_load(params.read_text())
+    data["storage"]["endpoint_url"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    params.write_text(yaml.safe_dump(data))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"not a photo")
+    args = ["data", "prepare", "--params", str(params), "--input", str(photos), "--output", "s3://bucket/x"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "127.0.0.1" in err[0], err
+
+
+def test_a_query_naming_the_wrong_table_lists_the_right_one(tmp_path, capsys):
+    from helpers import make_table
+
+    from mambastyle.storage import resolve
+
+    table = tmp_path / "latents" / "run-x"
+    make_table(resolve(str(table)), n_per_split=(3, 2))
+    assert main(["latents", "query", str(table), "SELECT count(*) FROM edits"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "queried as `latents`" in err[0] and "w_plus" in err[0], err
+    assert "pg_settings" not in err[0]
+
+
+def test_encoder_info_states_the_style_width_it_was_built_for(capsys):
+    assert main(["encoder", "info", "mambastyle_tiny", "--resolution", "64", "--style-dim", "64"]) == 0
+    assert "10 styles of 64" in capsys.readouterr().out
+    assert main(["encoder", "info", "psp", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["style_dim"] == 512

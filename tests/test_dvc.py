@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,16 @@ def test_dvc_lock_is_current_for_code_and_params(repo):
     }
     stale = {stage: kinds for stage, kinds in stale.items() if kinds}
     assert not stale, f"dvc.lock is stale (run `dvc repro` and commit dvc.lock): {stale}"
+    # the metrics in git are the locked stages' own outputs (neither stale nor edited by hand)
+    metrics = [
+        f"{stage}: {path} {how}"
+        for stage, entries in status.items()
+        for entry in entries
+        if isinstance(entry, dict)
+        for path, how in (entry.get("changed outs") or {}).items()
+        if str(path).startswith("metrics/")
+    ]
+    assert not metrics, f"metrics/ differs from dvc.lock (run `dvc repro`, commit both): {metrics}"
 
 
 def _params_changed(repo, tmp_path, edit) -> set[str]:
@@ -105,8 +117,15 @@ def _clone_with_env(repo, tmp_path) -> tuple[Path, Path, dict[str, str]]:
         pytest.skip("needs dvc and a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, timeout=120)
-    for name in ("dvc.yaml", "dvc.lock", "params.yaml", "pipelines/generator.py"):
-        shutil.copy(repo / name, clone / name)
+    # the working tree as it is (tracked and new files), committed: the clone is this checkout
+    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=repo,
+                            capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (repo / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, clone / name)
+        elif (clone / name).exists():  # deleted in the working tree
+            (clone / name).unlink()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # stage `python`
@@ -114,6 +133,8 @@ def _clone_with_env(repo, tmp_path) -> tuple[Path, Path, dict[str, str]]:
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }  # fmt: skip
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "working tree", "--allow-empty"], cwd=clone, check=True, env=env)
     return clone, dvc, env
 
 
@@ -122,6 +143,21 @@ def _sh(cmd, cwd, env, ok=True) -> subprocess.CompletedProcess:
     if ok:
         assert out.returncode == 0, f"{cmd} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     return out
+
+
+def _errors(node, path="") -> list[str]:
+    """Every non-empty ``error`` entry in `dvc exp show --json` (a metric or param that failed to load)."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "error" and value:
+                found.append(f"{path}: {value}")
+            else:
+                found += _errors(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _errors(value, f"{path}[{i}]")
+    return found
 
 
 def _sample_nums(node, found=None) -> dict[str, int]:
@@ -154,6 +190,12 @@ def test_dvc_exp_run_sets_a_param_and_runs_the_stage(repo, tmp_path):
     shown = json.loads(_sh([str(dvc), "exp", "show", "--json"], clone, env).stdout)
     head = yaml.safe_load(_sh(["git", "show", "HEAD:params.yaml"], clone, env).stdout)
     assert sorted(_sample_nums(shown).values()) == sorted([4, head["generator"]["sample"]["num"]])
+    # every revision's metrics load (they are in git), and the experiment changed only what it set
+    assert not _errors(shown), _errors(shown)
+    diff = _sh([str(dvc), "metrics", "diff"], clone, env)
+    assert "failed to load" not in diff.stdout + diff.stderr
+    status = _sh(["git", "status", "--porcelain"], clone, env).stdout.split("\n")
+    assert {line[3:] for line in status if line} <= {"params.yaml", "dvc.lock"}, status
     # a value the params loader refuses fails the experiment with the key named
     bad = _sh([str(dvc), "exp", "run", "-S", "generator.sample.num=0", "generator"], clone, env, ok=False)
     assert bad.returncode != 0 and "generator.sample.num" in bad.stdout + bad.stderr
@@ -196,3 +238,34 @@ def test_dvc_remote_on_s3_round_trip_keeps_credentials_out_of_git(repo, tmp_path
     model.unlink()
     _sh([str(dvc), "pull", "generator"], clone, env)
     assert hashlib.md5(model.read_bytes()).hexdigest() == digest
+
+
+def test_plots_page_draws_its_curves_without_internet(repo, tmp_path):
+    """`dvc plots show` with the project's template: Vega's scripts are inside the page (none is
+    loaded from the internet), and a headless browser, when one is installed, draws the curve."""
+    dvc = Path(sys.executable).with_name("dvc")
+    if not dvc.exists() or shutil.which("git") is None:
+        pytest.skip("needs dvc and git")
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(repo / ".dvc" / "config")
+    template = (repo / ".dvc" / config["plots"]["html_template"]).resolve()
+    assert template.is_file() and template.is_relative_to(repo)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid"}
+    _sh(["git", "init", "-q"], tmp_path, env)
+    _sh([str(dvc), "init", "-q"], tmp_path, env)
+    (tmp_path / "loss.tsv").write_text("step\tloss\n" + "".join(f"{i}\t{1 / (i + 1)}\n" for i in range(20)))
+    (tmp_path / "dvc.yaml").write_text("plots:\n  - loss.tsv:\n      x: step\n")
+    _sh([str(dvc), "plots", "show", "--html-template", str(template), "-o", "out"], tmp_path, env)
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page), "a script is loaded from outside the page"
+    assert "vega@5.20.2" in page and "vega-lite@5.2.0" in page and "vega-embed@6.18.2" in page
+    assert "loss.tsv" in page and "vegaEmbed(" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        return
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom"]
+    page_uri = (tmp_path / "out" / "index.html").as_uri()
+    dom = subprocess.run([browser, *flags, page_uri], capture_output=True, text=True, timeout=120)
+    assert "<svg" in dom.stdout or "<canvas" in dom.stdout, dom.stderr[-2000:]

@@ -171,6 +171,8 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
             str(params_file),
             "--out",
             str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "metrics"),
         ]
         deadline = time.time() + 120
         while True:  # the job agent comes up a little after `ray start` returns (later on a busy machine)
@@ -185,5 +187,6 @@ def test_ray_job_submit_runs_the_stage_entry_point(tmp_path):
     assert not [p for p in psutil.process_iter() if temp_dir in " ".join(cmdline(p))], "Ray left running"
     record = json.loads((tmp_path / "out" / "encoder.json").read_text())
     assert record["step"] == 4 and Path(record["uri"]).is_file()
-    assert (tmp_path / "out" / "dvclive" / "metrics.json").is_file()
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["step"] == 4
+    assert (tmp_path / "metrics" / "train" / "loss" / "total.tsv").is_file()
     assert shutil.which("ray", path=str(ray_bin.parent))

@@ -201,7 +201,8 @@ def run_from_source(
     """The whole stage from a source URI to shards under ``root``, with a progress bar on stderr.
 
     For ``executor='ray'`` it first connects to Ray (``ray_address``: None = a local
-    instance). Returns (manifest, the resolved root).
+    instance). Returns (manifest, the resolved root). Raises ValueError when no face was
+    written (the manifest and quarantine list are committed first, for inspection).
     """
     from tqdm import tqdm
 
@@ -214,4 +215,11 @@ def run_from_source(
     with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
         manifest = prepare(refs, out, config, workers=workers, executor=executor,
                            progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+    counts = manifest["counts"]
+    if counts["written"] == 0:  # shards without a face are no use to any later stage
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts["quarantine_reasons"].items()))
+        raise ValueError(
+            f"no face written: {counts['inputs']} inputs, {counts['quarantined']} quarantined ({reasons}); "
+            f"each input's reason is in {out.join('shards', 'quarantine.jsonl').uri}"
+        )
     return manifest, out

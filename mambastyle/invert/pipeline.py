@@ -248,7 +248,18 @@ def read_manifest(root: Location) -> tuple[bytes, dict]:
         data = read_bytes(loc)
     except FileNotFoundError:
         raise InvertError(f"no shard manifest at {loc.uri}: run the prepare stage first") from None
-    return data, json.loads(data)
+    try:
+        manifest = json.loads(data)
+        samples = sum(int(e["samples"]) for e in manifest["shards"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvertError(f"{loc.uri} is not a shard manifest ({type(exc).__name__}: {exc})") from None
+    if samples == 0:  # found before any model is loaded or Ray started
+        counts = manifest.get("counts", {})
+        raise InvertError(
+            f"{loc.uri} lists no faces ({counts.get('inputs', '?')} inputs, {counts.get('quarantined', '?')} "
+            "quarantined: see quarantine.jsonl beside it): nothing to invert"
+        )
+    return data, manifest
 
 
 def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location]:

@@ -274,40 +274,55 @@ def fit(job: TrainJob, worker=train_worker):
     return trainer.fit()
 
 
-def write_run_records(job: TrainJob, out: Path) -> list[dict]:
-    """The run's DVCLive records under ``out``: metrics per step (curves for ``dvc plots``), the
-    final values and the last reconstruction picture; returns the metrics history."""
-    from dvclive import Live
-
+def write_run_records(job: TrainJob, curves: Path, picture: Path) -> list[dict]:
+    """The run's local records: one ``{curves}/{metric}.tsv`` per metric (``step`` and the value per
+    logged step, the curves ``dvc plots`` draws; ``loss/l2`` -> ``loss/l2.tsv``) and the last
+    reconstruction grid at ``picture``; returns the metrics history."""
     from mambastyle.storage import list_files
 
     history = [
         json.loads(line) for line in read_bytes(job.artifacts.join("metrics.jsonl")).decode().splitlines()
     ]
-    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
-    out.mkdir(parents=True, exist_ok=True)
-    with Live(dir=str(out), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for record in history:
-            live.step = record["step"]
-            for key, value in sorted(record.items()):
-                # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend
-                # on how busy the machine was
-                if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
-                    live.log_metric(key, value)
-    if grids:
-        path = out / "plots" / "images" / "reconstruction.png"
+    series: dict[str, list[str]] = {}
+    for record in history:
+        for key, value in sorted(record.items()):
+            # timings stay in the run's metrics.jsonl: DVC-tracked outputs must not depend on how
+            # busy the machine was
+            if key not in ("step", "start_step", "steps_per_s") and isinstance(value, int | float):
+                series.setdefault(key, []).append(f"{record['step']}\t{value!r}\n")
+    if curves.is_dir():  # a metric the run no longer logs must not leave its old curve behind
+        for old in curves.rglob("*.tsv"):
+            old.unlink()
+    for key, rows in series.items():
+        path = curves / f"{key}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1])))
+        path.write_text(f"step\t{key.rsplit('/', 1)[-1]}\n" + "".join(rows))
+    grids = sorted(p for p in list_files(job.artifacts.join("images")) if p.endswith(".png"))
+    if grids:
+        picture.parent.mkdir(parents=True, exist_ok=True)
+        picture.write_bytes(read_bytes(job.artifacts.join("images", grids[-1].rsplit("/", 1)[-1])))
     return history
 
 
-def train_and_export(params, job: TrainJob, worker, export, local_out: Path, final_key: str):
+def headline_metrics(record: dict, keys: tuple[str, ...]) -> dict:
+    """The step and the final ``keys`` (``eval/...``, ``loss/...``) of ``train_and_export``'s
+    record, grouped by kind: the few figures experiments are compared on."""
+    final = record.get("final_metrics", {})
+    head: dict = {"step": record["step"]}
+    for key in keys:
+        if key in final:
+            group, _, name = key.partition("/")
+            head.setdefault(group, {})[name] = final[key]
+    return head
+
+
+def train_and_export(params, job: TrainJob, worker, export, local_out: Path, curves: Path, final_key: str):
     """A training stage's work: connects to the Ray of ``params.ray``, runs ``worker`` to the end
-    (``fit``), exports the last checkpoint with ``export(job, state)``, writes the DVCLive records
-    under ``local_out/dvclive`` and returns (the fields the stage's JSON record shares, export's
-    metadata). The record names the file as ``storage.root`` does (a relative ``data/...`` stays
-    relative), so it is the same in any checkout; its final metrics are the last report holding
-    ``final_key``."""
+    (``fit``), exports the last checkpoint with ``export(job, state)``, writes the curves under
+    ``curves`` and the last picture as ``local_out/reconstruction.png`` and returns (the fields
+    the stage's JSON record shares, export's metadata). The record names the file as
+    ``storage.root`` does (a relative ``data/...`` stays relative), so it is the same in any
+    checkout; its final metrics are the last report holding ``final_key``."""
     import posixpath
 
     from mambastyle.runtime import connect_ray
@@ -318,7 +333,7 @@ def train_and_export(params, job: TrainJob, worker, export, local_out: Path, fin
         raise RuntimeError(f"run {job.run_id} finished without a checkpoint")
     state = load_state(result.checkpoint)
     loc, sha, meta = export(job, state)
-    history = write_run_records(job, local_out / "dvclive")
+    history = write_run_records(job, curves, local_out / "reconstruction.png")
     final = next((m for m in reversed(history) if final_key in m), history[-1] if history else {})
     root = job.location()
     record = {
