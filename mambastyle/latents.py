@@ -238,24 +238,22 @@ class LatentTable:
 
     def duckdb(self, connection=None, name: str | None = None):
         """A DuckDB connection with the table registered as ``name`` (default :attr:`name`;
-        filters push down to Arrow)."""
-        import duckdb
-
-        con = connection or duckdb.connect()
-        con.register(name or self.name, self.dataset)
-        return con
+        filters push down to Arrow): :func:`sql_connection`'s, which sees the table and nothing
+        else, unless you pass your own ``connection``."""
+        if connection is None:
+            return sql_connection({name or self.name: self.dataset})
+        connection.register(name or self.name, self.dataset)
+        return connection
 
     def query(self, sql: str, name: str | None = None) -> pa.Table:
-        """Runs SQL over the table (registered as ``latents``, or ``edits`` for an edits
-        table); returns an Arrow table."""
+        """Runs one SELECT over the table (registered as ``latents``, or ``edits`` for an edits
+        table) in a connection that sees nothing else; returns an Arrow table."""
         import duckdb
 
         con = self.duckdb(name=name)
         try:
-            relation = con.sql(sql)
-            if relation is None:  # a statement, not a query
-                raise LatentTableError(f"not a query: {sql!r}")
-            return relation.to_arrow_table()
+            check_query(con, sql)
+            return con.sql(sql).to_arrow_table()
         except duckdb.CatalogException as exc:
             # DuckDB suggests its own catalog's names ("Did you mean pg_settings?"): name ours
             registered = name or self.name
@@ -268,6 +266,77 @@ class LatentTable:
             raise LatentTableError(f"SQL error: {exc}") from None
         finally:
             con.close()
+
+    def select(self, where: str, columns: list[str], order: list[str]) -> pa.Table:
+        """``columns`` of the rows that ``where`` (one boolean SQL expression over the table's
+        columns) selects, sorted by ``order``; the condition pushes down to the Parquet scan."""
+        import duckdb
+
+        con = self.duckdb()
+        try:
+            cond = where_clause(con, self.name, where)
+            sql = f"SELECT {', '.join(columns)} FROM {self.name} WHERE {cond} ORDER BY {', '.join(order)}"
+            return con.sql(sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise LatentTableError(f"SQL error: {exc}") from None
+        finally:
+            con.close()
+
+
+def sql_connection(tables: Mapping[str, object]):
+    """A DuckDB connection that sees ``tables`` (Arrow datasets or tables, by name) and nothing
+    else: no file or network access, no extensions, and settings locked so SQL cannot undo that.
+
+    Every SQL surface (``latents query``, ``edit.where``, ``fit_where``, the Python helpers)
+    goes through one, since the text comes from users and may run on a cluster's head node
+    with its storage rights.
+    """
+    import duckdb
+
+    con = duckdb.connect(config={
+        "enable_external_access": "false",
+        "autoload_known_extensions": "false",
+        "autoinstall_known_extensions": "false",
+    })  # fmt: skip
+    for name, data in tables.items():
+        con.register(name, data)
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def check_query(con, sql: str) -> None:
+    """Refuses anything but one SELECT statement (no COPY, ATTACH, INSTALL, LOAD, SET, PRAGMA,
+    CREATE, no second statement), before any of it runs."""
+    import duckdb
+
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise LatentTableError(f"SQL error: {exc}") from None
+    kinds = [s.type.name for s in statements]
+    if kinds != ["SELECT"]:
+        raise LatentTableError(f"one SELECT statement is allowed, got {' + '.join(kinds) or 'none'}: {sql!r}")
+
+
+def where_clause(con, source: str, where: str) -> str:
+    """``where`` checked to be one boolean SQL expression over the rows of ``source`` (a table
+    name, or a join), parenthesised for a ``WHERE``. A condition that ends early and goes on
+    (``true) UNION SELECT ...``) or is not a boolean is refused before anything runs."""
+    import duckdb
+
+    try:
+        duckdb.SQLExpression(where)
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise LatentTableError(f"the condition {where!r} is not one SQL expression ({first})") from None
+    cond = f"({where}\n)"  # the newline ends a trailing -- comment inside the parentheses
+    try:
+        kind = con.sql(f"SELECT {cond} AS cond FROM {source} LIMIT 0").types[0]
+    except duckdb.Error as exc:
+        raise LatentTableError(f"the condition {where!r}: {str(exc).splitlines()[0]}") from None
+    if str(kind) != "BOOLEAN":
+        raise LatentTableError(f"the condition {where!r} is {kind}, not true/false")
+    return cond
 
 
 def open_table(

@@ -137,5 +137,6 @@ def pipeline_report(records: str | Path = "data", storage_root: str = "data") ->
             lines += describe(rec, data, storage_root)
     if missing:
         lines.append(f"not run yet: {', '.join(missing)} (no records under {rec}/; run `dvc repro`)")
-    lines.append("all metrics: dvc metrics show; all pictures: dvc plots show")
+    lines.append("all metrics: dvc metrics show; all pictures: dvc plots show "
+                 "(in a shell where `. .venv/bin/activate` ran)")  # fmt: skip
     return lines

@@ -19,8 +19,8 @@ identity and dlib identity (`identity_dlib`), and its editability: a yaw directi
 fitted from the latent table's `yaw`) applied at `evaluate.editability.strengths`, the edited
 faces' yaw re-measured from their landmarks. Writes data/evaluate/comparison.json (each other
 encoder's main figures also go to metrics/evaluate.json under `encoders`; the speeds, which vary
-from run to run, go to latency.json under `encoders`), comparison.md (all of it as one table) and comparison.png (each
-input, then each encoder's reconstruction, in the order listed).
+from run to run, go to latency.json under `encoders`), comparison.md (all of it as one table)
+and comparison.png (each input, then each encoder's reconstruction, in the order listed).
 """
 
 from __future__ import annotations

@@ -130,3 +130,73 @@ def test_cli_invert_names_a_missing_encoder(tmp_path, capsys, repo):
         main(["latents", "invert", "--params", str(repo / "params.yaml"), "--root", str(tmp_path / "x")]) == 1
     )
     assert "run the prepare stage first" in capsys.readouterr().err
+
+
+# text a user may put in `latents query`, edit.where or fit_where, meaning to reach past the table
+OUTSIDE = {
+    "a file": "SELECT * FROM read_csv('{secret}')",
+    "a file by name": "SELECT * FROM '{secret}'",
+    "a glob": "SELECT * FROM glob('{dir}/*')",
+    "a copy out": "COPY (SELECT key FROM latents) TO '{dir}/out.csv'",
+    "an attach": "ATTACH '{dir}/other.db'",
+    "an extension": "INSTALL httpfs",
+    "a load": "LOAD httpfs",
+    "a setting": "SET enable_external_access = true",
+    "a second statement": "SELECT 1; SELECT * FROM read_csv('{secret}')",
+    "a table": "CREATE TABLE x AS SELECT 1",
+    "a pragma": "PRAGMA database_list",
+}
+
+
+@pytest.mark.parametrize("what", sorted(OUTSIDE))
+def test_queries_see_the_table_and_nothing_else(tmp_path, what):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nhunter2\n")
+    prefix = resolve(str(tmp_path / "table"))
+    make_table(prefix, n_per_split=(3, 2))
+    sql = OUTSIDE[what].format(secret=secret, dir=tmp_path)
+    with pytest.raises(LatentTableError) as err:
+        open_table(prefix.uri).query(sql)
+    assert "hunter2" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.csv", "table"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("true) UNION SELECT key FROM latents WHERE (true", "not one SQL expression"),
+        ("yaw > 0; DROP TABLE latents", "not one SQL expression"),
+        ("yaw", "not true/false"),
+        ("1", "not true/false"),
+        ("key IN (SELECT * FROM read_csv('/etc/passwd'))", "condition"),
+        ("nope > 1", "condition"),
+    ],
+)
+def test_a_where_condition_is_one_boolean_expression(tmp_path, where, message):
+    prefix = resolve(str(tmp_path / "table"))
+    make_table(prefix, n_per_split=(3, 2))
+    with pytest.raises(LatentTableError, match=message):
+        open_table(prefix.uri).select(where, ["key"], ["key"])
+
+
+def test_ordinary_selections_work_and_push_down(tmp_path):
+    prefix = resolve(str(tmp_path / "table"))
+    truth = make_table(prefix)
+    t = open_table(prefix.uri)
+    where = "split = 'train' AND yaw > 20 -- a trailing comment is fine"
+    got = t.select(where, ["key", "yaw"], ["key"]).column("key").to_pylist()
+    assert got == sorted(k for k, (_, yaw, split) in truth.items() if yaw > 20 and split == "train")
+    # the sandbox leaves DuckDB's plan as it is: the scan reads only the columns used (w_plus,
+    # the bulk of a row, is not read) and the condition is planned the same as without it
+    import duckdb
+
+    sql = "EXPLAIN SELECT key FROM latents WHERE (yaw > 20\n)"
+    plain = duckdb.connect()
+    plain.register("latents", t.dataset)
+    con = t.duckdb()
+    try:
+        plan, reference = (c.sql(sql).fetchall()[0][1] for c in (con, plain))
+    finally:
+        con.close()
+        plain.close()
+    assert plan == reference and "Projections: key, yaw" in plan and "w_plus" not in plan, plan

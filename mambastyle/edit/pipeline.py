@@ -112,9 +112,7 @@ def select(table: LatentTable, where, sources: bool = False) -> pa.Table:
         else:
             if not str(where).strip():
                 raise EditError("the selection is empty: give an SQL condition (e.g. \"split = 'test'\")")
-            rows = table.query(
-                f"SELECT {', '.join(columns)} FROM {table.name} WHERE {where} ORDER BY {', '.join(order)}"
-            )
+            rows = table.select(str(where), columns, order)
     except LatentTableError as exc:
         raise EditError(f"selection {where!r}: {exc}") from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:

@@ -124,19 +124,20 @@ def fit_direction_from_table(
     typ = source.field(column).type
     if not (pa.types.is_floating(typ) or pa.types.is_integer(typ) or pa.types.is_boolean(typ)):
         raise DirectionError(f"column {column!r} is {typ}: only numeric or boolean columns can be fitted")
-    name = table.name
-    if labels is None:
-        sql = f'SELECT w_plus, "{column}" AS value FROM {name} WHERE {where} ORDER BY key'
-    else:
-        sql = (f'SELECT {name}.w_plus, labels."{column}" AS value FROM {name} JOIN labels USING (key) '
-               f"WHERE {where} ORDER BY key")  # fmt: skip
     import duckdb
 
-    con = table.duckdb()
+    from mambastyle.latents import LatentTableError, sql_connection, where_clause
+
+    name = table.name
+    rows_of = name if labels is None else f"{name} JOIN labels USING (key)"
+    value = f'"{column}"' if labels is None else f'labels."{column}"'  # a column checked above
+    con = sql_connection({name: table.dataset, **({"labels": labels} if labels is not None else {})})
     try:
-        if labels is not None:
-            con.register("labels", labels)
+        cond = where_clause(con, rows_of, where)
+        sql = f"SELECT {name}.w_plus, {value} AS value FROM {rows_of} WHERE {cond} ORDER BY key"
         rows = con.sql(sql).to_arrow_table()
+    except LatentTableError as exc:
+        raise DirectionError(f"fit rows {where!r}: {exc}") from None
     except duckdb.Error as exc:
         raise DirectionError(f"fit rows {where!r}: SQL error: {exc}") from None
     finally:
