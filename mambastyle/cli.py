@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from mambastyle import __version__
 from mambastyle.errors import CheckpointError, InvalidConfig
+from mambastyle.locks import RootLocked
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -648,6 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stdout = None
         return 0
+    except RootLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as exc:  # storage: a missing file, no permission, an unreachable S3 endpoint
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mambastyle.config import load_params
 from mambastyle.errors import InvalidConfig
+from mambastyle.locks import RootLocked
 
 
 def stage_main(argv, doc: str, default_out: str, run, errors: tuple[type[BaseException], ...], log,
@@ -40,7 +41,8 @@ def stage_main(argv, doc: str, default_out: str, run, errors: tuple[type[BaseExc
     try:
         extra = (Path(args.invert_out),) if invert_out else ()
         result = run(load_params(args.params), Path(args.out), Path(args.metrics), *extra)
-    except (InvalidConfig, OSError, *errors) as exc:  # OSError: storage (local or S3) refused or unreachable
+    # OSError: storage (local or S3) refused or unreachable; RootLocked: another run writes the root
+    except (InvalidConfig, OSError, RootLocked, *errors) as exc:
         log.error("%s", exc)
         return 1
     if show is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ from helpers import REPO, free_port
 
 # Every random draw in a test comes from one seed per test: fresh each run (so the suite keeps
 # trying new inputs), or MAMBASTYLE_TEST_SEED=N for every test (to repeat a failure, or to run
-# the suite under chosen seeds). The seed is printed with any failure. Tests take `rng` (numpy);
-# torch's global generator is seeded alike.
+# the suite under chosen seeds). The seed is printed with any failure. Tests take `rng` (numpy)
+# or `_seed`; torch's, numpy's and Python's global generators are seeded alike.
 SEED_ENV = "MAMBASTYLE_TEST_SEED"
 
 
@@ -31,6 +32,8 @@ def _seed(request):
     seed = _test_seed()
     request.node.test_seed = seed
     torch.manual_seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the global generators too, for code under test that uses them
+    random.seed(seed)
     yield seed
 
 

@@ -56,6 +56,8 @@ def test_any_batch_size_and_per_sample_directions():
         whole = fuser(feats, d)
         parts = torch.cat([fuser(feats[i : i + 1], d[i : i + 1]) for i in range(5)])
         assert whole.shape == (5, 64, 16, 16)
+        # bound: per-sample network; batch size changes only float32 kernel rounding: measured <= 1.9e-6
+        # on outputs up to 1.9 (5x under atol alone); the shared direction below measured identical
         torch.testing.assert_close(whole, parts, rtol=1e-4, atol=1e-5)
         # each sample's own direction matters; a (1, S, D) direction is shared by the batch
         assert not torch.allclose(fuser(feats, d.flip(0))[0], whole[0])

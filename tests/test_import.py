@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         {
             "": (
                 "mambastyle.storage",
+                "mambastyle.locks",
                 "mambastyle.visual",
                 "mambastyle.config",
                 "mambastyle.checkpoints",

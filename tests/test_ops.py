@@ -36,6 +36,8 @@ def test_upfirdn2d_matches_definition(up, down, pad, kshape):
     got = upfirdn2d(x, k, up=up, down=down, pad=pad)
     want = upfirdn2d_ref(x.numpy(), k.numpy(), up=up, down=down, pad=pad)
     assert got.shape == want.shape
+    # bound: float32 sums of <= 64 taps vs a float64 oracle: measured <= 2.1e-6 on values up to 18, at
+    # most 9% of atol + rtol * |want| over 40 seeds
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -49,6 +51,7 @@ def test_upfirdn2d_separable_kernels_match_definition(up, down, pad, taps):
     k = make_kernel(taps) if sum(taps) else torch.tensor(taps)[:, None] * torch.tensor(taps)[None, :]
     got = upfirdn2d(x, k, up=up, down=down, pad=pad)
     want = upfirdn2d_ref(x.numpy(), k.numpy(), up=up, down=down, pad=pad)
+    # bound: two float32 passes of <= 5 taps vs float64: measured <= 4e-7, at most 13% of the tolerance
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -72,6 +75,7 @@ def test_upfirdn2d_rejects_bad_arguments():
 def test_make_kernel_is_normalised_outer_product():
     k = make_kernel([1, 3, 3, 1])
     assert k.shape == (4, 4)
+    # bound: dyadic fractions (n / 64) are exact in float32: identical (measured); default tolerance is slack
     assert torch.isclose(k.sum(), torch.tensor(1.0))
     assert torch.allclose(k, torch.outer(torch.tensor([1, 3, 3, 1.0]), torch.tensor([1, 3, 3, 1.0])) / 64)
 
@@ -83,6 +87,7 @@ def test_fused_leaky_relu_matches_reference_forward_and_backward(ndim):
     b = torch.randn(5, requires_grad=True)
     got = fused_leaky_relu(x, b)
     want = leaky_relu_ref(x, b)
+    # bound: the same element-wise arithmetic: identical (measured), default float32 tolerance is slack
     torch.testing.assert_close(got, want)
     g = torch.randn_like(got)
     gx, gb = torch.autograd.grad(got, (x, b), g)
@@ -91,6 +96,8 @@ def test_fused_leaky_relu_matches_reference_forward_and_backward(ndim):
     torch.testing.assert_close(gb, rb)
     # the gain keeps the second moment of a standard normal input
     big = fused_leaky_relu(torch.randn(200_000))
+    # bound: E[out^2] = 2 * (0.5 + 0.2^2 * 0.5) = 1.04 and Var[out^2] = 4.93, so the mean of 2e5 draws has
+    # sd 0.005 (measured 0.0049 over 300 seeds): 0.02 is 4 sd, failing ~1 run in 16000
     assert abs(big.pow(2).mean().item() - (1 + 0.2**2)) < 0.02
 
 

@@ -388,12 +388,12 @@ def test_an_input_that_kills_its_worker_is_quarantined_and_the_rest_complete(tmp
     assert quarantine == {**EXPECTED_QUARANTINE, "demo://bad/cat.jpg": "worker_crash"}
 
 
-def test_tar_bytes_is_what_tarfile_writes_and_reads_back():
+def test_tar_bytes_is_what_tarfile_writes_and_reads_back(_seed):
     import random
 
     from mambastyle.data.shards import tar_bytes
 
-    rng = random.Random()
+    rng = random.Random(_seed)
     sizes = [0, 1, 511, 512, 513, 10240, 10239, *(rng.randrange(0, 300_000) for _ in range(20))]
     members = [(f"sample_{i:04d}_{'x' * rng.randrange(0, 60)}.{('png', 'json')[i % 2]}", rng.randbytes(n))
                for i, n in enumerate(sizes)]  # fmt: skip
@@ -413,13 +413,13 @@ def test_tar_bytes_is_what_tarfile_writes_and_reads_back():
         tar_bytes([("n" * 300, b"")])
 
 
-def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path):
+def test_write_shard_reports_the_size_and_sha256_of_what_it_wrote(tmp_path, _seed):
     import hashlib
     import random
 
     from mambastyle.data.shards import Sample, build_shard, write_shard
 
-    rng = random.Random()
+    rng = random.Random(_seed)
     samples = [Sample.of(f"k{i:03d}", "train", rng.randbytes(rng.randrange(0, 200_000)),
                          {"split": "train", "i": i, "x": rng.random()})
                for i in range(rng.randrange(1, 40))]  # fmt: skip

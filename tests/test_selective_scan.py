@@ -64,6 +64,8 @@ def test_backend_matches_reference_forward_and_gradients(backend, shape):
     )
     ref = run(inputs, "ref", loss_weights=weights, delta_softplus=True)
     got = run(inputs, backend, dtype=torch.float32, loss_weights=weights, delta_softplus=True)
+    # bound: float32 vs float64 over <= 130 steps: measured (30 seeds) y <= 4.7e-7, state <= 6e-7, gradients
+    # <= 1.7e-6 of max |ref|: 1e-5 and 1e-4 leave >= 17x
     assert_close_rel(got[0], ref[0], 1e-5, "y")
     assert_close_rel(got[1], ref[1], 1e-5, "last state")
     for k in inputs:
@@ -81,6 +83,7 @@ def test_long_sequence_with_strong_decay_stays_finite_and_exact(backend):
     got = run(inputs, backend, dtype=torch.float32, loss_weights=weights, delta_softplus=True)
     for part in (got[0], got[1], *got[2].values()):
         assert torch.isfinite(part).all()
+    # bound: strong decay forgets quickly, so no error builds up: measured y <= 6.4e-7, gradients <= 1.7e-6
     assert_close_rel(got[0], ref[0], 1e-5, "y")
     for k in inputs:
         assert_close_rel(got[2][k], ref[2][k], 1e-4, f"d{k}")
@@ -93,6 +96,8 @@ def test_long_sequence_with_slow_decay_carries_state(backend):
     weights = (torch.randn(1, 4, 4096, dtype=torch.float64), torch.randn(1, 4, 4, dtype=torch.float64))
     ref = run(inputs, "ref", loss_weights=weights)
     got = run(inputs, backend, dtype=torch.float32, loss_weights=weights)
+    # bound: the state sums ~4096 float32 terms (~sqrt(4096) * 6e-8 = 4e-6); measured y 2.8e-6 +- 1.5e-6
+    # (max 7.3e-6 over 60 seeds), so 2e-5 is 11 sd; gradients <= 6.4e-6 against 2e-4
     assert_close_rel(got[0], ref[0], 2e-5, "y")
     for k in inputs:
         assert_close_rel(got[2][k], ref[2][k], 2e-4, f"d{k}")
@@ -109,6 +114,7 @@ def test_reference_matches_the_recurrence_written_out():
             h = [math.exp(dt * A[d, n]) * h[n] + dt * B[0, 0, n, t] * u[0, d, t] for n in range(2)]
             out = sum(C[0, 0, n, t] * h[n] for n in range(2)) + D[d] * u[0, d, t]
             out *= z[0, d, t] / (1 + math.exp(-z[0, d, t]))
+            # bound: both float64 over 5 steps of O(1) values: measured <= 4.4e-16, 1e-12 is ~2000x
             assert abs(float(out) - y[0, d, t].item()) < 1e-12
 
 
@@ -169,8 +175,10 @@ def test_fast_exp_matches_numpy():
     x = np.concatenate([np.linspace(-87, 88, 20001), -np.logspace(-8, 1.9, 2001), [0.0]]).astype(np.float32)
     got = np.array([fast_exp(np.float32(v)) for v in x], dtype=np.float64)
     want = np.exp(x.astype(np.float64))
+    # bound: a fixed grid (no randomness); measured 1.15e-7 relative, ~2 float32 ulps (2^-23 = 1.2e-7)
     assert np.max(np.abs(got - want) / want) < 3e-7
     # far below the float32 range: a tiny positive number instead of a denormal
+    # bound: the smallest normal float32 is 1.18e-38; measured 1.22e-38
     assert 0.0 <= fast_exp(np.float32(-1000.0)) < 2e-38
 
 
@@ -184,6 +192,7 @@ def test_fast_exp2_matches_numpy():
     x = x.astype(np.float32)
     got = np.array([fast_exp2(np.float32(v)) for v in x], dtype=np.float64)
     want = np.exp2(x.astype(np.float64))
+    # bound: a fixed grid; measured 1.5e-7 relative (~2 float32 ulps); exp2(-1000) clamps to 2.35e-38
     assert np.max(np.abs(got - want) / want) < 3e-7
     assert 0.0 < fast_exp2(np.float32(-1000.0)) < 1e-37  # clamped: tiny, never a denormal or garbage
     assert np.isfinite(fast_exp2(np.float32(1000.0)))

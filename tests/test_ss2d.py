@@ -26,6 +26,7 @@ def test_cross_scan_orders_of_a_known_tensor():
 def test_cross_merge_of_cross_scan_sums_four_copies():
     x = torch.randn(2, 3, 4, 5)
     merged = cross_merge(cross_scan(x), 4, 5)
+    # bound: four copies of each value summed: exact in practice (measured 0); default tolerance is slack
     torch.testing.assert_close(merged, 4 * x.flatten(2))
 
 
@@ -46,12 +47,16 @@ def test_cross_merge_is_the_adjoint_of_cross_scan():
     x, y = torch.randn(2, 3, 5, 6), torch.randn(2, 4, 3, 30)
     lhs = (cross_scan(x) * y).sum()
     rhs = (x.flatten(2) * cross_merge(y, 5, 6)).sum()
+    # bound: two float32 sums of 720 products in different orders: measured <= 1.5e-5 on sums up to 67
+    # (30 seeds); the tolerance is >= 1e-4
     torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-4)
 
 
 def test_ss2d_initialisation():
     m = SS2D(32, d_state=8, expand=2.0, dt_min=1e-3, dt_max=0.1)
     assert m.dt_rank == math.ceil(32 / 16)
+    # bound: log/exp and softplus/inverse round trips in float32 err by ~1e-7 relative (A measured 4.8e-7
+    # on 8); allclose's rtol 1e-5 and the 0.1% slack on dt are >= 100x that
     assert torch.allclose(m.A_logs.exp()[0], torch.arange(1, 9.0))
     assert torch.all(m.Ds == 1)
     dt = F.softplus(m.dt_projs_bias)
@@ -70,6 +75,8 @@ def test_ss2d_backends_agree_forward_and_backward():
         y = m(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         out[backend] = (y.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    # bound: float32 scans in another order: over 10 seeds the worst element used 0.2% (y), 0.3% (dx) and
+    # 2.5% (parameter gradients) of these tolerances
     torch.testing.assert_close(out["cpu"][0], out["ref"][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["cpu"][1], out["ref"][1], rtol=1e-4, atol=1e-5)
     for name, g in out["ref"][2].items():
@@ -111,6 +118,8 @@ def test_fused_ss2d_scan_matches_cross_scan_reference(h, w, d):
         results[backend] = (y.detach().double(), {k: v.grad.double() for k, v in xs.items()})
     ref_y, ref_g = results["ref"]
     got_y, got_g = results["cpu"]
+    # bound: float32 vs float64 over <= 70 steps: measured (30 seeds) y <= 3.2e-7 and gradients <= 1.9e-6
+    # of max |ref|, >= 30x under 1e-5 / 1e-4
     assert ((got_y - ref_y).abs().max() / ref_y.abs().max()) < 1e-5
     for k in inputs:
         err = ((got_g[k] - ref_g[k]).abs().max() / ref_g[k].abs().max()).item()
@@ -126,6 +135,7 @@ def test_fast_softplus_and_sigmoid():
     v = np.linspace(-60, 60, 12001).astype(np.float32)
     sp = np.array([fast_softplus(np.float32(x)) for x in v], dtype=np.float64)
     want = F.softplus(torch.from_numpy(v).double()).numpy()
+    # bound: a fixed grid; measured 2.4e-7 (softplus) and 1.5e-7 (sigmoid) relative, 2-3 float32 ulps
     assert np.max(np.abs(sp - want) / np.maximum(want, 1e-30)) < 1e-6
     sg = np.array([fast_sigmoid(np.float32(x)) for x in v], dtype=np.float64)
     want = torch.sigmoid(torch.from_numpy(v).double()).numpy()

@@ -49,6 +49,8 @@ def test_loss_decreases_on_a_fixed_batch():
     t = make_trainer(p)
     batch = real_images(4)
     losses = [t.train_step(batch)["loss/total"] for _ in range(40)]
+    # bound: only the batch depends on the test seed; over 24 seeds the ratio is 0.386 +- 0.016 (max 0.417),
+    # so 0.5 is 7 sd above the mean
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses
 
 
@@ -62,6 +64,8 @@ def test_latent_recovery_on_held_out_samples_improves():
     after = t.evaluate()
     # Held-out codes (never trained on): recovery well below where it started, and well
     # below always answering the average code (latent_rel = 1).
+    # bound: every draw comes from params' seeds (no test seed); measured latent_mse 0.529 -> 0.303 (0.57x),
+    # style_rel 0.60, synthetic_mse 0.769 -> 0.127 (0.17x)
     assert after["eval/latent_mse"] < 0.7 * before["eval/latent_mse"], (before, after)
     assert after["eval/style_rel"] < 0.75, after
     assert after["eval/synthetic_mse"] < 0.5 * before["eval/synthetic_mse"]
@@ -150,6 +154,7 @@ def test_step_kinds_follow_the_ratio():
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, 100, 10, 0.1) for s in range(101)]
+    # bound: a closed form in float64: exact at these steps (measured); approx's rel 1e-6 is slack
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
     assert f[100] == pytest.approx(0.1)
@@ -167,6 +172,7 @@ def test_lpips_backbone_loads_from_a_file(tmp_path):
         mine = next(m for block in model.net.children() for i, m in block._modules.items() if i == str(index))
         assert torch.equal(mine.weight, alex.features[index].weight)
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    # bound: identical inputs give identical features, so the distance is exactly 0 (measured)
     assert float(model(x, x).max()) == pytest.approx(0.0, abs=1e-6)
     assert float(model(x, y).min()) > 0
 
@@ -193,6 +199,7 @@ def test_arcface_layout_and_identity_loss(tmp_path):
     ident = IdentityLoss(loaded)
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     y_hat = (torch.rand(2, 3, 64, 64) * 2 - 1).requires_grad_()
+    # bound: 1 - cos(e, e) is float32 rounding only: measured 1.2e-7 (1 ulp of 1), abs 1e-5 is 80x
     assert float(ident(x, x)) == pytest.approx(0.0, abs=1e-5)
     value = ident(y_hat, x)
     value.backward()

@@ -34,6 +34,7 @@ from mambastyle.data.shards import (
     tar_chunks,
     withdraw,
 )
+from mambastyle.locks import writer_lock
 from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,10 @@ def run_from_source(
         from mambastyle.runtime import connect_ray
 
         connect_ray(ray_address, ray_cpus)
-    with tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar:
+    with (
+        writer_lock(root, options, "prepare"),
+        tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar,
+    ):
         manifest = prepare(refs, out, config, workers=workers, executor=executor,
                            progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
     counts = manifest["counts"]

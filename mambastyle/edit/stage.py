@@ -18,6 +18,7 @@ from mambastyle.directions import DirectionError
 from mambastyle.edit.core import Edit, apply_edits, fused_edits, render
 from mambastyle.edit.pipeline import EditError, EditJob, load_fuser_model, read_sources, run_edits, select
 from mambastyle.latents import LatentTable, LatentTableError
+from mambastyle.locks import writer_lock
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
 
 
@@ -205,7 +206,8 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         from mambastyle.runtime import connect_ray
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    manifest = run_edits(job, selection)
+    with writer_lock(params.storage.root, options, f"edit {job.metadata['run_id']}"):
+        manifest = run_edits(job, selection)
     shown = selection.slice(0, ep.grid_samples)
     model = sources = None
     if fuser_uri is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
+from mambastyle.locks import writer_lock
 from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
 
@@ -323,7 +324,8 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
     sizes = {u: int(e["bytes"]) for u, e in zip(shard_uris, manifest["shards"], strict=True) if "bytes" in e}
     expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
-    table_manifest = run_inversion(job, expected, shard_uris, sizes)
+    with writer_lock(params.storage.root, options, f"invert {run}"):
+        table_manifest = run_inversion(job, expected, shard_uris, sizes)
     return table_manifest, out
 
 
