@@ -34,6 +34,44 @@ from mambastyle.data.shards import build_shard, write_shard
 from mambastyle.storage import resolve
 
 
+def shard_writing(samples: list, tmp: str) -> None:
+    """Part 3 of the benchmark, printed (see the comment inside)."""
+    # 3. shard writing vs a plain write of the same bytes: one shard of shard_max_samples
+    #    samples (the stage's default), each file removed after it is timed.
+    n = PrepareConfig().shard_max_samples
+    shard = [dataclasses.replace(s, key=f"{s.key}_{i}") for i in range(-(-n // len(samples)))
+             for s in samples][:n]  # fmt: skip
+    payload = build_shard(shard)  # the same bytes write_shard writes
+    times: dict[str, list[float]] = {k: [] for k in ("shard", "shard, fsynced", "plain", "plain, fsynced")}
+    for i in range(5):
+        for label in times:
+            path = os.path.join(tmp, f"{i}-{label}")
+            t0 = time.perf_counter()
+            if label.startswith("shard"):
+                write_shard(resolve(path), shard, durable=label.endswith("fsynced"))
+            else:
+                with open(path, "wb") as f:
+                    f.write(payload)
+                    if label.endswith("fsynced"):
+                        f.flush()
+                        os.fsync(f.fileno())
+            times[label].append(time.perf_counter() - t0)
+            os.unlink(path)
+    mb = len(payload) / 1e6
+    rate = {k: mb / statistics.median(v) for k, v in times.items()}
+    print(f"  one shard of {n} samples, {mb:.0f} MB (tar framing, sha256, temp file + rename):")
+    for durable in ("", ", fsynced"):
+        shard_rate, plain_rate = rate[f"shard{durable}"], rate[f"plain{durable}"]
+        print(f"    shard writing{durable or ' (no fsync)':<11} {shard_rate:7.0f} MB/s vs plain write "
+              f"{plain_rate:7.0f} MB/s: ratio {shard_rate / plain_rate:.2f} (target >= 0.7)")  # fmt: skip
+    sha_t = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        hashlib.sha256(payload).digest()
+        sha_t.append(time.perf_counter() - t0)
+    print(f"    sha256 alone: {mb / statistics.median(sha_t):7.0f} MB/s (the manifest needs it)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=8, help="copies of the demo photos")
@@ -80,42 +118,7 @@ def main() -> int:
         print(f"  whole stage: 1 worker {rates[1]:.1f} img/s, 2 workers {rates[2]:.1f} img/s "
               f"(x{rates[2] / rates[1]:.2f})")  # fmt: skip
 
-        # 3. shard writing vs a plain write of the same bytes: one shard of shard_max_samples
-        #    samples (the stage's default), each file removed after it is timed.
-        n = PrepareConfig().shard_max_samples
-        shard = [dataclasses.replace(s, key=f"{s.key}_{i}") for i in range(-(-n // len(samples)))
-                 for s in samples][:n]  # fmt: skip
-        payload = build_shard(shard)  # the same bytes write_shard writes
-        times: dict[str, list[float]] = {
-            k: [] for k in ("shard", "shard, fsynced", "plain", "plain, fsynced")
-        }
-        for i in range(5):
-            for label in times:
-                path = os.path.join(tmp, f"{i}-{label}")
-                t0 = time.perf_counter()
-                if label.startswith("shard"):
-                    write_shard(resolve(path), shard, durable=label.endswith("fsynced"))
-                else:
-                    with open(path, "wb") as f:
-                        f.write(payload)
-                        if label.endswith("fsynced"):
-                            f.flush()
-                            os.fsync(f.fileno())
-                times[label].append(time.perf_counter() - t0)
-                os.unlink(path)
-        mb = len(payload) / 1e6
-        rate = {k: mb / statistics.median(v) for k, v in times.items()}
-        print(f"  one shard of {n} samples, {mb:.0f} MB (tar framing, sha256, temp file + rename):")
-        for durable in ("", ", fsynced"):
-            shard_rate, plain_rate = rate[f"shard{durable}"], rate[f"plain{durable}"]
-            print(f"    shard writing{durable or ' (no fsync)':<11} {shard_rate:7.0f} MB/s vs plain write "
-                  f"{plain_rate:7.0f} MB/s: ratio {shard_rate / plain_rate:.2f} (target >= 0.7)")  # fmt: skip
-        sha_t = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            hashlib.sha256(payload).digest()
-            sha_t.append(time.perf_counter() - t0)
-        print(f"    sha256 alone: {mb / statistics.median(sha_t):7.0f} MB/s (the manifest needs it)")
+        shard_writing(samples, tmp)
     return 0
 
 

@@ -83,6 +83,39 @@ def exp_rate() -> float:
     return reps * src.numel() / t
 
 
+def fused_ss2d(backends: list[str], repeats: int) -> list[dict]:
+    """Rows for the fused four-direction SS2D kernel (see the comment inside)."""
+    rows = []
+    # The fused four-direction SS2D kernel on the same work as the D=4096 case: the 64x64 VSS
+    # block of the published encoder (4 directions x 1024 channels), with its cross-scan and
+    # cross-merge included (the generic backends pay for explicit permuted copies).
+    from mambastyle.layers.ss2d import ss2d_scan
+
+    g = torch.Generator().manual_seed(1)
+    h = w = 64
+    d, n = 1024, 16
+    x = {
+        "x": torch.randn(1, h * w, d, generator=g),
+        "dts": torch.randn(4, d, 1, h * w, generator=g) - 3.0,
+        "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(4, d, 1),
+        "B": torch.randn(1, 4, n, h * w, generator=g),
+        "C": torch.randn(1, 4, n, h * w, generator=g),
+        "D": torch.ones(4, d),
+        "dt_bias": torch.zeros(4, d),
+    }
+    for b in backends:
+        run = lambda xs, b=b: ss2d_scan(**xs, h=h, w=w, backend=b)  # noqa: E731
+        with torch.no_grad():
+            run(x)
+            f = timed(lambda run=run: run(x), repeats)
+        fb = timed(lambda run=run: fwd_bwd(run, x), repeats) if b != "ref" else None
+        rows.append({"shape": "ss2d 4x1024ch 64x64", "backend": b, "fwd_ms": f * 1e3,
+                     "fwd_bwd_ms": fb * 1e3 if fb else None})  # fmt: skip
+        fb_text = f"   fwd+bwd {fb * 1e3:8.1f} ms" if fb else ""
+        print(f"  ss2d_scan[{b}] (4 dirs x 1024 ch, 64x64): fwd {f * 1e3:8.1f} ms{fb_text}")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -141,34 +174,8 @@ def main() -> int:
                 f"{f / exp_floor:4.1f}x exp floor)"
                 f"   fwd+bwd {fb * 1e3:8.1f} ms ({fb_ratio} naive)"
             )
-    # The fused four-direction SS2D kernel on the same work as the D=4096 case: the 64x64 VSS
-    # block of the published encoder (4 directions x 1024 channels), with its cross-scan and
-    # cross-merge included (the generic backends pay for explicit permuted copies).
     if "cpu" in backends:
-        from mambastyle.layers.ss2d import ss2d_scan
-
-        g = torch.Generator().manual_seed(1)
-        h = w = 64
-        d, n = 1024, 16
-        x = {
-            "x": torch.randn(1, h * w, d, generator=g),
-            "dts": torch.randn(4, d, 1, h * w, generator=g) - 3.0,
-            "A": -torch.arange(1, n + 1, dtype=torch.float32).repeat(4, d, 1),
-            "B": torch.randn(1, 4, n, h * w, generator=g),
-            "C": torch.randn(1, 4, n, h * w, generator=g),
-            "D": torch.ones(4, d),
-            "dt_bias": torch.zeros(4, d),
-        }
-        for b in backends:
-            run = lambda xs, b=b: ss2d_scan(**xs, h=h, w=w, backend=b)  # noqa: E731
-            with torch.no_grad():
-                run(x)
-                f = timed(lambda run=run: run(x), args.repeats)
-            fb = timed(lambda run=run: fwd_bwd(run, x), args.repeats) if b != "ref" else None
-            rows.append({"shape": "ss2d 4x1024ch 64x64", "backend": b, "fwd_ms": f * 1e3,
-                         "fwd_bwd_ms": fb * 1e3 if fb else None})  # fmt: skip
-            fb_text = f"   fwd+bwd {fb * 1e3:8.1f} ms" if fb else ""
-            print(f"  ss2d_scan[{b}] (4 dirs x 1024 ch, 64x64): fwd {f * 1e3:8.1f} ms{fb_text}")
+        rows += fused_ss2d(backends, args.repeats)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
