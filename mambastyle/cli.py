@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from mambastyle import __version__
 from mambastyle.errors import CheckpointError, InvalidConfig
 from mambastyle.locks import RootLocked
+from mambastyle.runstats import STATS_NAME
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -210,6 +211,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                                         params.ray.num_cpus)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(_stats(out.join("shards", STATS_NAME))))
+        return 0
     c = manifest["counts"]
     print(
         f"{c['inputs']} inputs = {c['written']} written + {c['quarantined']} quarantined; "
@@ -318,6 +322,9 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
         manifest, prefix = invert_from_params(params)
     except InvertError as exc:
         raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(_stats(prefix.join(f"_{STATS_NAME}"))))
+        return 0
     print(f"{manifest['rows']} rows {manifest['splits']} -> {prefix.uri}")
     return 0
 
@@ -425,12 +432,22 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
     except EditError as exc:
         raise CliError(str(exc)) from None
     m = result.manifest
-    print(f"{m['rows']} edited rows ({m['selected']} selected x {len(result.edits)} edits), "
-          f"{m['images']['count']} images -> {result.prefix.uri}")  # fmt: skip
+    if args.json:
+        print(json.dumps(_stats(result.prefix.join(f"_{STATS_NAME}"))))
+    else:
+        print(f"{m['rows']} edited rows ({m['selected']} selected x {len(result.edits)} edits), "
+              f"{m['images']['count']} images -> {result.prefix.uri}")  # fmt: skip
     if args.grids:
         for name, grid in result.grids.items():
             print(f"  grid {name}: {save_png(grid, Path(args.grids) / f'{name}.png')}")
     return 0
+
+
+def _stats(loc) -> dict:
+    """A run's stats record (``mambastyle.runstats``), as written beside its manifest."""
+    from mambastyle.storage import read_bytes
+
+    return json.loads(read_bytes(loc))
 
 
 def _cell(value) -> str:
@@ -508,6 +525,7 @@ def _data_commands(nouns) -> None:
     p.add_argument("--size", type=int, help="aligned crop side (default: prepare.output_size)")
     p.add_argument("--multi-face", choices=["largest", "each", "reject"], help="default: prepare.multi_face")
     p.add_argument("--workers", type=int, help="local processes (default: prepare.workers)")
+    p.add_argument("--json", action="store_true", help="print the run's statistics as one JSON object")
     p.set_defaults(func=cmd_data_prepare)
     p = verbs.add_parser("verify", help="re-hash shards against their manifest")
     _add_params(p)
@@ -550,6 +568,7 @@ def _latents_commands(nouns) -> None:
     p.add_argument("--batch-size", type=int, help="default: invert.batch_size")
     p.add_argument("--actors", type=int, help="default: invert.num_actors")
     p.add_argument("--no-metrics", action="store_true", help="codes only, no reconstructions")
+    p.add_argument("--json", action="store_true", help="print the run's statistics as one JSON object")
     p.set_defaults(func=cmd_latents_invert)
     p = verbs.add_parser("query", help="SQL over a latent table (`latents`) or an edits table (`edits`)")
     _add_params(p)
@@ -605,6 +624,7 @@ def _edit_commands(nouns) -> None:
     p.add_argument("--root", help="storage root for edits/ (default: storage.root)")
     p.add_argument("--grids", help="also write one grid PNG per edit into this folder")
     p.add_argument("--invert-out", default="data/invert", help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="print the run's statistics as one JSON object")
     p.set_defaults(func=cmd_edit_apply)
 
 

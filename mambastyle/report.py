@@ -112,6 +112,16 @@ def _edit(rec: Path, ed: dict, storage_root: str) -> list[str]:
     ]
 
 
+def _stats(s: dict) -> str:
+    """One line of a run's statistics (``mambastyle.runstats``)."""
+    reasons = s.get("quarantine_reasons") or {}
+    quarantined = f", quarantined {s.get('quarantined')}" if reasons else ""
+    rate = f", {_fmt(s['items_per_s'])}/s" if s.get("items_per_s") else ""
+    return (f"            run: {s.get('inputs')} inputs = computed {s.get('computed')} + reused "
+            f"{s.get('reused')}; written {s.get('written')}{quarantined}; "
+            f"{_fmt(s.get('seconds_total'))} s{rate}")  # fmt: skip
+
+
 # stage -> (its record, the lines it contributes); in pipeline order
 SECTIONS = {
     "generator": ("info.json", _generator),
@@ -135,6 +145,8 @@ def pipeline_report(records: str | Path = "data", storage_root: str = "data") ->
             missing.append(stage)
         else:
             lines += describe(rec, data, storage_root)
+            if stats := _read(rec / stage / "stats.json"):
+                lines.append(_stats(stats))
     if missing:
         lines.append(f"not run yet: {', '.join(missing)} (no records under {rec}/; run `dvc repro`)")
     lines.append("all metrics: dvc metrics show; all pictures: dvc plots show "

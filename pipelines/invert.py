@@ -22,6 +22,7 @@ from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
 from mambastyle.latents import METRIC_COLUMNS, open_table
 from mambastyle.stage import stage_main, write_metrics
+from mambastyle.storage import read_bytes
 
 log = logging.getLogger("pipelines.invert")
 
@@ -58,6 +59,7 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
     summary["table"] = record["table"]
     (local_out / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     (local_out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (local_out / "stats.json").write_bytes(read_bytes(prefix.join("_stats.json")))  # for the report
     write_metrics(metrics / "invert.json", {
         "counts": {"rows": summary["rows"]},  # per split: the prepare stage's samples
     })  # fmt: skip

@@ -33,6 +33,7 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
     shards = out.join("shards")
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))
     (local_out / "quarantine.jsonl").write_bytes(read_bytes(shards.join("quarantine.jsonl")))
+    (local_out / "stats.json").write_bytes(read_bytes(shards.join("stats.json")))  # for the report
     c = manifest["counts"]
     samples = {split: entry["samples"] for split, entry in sorted(manifest["splits"].items())}
     write_metrics(metrics / "prepare.json", {

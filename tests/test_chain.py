@@ -15,7 +15,7 @@ from helpers import params
 from mambastyle.config import to_dict
 from mambastyle.latents import EDITS_FORMAT, open_table
 from mambastyle.report import pipeline_report
-from mambastyle.storage import StorageOptions, exists, resolve
+from mambastyle.storage import StorageOptions, exists, read_bytes, resolve
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +97,18 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
         curve = (tmp_path / "metrics" / stage / "loss" / "total.tsv").read_text().splitlines()
         assert curve[0] == "step\ttotal" and int(curve[-1].split("\t")[0]) == steps
     assert set(json.loads((tmp_path / "metrics" / "latency.json").read_text())) >= {"ms_per_image"}
+    # each writing stage's run statistics, beside its manifest and in its records; counts add up
+    stats = {
+        stage: json.loads((local[stage] / "stats.json").read_text())
+        for stage in ("prepare", "invert", "edit")
+    }
+    for stage, s in stats.items():
+        assert s["stage"] == stage and s["inputs"] == s["computed"] + s["reused"], s
+    assert stats["prepare"]["written"] == prepared["counts"]["written"]
+    assert stats["invert"]["inputs"] == stats["invert"]["written"] == latents.manifest["rows"]
+    assert stats["edit"]["inputs"] == n_test and stats["edit"]["written"] == edited["rows"]
+    assert stats["invert"] == json.loads(read_bytes(resolve(f"{inverted['table']}/_stats.json", options)))
+    assert report.count("            run: ") == 3
 
 
 def test_report_lists_stages_that_have_not_run(tmp_path, capsys):

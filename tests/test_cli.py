@@ -220,3 +220,23 @@ def test_encoder_info_states_the_style_width_it_was_built_for(capsys):
     assert "10 styles of 64" in capsys.readouterr().out
     assert main(["encoder", "info", "psp", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["style_dim"] == 512
+
+
+def test_json_prints_the_run_statistics(params, tmp_path, capsys):
+    """`data prepare --json` prints one JSON object: the run's statistics, counts adding up."""
+    from mambastyle.data.demo import demo_files
+
+    root = tmp_path / "root"
+    assert (
+        main(["data", "prepare", "--params", str(params), "--output", str(root), "--workers", "1", "--json"])
+        == 0
+    )
+    stats = json.loads(capsys.readouterr().out)
+    n = len(demo_files())
+    assert stats["inputs"] == n == stats["computed"] + stats["reused"] and stats["reused"] == 0
+    assert (
+        stats["written"] + stats["quarantined"]
+        == n
+        == sum(stats["quarantine_reasons"].values()) + stats["written"]
+    )
+    assert stats == json.loads((root / "shards" / "stats.json").read_text())

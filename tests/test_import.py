@@ -51,6 +51,7 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
             "": (
                 "mambastyle.storage",
                 "mambastyle.locks",
+                "mambastyle.runstats",
                 "mambastyle.visual",
                 "mambastyle.config",
                 "mambastyle.checkpoints",

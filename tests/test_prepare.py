@@ -317,6 +317,14 @@ def test_rerun_after_a_kill_during_processing_reuses_finished_work(demo_run, tmp
     again = prepare(demo_inputs(), target, CONFIG, workers=1)
     assert len(calls) == len(demo_files()) - 16  # only the unfinished units ran again
     assert again == manifest  # and the result is byte-for-byte what an uninterrupted run gives
+    # the run's statistics say so, and their counts add up
+    stats = json.loads((tmp_path / "resumed" / "shards" / "stats.json").read_text())
+    n = len(demo_files())
+    assert (stats["inputs"], stats["reused"], stats["computed"]) == (n, 16, n - 16)
+    assert stats["written"] == manifest["counts"]["written"]
+    assert stats["quarantine_reasons"] == manifest["counts"]["quarantine_reasons"]
+    assert stats["quarantined"] == manifest["counts"]["quarantined"]
+    assert set(stats["seconds"]) == {"process_and_write", "commit"} and stats["items_per_s"] > 0
     assert not list((tmp_path / "resumed" / "shards").glob("_work/*"))  # work files removed after the commit
 
     # a saved unit that is unreadable is recomputed, not trusted

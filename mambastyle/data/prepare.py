@@ -35,6 +35,7 @@ from mambastyle.data.shards import (
     withdraw,
 )
 from mambastyle.locks import writer_lock
+from mambastyle.runstats import STATS_NAME, RunStats
 from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -110,11 +111,15 @@ def prepare(
     workers: int = 1,
     progress: Callable[[int, int], None] | None = None,
     executor: Executor = "processes",
+    stats: RunStats | None = None,
 ) -> dict:
     """Runs the stage over ``refs`` and publishes shards, quarantine and manifest under ``out/shards``.
 
-    Returns the manifest (also written, last, to ``out/shards/manifest.json``).
+    Returns the manifest (also written, last, to ``out/shards/manifest.json``); the run's
+    statistics go to ``stats`` (when given) and, after the commit, to ``out/shards/stats.json``.
     """
+    stats = stats or RunStats("prepare")
+    stats.inputs = len(refs)
     keys = [r.key for r in refs]
     if len(set(keys)) != len(keys):
         dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
@@ -125,20 +130,27 @@ def prepare(
     shards_root = out.join("shards")
     writer = ShardWriter(shards_root, config.shard_max_samples, config.shard_max_bytes)
     quarantine: list[dict] = []
-    outcomes = _outcomes(refs, shards_root.join("_work"), config, workers, executor, progress)
+    outcomes = _outcomes(refs, shards_root.join("_work"), config, workers, executor, progress, stats)
     # Withdraw the previous commit point before touching any shard it lists: readers trust
     # only a manifest, so while shards are being replaced there is none.
     withdraw(shards_root)
-    for outcome in outcomes:
-        if outcome.reason:
-            quarantine.append({"source": outcome.uri, "reason": outcome.reason, "message": outcome.message})
-        for sample in outcome.samples:
-            writer.add(sample)
-    entries = writer.close()
-    manifest = build_manifest(
-        dataclasses.asdict(config), config.params_hash(), __version__, len(refs), quarantine, entries
-    )
-    commit(shards_root, manifest, quarantine)
+    with stats.phase("process_and_write"):
+        for outcome in outcomes:
+            if outcome.reason:
+                quarantine.append(
+                    {"source": outcome.uri, "reason": outcome.reason, "message": outcome.message}
+                )
+                stats.quarantined[outcome.reason] = stats.quarantined.get(outcome.reason, 0) + 1
+            for sample in outcome.samples:
+                writer.add(sample)
+        entries = writer.close()
+    with stats.phase("commit"):
+        manifest = build_manifest(
+            dataclasses.asdict(config), config.params_hash(), __version__, len(refs), quarantine, entries
+        )
+        commit(shards_root, manifest, quarantine)
+    stats.written = manifest["counts"]["written"]
+    write_bytes(shards_root.join(STATS_NAME), stats.to_json(), durable=False)
     return manifest
 
 
@@ -149,6 +161,7 @@ def _outcomes(
     workers: int,
     executor: Executor,
     progress: Callable[[int, int], None] | None,
+    stats: RunStats,
 ) -> Iterator[Outcome]:
     """Every input's outcome in order: from a saved unit where one describes exactly these
     inputs, else computed (and the unit saved)."""
@@ -183,6 +196,9 @@ def _outcomes(
                     if progress:
                         progress(done + len(outcomes), len(refs))
             _save_unit(loc, outcomes)
+            stats.computed += len(unit)
+        else:
+            stats.reused += len(unit)
         yield from outcomes
         done += len(unit)
         if progress:
@@ -202,12 +218,15 @@ def run_from_source(
     """The whole stage from a source URI to shards under ``root``, with a progress bar on stderr.
 
     For ``executor='ray'`` it first connects to Ray (``ray_address``: None = a local
-    instance). Returns (manifest, the resolved root). Raises ValueError when no face was
-    written (the manifest and quarantine list are committed first, for inspection).
+    instance). Returns (manifest, the resolved root); the run's statistics are in
+    ``shards/stats.json`` beside the manifest. Raises ValueError when no face was written (the
+    manifest, quarantine list and statistics are committed first, for inspection).
     """
     from tqdm import tqdm
 
-    refs = inputs_from_source(source, options)
+    stats = RunStats("prepare")
+    with stats.phase("list"):
+        refs = inputs_from_source(source, options)
     out = resolve(root, options)
     if executor == "ray":
         from mambastyle.runtime import connect_ray
@@ -218,7 +237,7 @@ def run_from_source(
         tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar,
     ):
         manifest = prepare(refs, out, config, workers=workers, executor=executor,
-                           progress=lambda done, total: bar.update(done - bar.n))  # fmt: skip
+                           progress=lambda done, total: bar.update(done - bar.n), stats=stats)  # fmt: skip
     counts = manifest["counts"]
     if counts["written"] == 0:  # shards without a face are no use to any later stage
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts["quarantine_reasons"].items()))

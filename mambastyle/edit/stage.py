@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +20,8 @@ from mambastyle.edit.core import Edit, apply_edits, fused_edits, render
 from mambastyle.edit.pipeline import EditError, EditJob, load_fuser_model, read_sources, run_edits, select
 from mambastyle.latents import LatentTable, LatentTableError
 from mambastyle.locks import writer_lock
-from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
+from mambastyle.runstats import STATS_NAME, RunStats
+from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 
 def edit_grid(
@@ -183,6 +185,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     from mambastyle.directions import save_direction
     from mambastyle.generate import resolve_generator
 
+    stats, t0 = RunStats("edit"), time.perf_counter()
     ep, gp = params.edit, params.generator
     options = params.storage.options()
     root = resolve(params.storage.root, options)
@@ -206,8 +209,14 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         from mambastyle.runtime import connect_ray
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
-    with writer_lock(params.storage.root, options, f"edit {job.metadata['run_id']}"):
+    stats.seconds["select_and_load"] = time.perf_counter() - t0
+    run = job.metadata["run_id"]
+    with writer_lock(params.storage.root, options, f"edit {run}"), stats.phase("render_and_commit"):
         manifest = run_edits(job, selection)
+    # inputs are selected rows; written counts their edited rows (one per edit and strength)
+    stats.inputs = stats.computed = selection.num_rows
+    stats.written = manifest["rows"]
+    write_bytes(root.join("edits", run, f"_{STATS_NAME}"), stats.to_json(), durable=False)
     shown = selection.slice(0, ep.grid_samples)
     model = sources = None
     if fuser_uri is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,8 +24,9 @@ import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
 from mambastyle.locks import writer_lock
+from mambastyle.runstats import STATS_NAME, RunStats
 from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
-from mambastyle.storage import Location, StorageOptions, read_bytes, resolve
+from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +275,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
 
+    stats, t0 = RunStats("invert"), time.perf_counter()
     options = params.storage.options()
     root = resolve(params.storage.root, options)
     manifest_bytes, manifest = read_manifest(root)
@@ -293,21 +296,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
                 "fuser": fuser_loc is not None}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
-    from mambastyle import __version__
-
-    measured = "lpips,mse,ssim" if lpips else ("mse,ssim" if ip.metrics else "none")
-    if ip.metrics and fuser_loc is not None:
-        measured += "".join(f",{m}_fuser" for m in measured.split(","))
-    metadata = {
-        "encoder_sha256": encoder_sha,
-        "encoder_uri": encoder_name,
-        "generator_sha256": generator_sha,
-        "shard_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-        "run_id": run,
-        "package_version": __version__,
-        "metrics": measured,
-        **({"fuser_sha256": encoder_sha, "fuser_uri": encoder_name} if fuser_loc is not None else {}),
-    }
+    metadata = _metadata(ip, lpips, fuser_loc, encoder_sha, encoder_name, generator_sha, manifest_bytes, run)
     if ray_connect:
         from mambastyle.runtime import connect_ray
 
@@ -324,9 +313,32 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
     sizes = {u: int(e["bytes"]) for u, e in zip(shard_uris, manifest["shards"], strict=True) if "bytes" in e}
     expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
-    with writer_lock(params.storage.root, options, f"invert {run}"):
+    stats.seconds["load"] = time.perf_counter() - t0
+    with writer_lock(params.storage.root, options, f"invert {run}"), stats.phase("infer_and_commit"):
         table_manifest = run_inversion(job, expected, shard_uris, sizes)
+    stats.inputs, stats.computed, stats.written = expected, table_manifest["rows"], table_manifest["rows"]
+    write_bytes(out.join(f"_{STATS_NAME}"), stats.to_json(), durable=False)
     return table_manifest, out
+
+
+def _metadata(ip, lpips, fuser_loc, encoder_sha: str, encoder_name: str, generator_sha: str,
+              manifest_bytes: bytes, run: str) -> dict[str, str]:  # fmt: skip
+    """The table's metadata: what made it (see ``latents``)."""
+    from mambastyle import __version__
+
+    measured = "lpips,mse,ssim" if lpips else ("mse,ssim" if ip.metrics else "none")
+    if ip.metrics and fuser_loc is not None:
+        measured += "".join(f",{m}_fuser" for m in measured.split(","))
+    return {
+        "encoder_sha256": encoder_sha,
+        "encoder_uri": encoder_name,
+        "generator_sha256": generator_sha,
+        "shard_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "run_id": run,
+        "package_version": __version__,
+        "metrics": measured,
+        **({"fuser_sha256": encoder_sha, "fuser_uri": encoder_name} if fuser_loc is not None else {}),
+    }
 
 
 def _checked_encoder(params, manifest_bytes: bytes) -> tuple[Location, str, Location | None, str, dict]:
