@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from mambastyle import __version__
 from mambastyle.errors import CheckpointError, InvalidConfig
 from mambastyle.locks import RootLocked
-from mambastyle.runstats import STATS_NAME
+from mambastyle.runstats import STATS_NAME, TABLE_STATS_NAME
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -323,7 +323,7 @@ def cmd_latents_invert(args: argparse.Namespace) -> int:
     except InvertError as exc:
         raise CliError(str(exc)) from None
     if args.json:
-        print(json.dumps(_stats(prefix.join(f"_{STATS_NAME}"))))
+        print(json.dumps(_stats(prefix.join(TABLE_STATS_NAME))))
         return 0
     print(f"{manifest['rows']} rows {manifest['splits']} -> {prefix.uri}")
     return 0
@@ -433,7 +433,7 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     m = result.manifest
     if args.json:
-        print(json.dumps(_stats(result.prefix.join(f"_{STATS_NAME}"))))
+        print(json.dumps(_stats(result.prefix.join(TABLE_STATS_NAME))))
     else:
         print(f"{m['rows']} edited rows ({m['selected']} selected x {len(result.edits)} edits), "
               f"{m['images']['count']} images -> {result.prefix.uri}")  # fmt: skip

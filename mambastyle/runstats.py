@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-STATS_NAME = "stats.json"
+STATS_NAME = "stats.json"  # beside the shards' manifest.json
+TABLE_STATS_NAME = "_stats.json"  # beside a table's _manifest.json (underscored like it: not a part)
 STATS_VERSION = 1
 
 

@@ -23,6 +23,7 @@ from mambastyle.edit.pipeline import EditError
 from mambastyle.edit.stage import edit_from_params
 from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
+from mambastyle.runstats import STATS_NAME, TABLE_STATS_NAME
 from mambastyle.stage import rounded, stage_main, write_metrics
 from mambastyle.storage import read_bytes
 from mambastyle.visual import save_png
@@ -73,7 +74,7 @@ def run(params: Params, local_out: Path, metrics: Path, invert_out: Path = Path(
     record["images"] = {k: v for k, v in record["images"].items() if k != "bytes"}  # PNG sizes vary by zlib
     (local_out / "manifest.json").write_text(json.dumps(rounded(record), indent=2, sort_keys=True) + "\n")
     (local_out / "metrics.json").write_text(json.dumps(rounded(summary), indent=2, sort_keys=True) + "\n")
-    (local_out / "stats.json").write_bytes(read_bytes(result.prefix.join("_stats.json")))  # for the report
+    (local_out / STATS_NAME).write_bytes(read_bytes(result.prefix.join(TABLE_STATS_NAME)))  # for the report
     write_metrics(metrics / "edit.json", {
         "counts": {k: summary[k] for k in ("selected", "rows", "images")},
         # per fitted direction: how far the attribute moves per unit of strength, and how well

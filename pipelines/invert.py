@@ -21,6 +21,7 @@ from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
 from mambastyle.invert.pipeline import InvertError, invert_from_params
 from mambastyle.latents import METRIC_COLUMNS, open_table
+from mambastyle.runstats import STATS_NAME, TABLE_STATS_NAME
 from mambastyle.stage import stage_main, write_metrics
 from mambastyle.storage import read_bytes
 
@@ -59,7 +60,7 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
     summary["table"] = record["table"]
     (local_out / "manifest.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     (local_out / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (local_out / "stats.json").write_bytes(read_bytes(prefix.join("_stats.json")))  # for the report
+    (local_out / STATS_NAME).write_bytes(read_bytes(prefix.join(TABLE_STATS_NAME)))  # for the report
     write_metrics(metrics / "invert.json", {
         "counts": {"rows": summary["rows"]},  # per split: the prepare stage's samples
     })  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 from mambastyle.config import Params
 from mambastyle.data.faces import PrepareConfig
 from mambastyle.data.prepare import run_from_source
+from mambastyle.runstats import STATS_NAME
 from mambastyle.stage import stage_main, write_metrics
 from mambastyle.storage import read_bytes
 
@@ -33,7 +34,7 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
     shards = out.join("shards")
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))
     (local_out / "quarantine.jsonl").write_bytes(read_bytes(shards.join("quarantine.jsonl")))
-    (local_out / "stats.json").write_bytes(read_bytes(shards.join("stats.json")))  # for the report
+    (local_out / STATS_NAME).write_bytes(read_bytes(shards.join(STATS_NAME)))  # for the report
     c = manifest["counts"]
     samples = {split: entry["samples"] for split, entry in sorted(manifest["splits"].items())}
     write_metrics(metrics / "prepare.json", {

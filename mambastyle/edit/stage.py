@@ -20,7 +20,7 @@ from mambastyle.edit.core import Edit, apply_edits, fused_edits, render
 from mambastyle.edit.pipeline import EditError, EditJob, load_fuser_model, read_sources, run_edits, select
 from mambastyle.latents import LatentTable, LatentTableError
 from mambastyle.locks import writer_lock
-from mambastyle.runstats import STATS_NAME, RunStats
+from mambastyle.runstats import TABLE_STATS_NAME, RunStats
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
 
@@ -216,7 +216,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     # inputs are selected rows; written counts their edited rows (one per edit and strength)
     stats.inputs = stats.computed = selection.num_rows
     stats.written = manifest["rows"]
-    write_bytes(root.join("edits", run, f"_{STATS_NAME}"), stats.to_json(), durable=False)
+    write_bytes(root.join("edits", run, TABLE_STATS_NAME), stats.to_json(), durable=False)
     shown = selection.slice(0, ep.grid_samples)
     model = sources = None
     if fuser_uri is not None:

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
 from mambastyle.locks import writer_lock
-from mambastyle.runstats import STATS_NAME, RunStats
+from mambastyle.runstats import TABLE_STATS_NAME, RunStats
 from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
 from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
 
@@ -317,7 +317,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     with writer_lock(params.storage.root, options, f"invert {run}"), stats.phase("infer_and_commit"):
         table_manifest = run_inversion(job, expected, shard_uris, sizes)
     stats.inputs, stats.computed, stats.written = expected, table_manifest["rows"], table_manifest["rows"]
-    write_bytes(out.join(f"_{STATS_NAME}"), stats.to_json(), durable=False)
+    write_bytes(out.join(TABLE_STATS_NAME), stats.to_json(), durable=False)
     return table_manifest, out
 
 
