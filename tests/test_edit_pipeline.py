@@ -27,6 +27,7 @@ from mambastyle.latents import (
     table_metadata,
     write_part,
 )
+from mambastyle.runstats import TABLE_STATS_NAME
 from mambastyle.storage import StorageOptions, list_files, resolve
 
 SPLITS = {"train": 300, "test": 6}
@@ -163,7 +164,8 @@ def test_edits_are_complete_exact_at_zero_monotonic_and_rerun_idempotently(rng, 
         (r["key"], r["edit"], r["strength"], r["w_plus"]) for r in rows
     )
     listed = {prefix.join(x["path"]).path for x in again.manifest["parts"] + again.manifest["shards"]}
-    assert set(list_files(prefix)) == listed | {prefix.join("_manifest.json").path}
+    own = {prefix.join(n).path for n in ("_manifest.json", TABLE_STATS_NAME)}
+    assert set(list_files(prefix)) == listed | own
     # SQL over the edits table (opened again: the re-run replaced the files the first handle read)
     t = open_table(prefix.uri, fmt=EDITS_FORMAT)
     n = t.query("SELECT count(*) AS n FROM edits WHERE edit = 'yaw' AND strength > 0").column("n")[0].as_py()

@@ -20,6 +20,7 @@ from mambastyle.invert.pipeline import InvertError, default_actors, invert_from_
 from mambastyle.latents import open_table
 from mambastyle.models.encoders import build_encoder
 from mambastyle.models.inversion import invert_batch
+from mambastyle.runstats import TABLE_STATS_NAME
 from mambastyle.storage import StorageOptions, list_files, resolve, write_bytes
 
 pytestmark = pytest.mark.slow
@@ -88,8 +89,9 @@ def test_table_is_complete_matches_the_core_and_reruns_idempotently(tmp_path, ra
     # Which write task gets which rows varies between runs, so part names may differ; but the
     # old parts are gone: the files present are exactly the new manifest's.
     listed = {prefix.join(part["path"]).path for part in manifest2["parts"]}
-    assert set(list_files(prefix)) == listed | {prefix.join("_manifest.json").path}
-    assert files and all(f.endswith((".parquet", "_manifest.json")) for f in files)
+    own = {prefix.join(n).path for n in ("_manifest.json", TABLE_STATS_NAME)}
+    assert set(list_files(prefix)) == listed | own
+    assert files and all(f.endswith((".parquet", "_manifest.json", TABLE_STATS_NAME)) for f in files)
 
 
 def test_default_actors_are_one_per_cpu_or_one_per_gpu(ray_local):
