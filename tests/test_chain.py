@@ -22,9 +22,6 @@ pytestmark = pytest.mark.slow
 STAGES = ("prepare", "train", "fuser", "invert", "evaluate", "edit")
 ALARM = re.compile(r"\bWARNING\b|\bERROR\b|^\[.* E \d+ ")  # Python logging, and glog's "E pid" lines
 OURS = re.compile(r" (mambastyle|pipelines)\.[\w.]+ (WARNING|ERROR) ")
-# Known and not yet fixed: Ray Data's "no available CPUs ... will hang" notice, which the edit
-# stage still prints now and then on this 2-CPU machine (the job does not hang).
-KNOWN = re.compile(r"The Dataset job will hang unless more CPUs are freed up")
 
 
 def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
@@ -46,11 +43,7 @@ def test_prepare_train_invert_evaluate_edit_on_s3(s3, tmp_path, repo):
         assert run.returncode == 0, f"{stage} failed:\n{run.stderr[-4000:]}"
         # quiet: warnings and errors only from the project's own loggers (about the user's data
         # or settings), none from Ray's machinery (authentication, restarts, resources)
-        alarms = [
-            line
-            for line in run.stderr.splitlines()
-            if ALARM.search(line) and not OURS.search(line) and not KNOWN.search(line)
-        ]
+        alarms = [line for line in run.stderr.splitlines() if ALARM.search(line) and not OURS.search(line)]
         assert not alarms, f"{stage}:\n" + "\n".join(alarms)
     options = StorageOptions(endpoint_url=endpoint)
     # every stage's data is on S3; the local records name it

@@ -305,7 +305,10 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
     # enough blocks to keep every actor busy, each a whole number of input batches
     per_block = max(1, min(n, -(-n // (4 * job.num_actors))))
     blocks = [selection.slice(i, per_block) for i in range(0, n, per_block)]
-    ds = ray.data.from_arrow(blocks)
+    # from_blocks reads the blocks' sizes here; from_arrow runs a remote task per block for them,
+    # whose CPUs the cluster's resource view may still count as busy when the job starts (Ray
+    # Data then warns that the job will hang).
+    ds = ray.data.from_blocks(blocks)
     ds = ds.map_batches(
         Editor,
         fn_constructor_kwargs={"job": job},
