@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import tempfile
@@ -40,7 +41,7 @@ META = {"encoder_sha256": "-", "generator_sha256": "-", "run_id": "bench"}
 
 
 def pipeline_vs_bare(args) -> None:
-    from train_helpers import write_shards  # the tests' shard writer: random images, real format
+    from helpers import write_shards  # the tests' shard writer: random images, real format
 
     from mambastyle.checkpoints import save_encoder
     from mambastyle.data.shards import manifest_shards
@@ -87,9 +88,9 @@ def pipeline_vs_bare(args) -> None:
                         num_actors=args.actors, cpus_per_actor=args.threads // args.actors, use_gpu=False,
                         row_group_size=1024, rows_per_file=100_000,
                         metadata=META)  # fmt: skip
-        urls = [s.uri for s in shards]
+        entries = json.loads((Path(tmp) / "shards" / "manifest.json").read_text())["shards"]
         t0 = time.perf_counter()
-        manifest = run_inversion(job, args.images, urls)
+        manifest = run_inversion(job, entries)
         whole = time.perf_counter() - t0
         assert manifest["rows"] == args.images
         ray.shutdown()

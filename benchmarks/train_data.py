@@ -49,7 +49,7 @@ def main() -> int:
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from train_helpers import write_shards  # the tests' shard writer: random images, real format
+    from helpers import write_shards  # the tests' shard writer: random images, real format
 
     p = load_params()
     train = dataclasses.replace(p.train, synthetic_ratio=0.0)

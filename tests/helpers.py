@@ -4,6 +4,7 @@ fake shards and latent tables. (Fixtures live in conftest.py.)"""
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -83,7 +84,8 @@ def write_shards(
             data = build_shard(samples)
             path = f"{split}/{split}-{index:06d}.tar"
             write_bytes(root.join("shards", path), data, durable=False)
-            entries.append({"path": path, "split": split, "samples": n, "bytes": len(data)})
+            entries.append({"path": path, "split": split, "samples": n, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
     manifest = {"version": 1, "shards": entries}
     write_bytes(root.join("shards", "manifest.json"), json.dumps(manifest).encode(), durable=False)
     return images

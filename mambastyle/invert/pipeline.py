@@ -6,27 +6,34 @@ metrics, generator loaded once per actor; GPUs when asked) running
 Parquet part per split (at least ``rows_per_file`` rows, explicit row groups) -> on the
 driver, a completeness check (every sample of the manifest exactly once) and the table's
 ``_manifest.json``, written last. The table's prefix is ``{root}/latents/{run}`` with
-``run`` derived from the inputs, and a re-run first withdraws the old manifest and parts,
-so it replaces, never appends.
+``run`` derived from the inputs (shard manifest, encoder, generator, settings, inversion code).
+
+Runs resume and grow incrementally (see :mod:`mambastyle.invert.resume`): a re-run withdraws
+the manifest, keeps the parts a killed run left, takes the rows of unchanged shards from an
+earlier table made the same way, and computes only the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import posixpath
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from mambastyle.latents import build_part, commit, part_metadata, schema, withdraw, write_part
+from mambastyle.invert import resume
+from mambastyle.latents import MANIFEST, build_part, commit, part_metadata, schema, write_part
 from mambastyle.locks import writer_lock
 from mambastyle.runstats import TABLE_STATS_NAME, RunStats
 from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
-from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
+from mambastyle.storage import Location, StorageOptions, delete, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,18 @@ class InvertJob:
     lpips_alexnet: str | None = None  # LPIPS backbone file (checked to exist by the caller)
     cpus_per_actor: int = 1  # CPU slots (and torch threads) per actor when not on a GPU
     fuser: str | None = None  # a fuser checkpoint: its encoder makes the codes, its fuser the *_fuser metrics
+    shards: dict = field(default_factory=dict)  # shard file name -> its shard manifest entry
+    skip: dict = field(default_factory=dict)  # shard file name -> keys a killed run already wrote
+
+
+@functools.cache
+def compute_hash() -> str:
+    """Hash of the code that turns a face into its row (the inversion and the models it runs),
+    so rows from other code are never reused."""
+    from mambastyle import __version__
+    from mambastyle.codegraph import source_hash
+
+    return source_hash("mambastyle.models.inversion", salt=__version__)
 
 
 def run_id(manifest: bytes, encoder_sha256: str, generator_sha256: str, settings: dict) -> str:
@@ -108,6 +127,16 @@ class Inverter:
         from mambastyle.models.inversion import invert_batch
 
         keys, urls = [str(k) for k in batch["__key__"]], [str(u) for u in batch["__url__"]]
+        if self.job.skip:  # rows a killed run already wrote are not computed again
+            skip = self.job.skip
+            done = [k in skip.get(posixpath.basename(u), ()) for k, u in zip(keys, urls, strict=True)]
+            if any(done):
+                keep = np.flatnonzero(~np.asarray(done))
+                batch = {name: (np.asarray(col, dtype=object) if isinstance(col, list) else col)[keep]
+                         for name, col in batch.items()}  # fmt: skip
+                keys, urls = [keys[i] for i in keep], [urls[i] for i in keep]
+                if not keys:
+                    return self.schema.empty_table().append_column("split", pa.array([], pa.string()))
         if batch["png"].dtype == object:  # undecoded (CPU actors decode their own, see run_inversion)
             from mambastyle.data.shards import decode_png
 
@@ -136,38 +165,61 @@ class Inverter:
 
 
 def write_parts(tables: Iterable[pa.Table], job: InvertJob, task: int) -> list[dict]:
-    """One write task: its rows as one Parquet part per split; returns what was written."""
+    """One write task: its rows as one Parquet part per shard (see :mod:`resume`); returns the
+    parts' manifest entries, each with its keys."""
     tables = list(tables)
     if not tables:
         return []
     table = pa.concat_tables(tables)
     prefix = resolve(job.out, job.options)
     written = []
-    splits = table.column("split").to_pylist()
-    for split in sorted(set(splits)):
-        idx = [i for i, s in enumerate(splits) if s == split]
-        part = table.take(pa.array(idx)).drop_columns(["split"])
-        path = f"split={split}/part-{task:05d}.parquet"
+    names = table.column("shard").to_pylist()
+    for name in sorted(set(names)):
+        shard = job.shards[name]
+        part = table.filter(pa.array([n == name for n in names])).drop_columns(["split"])
+        path = resume.part_path(shard["split"], shard["path"])
         write_part(part, prefix.join(path), job.row_group_size)
-        written.append({"path": path, "split": split, "rows": part.num_rows,
-                        "keys": part.column("key").to_pylist()})  # fmt: skip
+        written.append(resume.part_entry(path, shard, part.num_rows, keys=part.column("key").to_pylist()))
     return written
 
 
-def run_inversion(
-    job: InvertJob, expected_samples: int, shard_uris: list[str], shard_sizes: dict[str, int] | None = None
-) -> dict:
-    """Runs the Ray Data pipeline on the connected Ray and commits the table; returns its manifest.
+def run_inversion(job: InvertJob, shards: list[dict], stats: RunStats | None = None) -> dict:
+    """Computes what is missing of the table for ``shards`` (the shard manifest's entries) on the
+    connected Ray and commits it; returns its manifest. Staged and reusable rows are found
+    first (:func:`resume.plan`); ``stats`` (when given) gets the computed and reused counts."""
+    prefix = resolve(job.out, job.options)
+    delete(prefix.join(MANIFEST))  # readers trust only a manifest: none while parts change
+    if not shards:
+        raise InvertError("the shard manifest lists no shards")
+    try:
+        work = resume.plan(prefix, shards, job.metadata, job.row_group_size)
+    except ValueError as exc:
+        raise InvertError(str(exc)) from None
+    if work.staged or work.reused:
+        log.info("%d rows written by an interrupted run, %d reused from earlier tables, %d shards to read",
+                 work.staged_rows, work.reused_rows, len(work.todo))  # fmt: skip
+    computed = _infer(dataclasses.replace(job, shards={posixpath.basename(s["path"]): s for s in shards},
+                                          skip=work.skip), work.todo) if work.todo else []  # fmt: skip
+    parts = work.staged + work.reused + [{k: v for k, v in p.items() if k != "keys"} for p in computed]
+    keys = [k for p in computed for k in p["keys"]]
+    _check_complete(shards, parts, len(keys) + len(work.keys), len(set(keys) | work.keys))
+    if stats is not None:
+        stats.computed, stats.reused = len(keys), work.staged_rows + work.reused_rows
+    sources: dict[str, int] = {}
+    for p in work.reused:
+        sources[p["reused_from"]] = sources.get(p["reused_from"], 0) + p["rows"]
+    extra = {"reused": {"rows": work.reused_rows, "from": sources}, "resumed": work.staged_rows,
+             "computed": len(keys)}  # fmt: skip
+    manifest = commit(prefix, parts, part_metadata(prefix, parts), extra)
+    resume.clean(prefix, parts)
+    return manifest
 
-    ``shard_sizes`` (URI -> bytes, from the shard manifest) lets a failed run name the shard
-    that is missing or truncated.
-    """
+
+def _infer(job: InvertJob, todo: list[dict]) -> list[dict]:
+    """The Ray Data job over the shards in ``todo``: the written parts' entries, with keys."""
     import ray
 
-    prefix = resolve(job.out, job.options)
-    withdraw(prefix)
-    if not shard_uris:
-        raise InvertError("the shard manifest lists no shards")
+    shard_uris = [resolve(job.root, job.options).join("shards", s["path"]).uri for s in todo]
     fs = resolve(shard_uris[0], job.options).fs
     paths = [resolve(u, job.options).path for u in shard_uris]
     # Reading asks for no CPU of its own: with as many actors as CPUs (the usual CPU setup)
@@ -206,20 +258,27 @@ def run_inversion(
         # would otherwise wait for the last actor to shut down before writing anything.
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
     except Exception as exc:  # Ray wraps task errors: find out which shard, if any, is bad
-        bad = _damaged_shards(shard_uris, shard_sizes or {}, job.options)
+        sizes = {u: int(s["bytes"]) for u, s in zip(shard_uris, todo, strict=True) if "bytes" in s}
+        bad = _damaged_shards(shard_uris, sizes, job.options)
         where = f" (damaged shard: {', '.join(bad)})" if bad else ""
         raise InvertError(f"inversion failed{where}: {root_cause(exc)}") from exc
-    keys = [k for p in sink.results for k in p["keys"]]
-    if len(keys) != expected_samples or len(set(keys)) != len(keys):
-        dupes = len(keys) - len(set(keys))
+    return sink.results
+
+
+def _check_complete(shards: list[dict], parts: list[dict], n_keys: int, n_distinct: int) -> None:
+    """Every shard's rows are all there, once (the parts written now and found earlier)."""
+    rows: dict[str, int] = {}
+    for p in parts:
+        rows[p["shard"]] = rows.get(p["shard"], 0) + p["rows"]
+    short = [s["path"] for s in shards if rows.get(s["path"], 0) != int(s["samples"])]
+    expected = sum(int(s["samples"]) for s in shards)
+    if short or n_keys != n_distinct or sum(rows.values()) != expected:
         raise InvertError(
-            f"incomplete table: {len(set(keys))} distinct keys ({dupes} duplicates) for the "
-            f"{expected_samples} samples the shard manifest lists; nothing committed"
+            f"incomplete table: {sum(rows.values())} rows ({n_keys - n_distinct} repeated keys) for the "
+            f"{expected} samples the shard manifest lists"
+            + (f"; shards not matched: {', '.join(short[:5])}" if short else "")
+            + "; nothing committed"
         )
-    parts = [{k: v for k, v in p.items() if k != "keys"} for p in sink.results]
-    if not parts:
-        raise InvertError("no rows were written")
-    return commit(prefix, parts, part_metadata(prefix, parts))
 
 
 def default_actors(use_gpu: bool) -> int:
@@ -293,10 +352,14 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     generator_sha = state_sha256(g)
     lpips = _lpips_weights(ip, options)
     settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity(),
-                "fuser": fuser_loc is not None}  # fmt: skip
+                "fuser": fuser_loc is not None, "code": compute_hash()}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
     metadata = _metadata(ip, lpips, fuser_loc, encoder_sha, encoder_name, generator_sha, manifest_bytes, run)
+    # what makes a row from a face; equal for two tables -> rows of one shard are interchangeable
+    metadata["compute_sha256"] = hashlib.sha256(
+        f"{encoder_sha}/{generator_sha}/{json.dumps(settings, sort_keys=True)}".encode()
+    ).hexdigest()
     if ray_connect:
         from mambastyle.runtime import connect_ray
 
@@ -310,13 +373,11 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         lpips_alexnet=lpips,
         fuser=None if fuser_loc is None else fuser_loc.uri,
     )  # fmt: skip
-    shard_uris = [root.join("shards", e["path"]).uri for e in manifest["shards"]]
-    sizes = {u: int(e["bytes"]) for u, e in zip(shard_uris, manifest["shards"], strict=True) if "bytes" in e}
-    expected = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
     stats.seconds["load"] = time.perf_counter() - t0
     with writer_lock(params.storage.root, options, f"invert {run}"), stats.phase("infer_and_commit"):
-        table_manifest = run_inversion(job, expected, shard_uris, sizes)
-    stats.inputs, stats.computed, stats.written = expected, table_manifest["rows"], table_manifest["rows"]
+        table_manifest = run_inversion(job, manifest["shards"], stats)
+    stats.inputs = sum(int(e["samples"]) for e in manifest["shards"])  # what the listed shards hold
+    stats.written = table_manifest["rows"]
     write_bytes(out.join(TABLE_STATS_NAME), stats.to_json(), durable=False)
     return table_manifest, out
 
