@@ -87,8 +87,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
             box = ref.box or (int(lo[0]), int(lo[1]), int(np.ceil(hi[0])), int(np.ceil(hi[1])))
             faces = [Face(box, float("nan"), lm)]
         else:
-            found = detect_faces(pixels, upsample=config.upsample)
-            faces = [f for f in found if f.score >= config.min_score]
+            faces = detect_faces(pixels, upsample=config.upsample, min_score=config.min_score)
         if not faces:
             raise InputRejected("no_face", f"no face detected with score >= {config.min_score}")
         big = [f for f in faces if f.size >= config.min_face_size]
