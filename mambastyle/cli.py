@@ -208,7 +208,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     try:
         manifest, out = run_from_source(args.input or p.source, args.output or st.root, config, st.options(),
                                         args.workers or p.workers, p.executor, params.ray.address,
-                                        params.ray.num_cpus)  # fmt: skip
+                                        params.ray.num_cpus, args.mode or p.mode)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -525,6 +525,9 @@ def _data_commands(nouns) -> None:
     p.add_argument("--size", type=int, help="aligned crop side (default: prepare.output_size)")
     p.add_argument("--multi-face", choices=["largest", "each", "reject"], help="default: prepare.multi_face")
     p.add_argument("--workers", type=int, help="local processes (default: prepare.workers)")
+    p.add_argument("--mode", choices=["sync", "extend"],
+                   help="over existing shards, only new inputs are processed; removed ones leave the "
+                        "shards (sync) or stay (extend) (default: prepare.mode)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the run's statistics as one JSON object")
     p.set_defaults(func=cmd_data_prepare)
     p = verbs.add_parser("verify", help="re-hash shards against their manifest")

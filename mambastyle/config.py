@@ -137,6 +137,9 @@ class PrepareParams:
     split: SplitParams
     workers: int
     executor: Literal["processes", "ray"]
+    # over an existing dataset: only new inputs are processed, into appended shards; inputs that
+    # left the source leave the shards (sync) or stay (extend)
+    mode: Literal["sync", "extend"]
 
     def __post_init__(self) -> None:
         if self.output_size < 8 or self.output_size & (self.output_size - 1):

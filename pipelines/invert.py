@@ -51,10 +51,10 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
                 entry[metric] = float(f"{math.fsum(values) / len(values):.6g}")
         summary["splits"][split] = entry
     local_out.mkdir(parents=True, exist_ok=True)
-    # The local record leaves out the part list: part names follow Ray's grouping of rows into
-    # write tasks, which varies between runs (the table's own _manifest.json lists them).
-    record = {k: v for k, v in manifest.items() if k != "parts"}
-    record["parts"] = len(manifest["parts"])
+    # The local record leaves out what varies between runs of the same inputs: the parts (how
+    # Ray groups rows into write tasks) and how many rows were computed, resumed or reused
+    # (stats.json tells); the table's own _manifest.json has them all.
+    record = {k: v for k, v in manifest.items() if k not in ("parts", "computed", "resumed", "reused")}
     # the table URI as the params name it, so the record is the same in any checkout
     record["table"] = f"{params.storage.root.rstrip('/')}/latents/{summary['run']}"
     summary["table"] = record["table"]

@@ -29,7 +29,7 @@ def run(params: Params, local_out: Path, metrics: Path) -> dict:
     t0 = time.perf_counter()
     config = PrepareConfig.from_params(pp)
     manifest, out = run_from_source(pp.source, storage.root, config, storage.options(),
-                                    pp.workers, pp.executor, ray.address, ray.num_cpus)  # fmt: skip
+                                    pp.workers, pp.executor, ray.address, ray.num_cpus, pp.mode)  # fmt: skip
     local_out.mkdir(parents=True, exist_ok=True)
     shards = out.join("shards")
     (local_out / "manifest.json").write_bytes(read_bytes(shards.join("manifest.json")))

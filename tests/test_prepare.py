@@ -186,32 +186,52 @@ def test_ray_data_reads_the_shards_from_s3(s3, tmp_path):
     assert all(r["png"].shape == (32, 32, 3) for r in rows)
 
 
-def test_interrupted_run_exposes_no_manifest_and_rerun_is_identical(demo_run, tmp_path, monkeypatch):
+def test_interrupted_runs_leave_a_valid_dataset_or_none_and_reruns_are_identical(
+    demo_run, tmp_path, monkeypatch
+):
     import mambastyle.data.prepare as prep
     import mambastyle.data.shards as shards
 
     out, manifest = demo_run
-    target = tmp_path / "interrupted"
-    prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)  # a committed earlier run
+    refs = sorted(demo_inputs(), key=lambda r: r.key)
     real_write = prep.write_bytes
-    written = []
 
-    def crash_after_first_shard(loc, data, **kwargs):
-        if loc.path.endswith(".tar") and written:
-            raise KeyboardInterrupt("simulated kill")
-        written.append(loc.path)
-        real_write(loc, data, **kwargs)
+    def interrupted(target, inputs) -> None:
+        written = []
 
-    for module in (prep, shards):  # saved work units and shards
-        monkeypatch.setattr(module, "write_bytes", crash_after_first_shard)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
+        def crash_after_first_shard(loc, data, **kwargs):
+            if loc.path.endswith(".tar") and written:
+                raise KeyboardInterrupt("simulated kill")
+            written.append(loc.path)
+            real_write(loc, data, **kwargs)
+
+        for module in (prep, shards):  # saved work units and shards
+            monkeypatch.setattr(module, "write_bytes", crash_after_first_shard)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(inputs, resolve(str(target)), CONFIG, workers=1)
+        for module in (prep, shards):
+            monkeypatch.setattr(module, "write_bytes", real_write)
+
+    # a full run over an earlier one made with other settings: no manifest while shards change
+    target = tmp_path / "interrupted"
+    prepare(refs, resolve(str(target)), dataclasses.replace(CONFIG, output_size=16), workers=1)
+    interrupted(target, refs)
     assert not (target / "shards" / "manifest.json").exists()  # nothing half-done is committed
-    for module in (prep, shards):
-        monkeypatch.setattr(module, "write_bytes", real_write)
-    again = prepare(demo_inputs(), resolve(str(target)), CONFIG, workers=1)
+    again = prepare(refs, resolve(str(target)), CONFIG, workers=1)
     assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in manifest["shards"]]
     assert verify(resolve(str(target))) == []
+    # an incremental run: the earlier dataset stays committed and valid throughout
+    grown = tmp_path / "grown"
+    prepare(refs[:-8], resolve(str(grown)), CONFIG, workers=1)
+    before = (grown / "shards" / "manifest.json").read_bytes()
+    interrupted(grown, refs)
+    assert (grown / "shards" / "manifest.json").read_bytes() == before and verify(resolve(str(grown))) == []
+    after = prepare(refs, resolve(str(grown)), CONFIG, workers=1)
+    reference = tmp_path / "reference"  # the same growth, uninterrupted
+    prepare(refs[:-8], resolve(str(reference)), CONFIG, workers=1)
+    assert prepare(refs, resolve(str(reference)), CONFIG, workers=1) == after
+    tars = {p.name for p in (grown / "shards").rglob("*.tar")}
+    assert tars == {e["path"].split("/")[1] for e in after["shards"]}
 
 
 def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
@@ -484,3 +504,74 @@ def test_encode_png_decodes_to_the_same_pixels_at_every_level(rng, monkeypatch):
             images.encode_png(bad)
     with pytest.raises(ValueError, match="level"):
         images.encode_png(rgb, 10)
+
+
+def _samples(root) -> dict[str, bytes]:
+    """{sample key: PNG bytes} over the shards the manifest under ``root`` lists."""
+    from mambastyle.data.shards import read_samples
+
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    loc = resolve(str(root / "shards"))
+    return {s.key: s.png for e in manifest["shards"] for s in read_samples(loc.join(e["path"]))}
+
+
+def _files(root, manifest) -> dict[str, bytes]:
+    return {e["path"]: (root / "shards" / e["path"]).read_bytes() for e in manifest["shards"]}
+
+
+def test_extend_and_sync_process_new_inputs_only_and_keep_unchanged_shards(demo_run, tmp_path):
+    from mambastyle.runstats import RunStats
+
+    full_out, full = demo_run
+    refs = sorted(demo_inputs(), key=lambda r: r.key)
+    late = [r for r in refs if r.uri.startswith("demo://grace_hopper/")][:3] + [
+        r for r in refs if r.uri == "demo://bad/cat.jpg"
+    ]
+    early = [r for r in refs if r not in late]
+    root = tmp_path / "data"
+    first = prepare(early, resolve(str(root)), CONFIG, workers=2)
+    assert first["counts"]["inputs"] == len(early)
+    before = _files(root, first)
+    # new photos arrive: only they are processed, into shards after the existing ones
+    stats = RunStats("prepare")
+    grown = prepare(refs, resolve(str(root)), CONFIG, workers=2, stats=stats, mode="extend")
+    assert (stats.inputs, stats.computed, stats.reused) == (len(refs), len(late), len(early))
+    assert {k: v for k, v in _files(root, grown).items() if k in before} == before  # byte-identical
+    new_paths = [e["path"] for e in grown["shards"] if e["path"] not in before]
+    assert new_paths and all(
+        int(p[-10:-4]) > max(int(q[-10:-4]) for q in before if q.split("/")[0] == p.split("/")[0])
+        for p in new_paths if any(q.split("/")[0] == p.split("/")[0] for q in before)
+    )  # fmt: skip
+    c = grown["counts"]
+    assert c == full["counts"]  # the same dataset as one run over everything, counted the same
+    assert _samples(root) == _samples(full_out)  # same faces, same bytes, same keys (splits follow keys)
+    # sync: inputs that left the source leave the dataset; only the shards holding them change
+    gone = [r for r in refs if r.uri in ("demo://bad/coffee.jpg", "demo://grace_hopper/original.jpg")]
+    gone += [r for r in late if r.uri != "demo://bad/cat.jpg"][:1]
+    gone = list({r.key: r for r in gone}.values())
+    kept = [r for r in refs if r not in gone]
+    before = _files(root, grown)
+    stats = RunStats("prepare")
+    synced = prepare(kept, resolve(str(root)), CONFIG, workers=2, stats=stats, mode="sync")
+    assert (stats.inputs, stats.computed, stats.reused) == (len(kept), 0, len(kept))
+    c = synced["counts"]
+    assert c["inputs"] == len(kept) == c["written"] + c["quarantined"]
+    assert c["quarantined"] == full["counts"]["quarantined"] - 1 and "coffee" not in json.dumps(
+        read_jsonl(root / "shards" / "quarantine.jsonl")
+    )
+    faces = _samples(root)
+    assert set(faces) == {k for k in _samples(full_out)} - {r.key for r in gone}
+    after = _files(root, synced)
+    holders = {e["path"] for e in grown["shards"] if {r.key for r in gone} & set(e["inputs"])}
+    assert holders and not holders & set(after)  # what else they held moved to appended shards
+    unchanged = [p for p in before if p not in holders]
+    assert {p: after[p] for p in unchanged} == {p: before[p] for p in unchanged}
+    assert {p.name for p in (root / "shards").rglob("*.tar")} == {p.rsplit("/", 1)[1] for p in after}
+    # extend over a smaller source keeps everything; nothing is processed
+    stats = RunStats("prepare")
+    extended = prepare(kept[:5], resolve(str(root)), CONFIG, workers=2, stats=stats, mode="extend")
+    assert stats.computed == 0 and extended["counts"] == synced["counts"] and _files(root, extended) == after
+    # other settings: every input is processed again
+    stats = RunStats("prepare")
+    prepare(kept, resolve(str(root)), dataclasses.replace(CONFIG, output_size=16), workers=2, stats=stats)
+    assert stats.computed == len(kept)

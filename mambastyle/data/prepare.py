@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
@@ -26,17 +27,22 @@ from mambastyle.data.executors import Executor, isolated, run_inputs
 from mambastyle.data.faces import Outcome, PrepareConfig
 from mambastyle.data.inputs import InputRef, ffhq_inputs, list_inputs
 from mambastyle.data.shards import (
+    SPLITS,
     Sample,
+    ShardError,
     ShardWriter,
     build_manifest,
     commit,
+    read_samples,
     sample_members,
+    shard_path,
     tar_chunks,
     withdraw,
+    write_shard,
 )
 from mambastyle.locks import writer_lock
 from mambastyle.runstats import STATS_NAME, RunStats
-from mambastyle.storage import Location, StorageOptions, exists, read_bytes, resolve, write_bytes
+from mambastyle.storage import Location, StorageOptions, exists, list_files, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +110,9 @@ def _load_unit(loc: Location) -> list[Outcome] | None:
         return None  # missing or unusable: the unit is recomputed
 
 
+MODES = ("sync", "extend")
+
+
 def prepare(
     refs: list[InputRef],
     out: Location,
@@ -112,12 +121,22 @@ def prepare(
     progress: Callable[[int, int], None] | None = None,
     executor: Executor = "processes",
     stats: RunStats | None = None,
+    mode: str = "sync",
 ) -> dict:
     """Runs the stage over ``refs`` and publishes shards, quarantine and manifest under ``out/shards``.
+
+    Where the shards already hold a dataset made with the same settings and code, the run is
+    incremental: only inputs whose key is new are processed, into new shards appended after
+    the existing ones, which stay byte-identical. ``mode`` says what happens to inputs that
+    left the source: ``sync`` removes their faces (what else a shard holding them held is
+    written as a new shard, and the old one deleted), ``extend`` keeps them. Otherwise every
+    input is processed.
 
     Returns the manifest (also written, last, to ``out/shards/manifest.json``); the run's
     statistics go to ``stats`` (when given) and, after the commit, to ``out/shards/stats.json``.
     """
+    if mode not in MODES:
+        raise ValueError(f"prepare mode must be one of {MODES}, got {mode!r}")
     stats = stats or RunStats("prepare")
     stats.inputs = len(refs)
     keys = [r.key for r in refs]
@@ -128,30 +147,125 @@ def prepare(
     # so shards are written as soon as they fill and only one per split is held in memory.
     refs = sorted(refs, key=lambda r: r.key)
     shards_root = out.join("shards")
-    writer = ShardWriter(shards_root, config.shard_max_samples, config.shard_max_bytes)
-    quarantine: list[dict] = []
-    outcomes = _outcomes(refs, shards_root.join("_work"), config, workers, executor, progress, stats)
-    # Withdraw the previous commit point before touching any shard it lists: readers trust
-    # only a manifest, so while shards are being replaced there is none.
-    withdraw(shards_root)
+    entries, quarantine = _base(shards_root, config)
+    known = {k for e in entries for k in e["inputs"]} | {q["key"] for q in quarantine}
+    todo = [r for r in refs if r.key not in known]
+    removed = known - set(keys) if mode == "sync" else set()
+    stats.reused += len(refs) - len(todo)
+    if known:
+        log.info("incremental (%s): %d new inputs, %d unchanged, %d removed", mode, len(todo),
+                 len(refs) - len(todo), len(removed))  # fmt: skip
+    start = _next_index(entries)
+    outcomes = _outcomes(todo, shards_root.join("_work"), config, workers, executor, progress, stats)
+    if not known:
+        # A full run writes shards at the paths a previous manifest may list: withdraw that
+        # commit point first (readers trust only a manifest, so while shards are replaced there
+        # is none). An incremental run writes new paths only, and the old manifest stays valid
+        # until the new one replaces it: a run killed midway leaves the dataset as it was.
+        withdraw(shards_root)
     with stats.phase("process_and_write"):
-        for outcome in outcomes:
+        entries = _without(shards_root, entries, removed, start)
+        writer = ShardWriter(shards_root, config.shard_max_samples, config.shard_max_bytes, start)
+        quarantine = [q for q in quarantine if q["key"] not in removed]
+        for ref, outcome in zip(todo, outcomes, strict=True):
             if outcome.reason:
-                quarantine.append(
-                    {"source": outcome.uri, "reason": outcome.reason, "message": outcome.message}
-                )
+                record = {"source": outcome.uri, "key": ref.key, "reason": outcome.reason}
+                quarantine.append(record | {"message": outcome.message})
                 stats.quarantined[outcome.reason] = stats.quarantined.get(outcome.reason, 0) + 1
             for sample in outcome.samples:
-                writer.add(sample)
-        entries = writer.close()
+                writer.add(sample, ref.key)
+        entries = sorted(entries + writer.close(), key=lambda e: (SPLITS.index(e["split"]), e["path"]))
     with stats.phase("commit"):
+        inputs = len(known - removed) + len(todo)
         manifest = build_manifest(
-            dataclasses.asdict(config), config.params_hash(), __version__, len(refs), quarantine, entries
+            dataclasses.asdict(config), config.params_hash(), __version__, inputs, quarantine, entries
         )
+        manifest["code_sha256"] = _code_hash()
         commit(shards_root, manifest, quarantine)
     stats.written = manifest["counts"]["written"]
     write_bytes(shards_root.join(STATS_NAME), stats.to_json(), durable=False)
     return manifest
+
+
+def _base(shards_root: Location, config: PrepareConfig) -> tuple[list[dict], list[dict]]:
+    """The committed dataset an incremental run builds on: (its shard entries, its quarantine
+    records), or nothing when there is none or it was made with other settings or code, lacks
+    the per-shard input lists, or a shard it lists is missing or of another size."""
+    try:
+        manifest = json.loads(read_bytes(shards_root.join("manifest.json")))
+    except (FileNotFoundError, ValueError):
+        return [], []
+    why = None
+    if manifest.get("params_hash") != config.params_hash():
+        why = "the prepare settings changed"
+    elif manifest.get("code_sha256") != _code_hash():
+        why = "the alignment code changed"
+    else:
+        sizes = {posixpath.relpath(p, shards_root.path): None for p in list_files(shards_root)}
+        for entry in manifest.get("shards", []):
+            if "inputs" not in entry or entry["path"] not in sizes:
+                why = f"shard {entry['path']} is missing or has no input list"
+                break
+    quarantine = []
+    if why is None:
+        try:
+            text = read_bytes(shards_root.join("quarantine.jsonl")).decode()
+            quarantine = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (FileNotFoundError, ValueError):
+            why = "its quarantine list is unreadable"
+        if any("key" not in q for q in quarantine):
+            why = "its quarantine list has no input keys"
+    if why is not None:
+        log.info("processing every input: %s since %s", why, shards_root.join("manifest.json").uri)
+        return [], []
+    return list(manifest["shards"]), quarantine
+
+
+def _next_index(entries: list[dict]) -> dict[str, int]:
+    """Per split, the index after the highest shard index in ``entries``."""
+    nxt: dict[str, int] = {}
+    for e in entries:
+        index = int(posixpath.basename(e["path"]).removesuffix(".tar").rsplit("-", 1)[1])
+        nxt[e["split"]] = max(nxt.get(e["split"], 0), index + 1)
+    return nxt
+
+
+def _without(
+    shards_root: Location, entries: list[dict], removed: set[str], start: dict[str, int]
+) -> list[dict]:
+    """``entries`` with the faces of the ``removed`` inputs taken out: the rest of a shard that
+    held some is written as a new shard (the next index of its split, counted in ``start``),
+    so no listed shard changes before the commit; the commit deletes the old files. The other
+    entries stay as they are."""
+    if not removed:
+        return entries
+    kept = []
+    for entry in entries:
+        gone = removed.intersection(entry["inputs"])
+        if not gone:
+            kept.append(entry)
+            continue
+        inputs = set(entry["inputs"])
+        samples = read_samples(shards_root.join(entry["path"]))
+        samples = [s for s in samples if _input_of(s.key, inputs) not in gone]
+        if samples:
+            split = entry["split"]
+            path = shard_path(split, start.get(split, 0))
+            start[split] = start.get(split, 0) + 1
+            size, sha256 = write_shard(shards_root.join(path), samples)
+            kept.append({**entry, "path": path, "samples": len(samples), "bytes": size, "sha256": sha256,
+                         "inputs": sorted(inputs - gone)})  # fmt: skip
+    return kept
+
+
+def _input_of(sample_key: str, inputs: set[str]) -> str:
+    """Which of a shard's ``inputs`` a sample key comes from (``multi_face: each`` adds ``_f{i}``)."""
+    if sample_key in inputs:
+        return sample_key
+    base, _, index = sample_key.rpartition("_f")
+    if base in inputs and index.isdigit():
+        return base
+    raise ShardError(f"sample {sample_key!r} comes from none of its shard's listed inputs")
 
 
 def _outcomes(
@@ -214,6 +328,7 @@ def run_from_source(
     executor: Executor = "processes",
     ray_address: str | None = None,
     ray_cpus: int | None = None,
+    mode: str = "sync",
 ) -> tuple[dict, Location]:
     """The whole stage from a source URI to shards under ``root``, with a progress bar on stderr.
 
@@ -237,7 +352,8 @@ def run_from_source(
         tqdm(total=len(refs), desc="prepare", unit="img", file=sys.stderr, disable=None) as bar,
     ):
         manifest = prepare(refs, out, config, workers=workers, executor=executor,
-                           progress=lambda done, total: bar.update(done - bar.n), stats=stats)  # fmt: skip
+                           progress=lambda done, total: bar.update(done - bar.n), stats=stats,
+                           mode=mode)  # fmt: skip
     counts = manifest["counts"]
     if counts["written"] == 0:  # shards without a face are no use to any later stage
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counts["quarantine_reasons"].items()))

@@ -117,31 +117,40 @@ def _sha256(pieces: list[bytes]) -> str:
     return digest.hexdigest()
 
 
+def shard_path(split: str, index: int) -> str:
+    """A shard's path below ``shards/``."""
+    return f"{split}/{split}-{index:06d}.tar"
+
+
 class ShardWriter:
     """Packs samples into ``{split}/{split}-{index:06d}.tar`` shards as they arrive (in order),
-    publishing each shard when the next sample would exceed its sample or byte limit."""
+    publishing each shard when the next sample would exceed its sample or byte limit. Indices
+    start at ``start[split]`` (0 by default: an incremental run appends after the last shard).
+    Each entry lists the keys of the inputs its samples came from (``inputs``)."""
 
-    def __init__(self, shards_root: Location, max_samples: int, max_bytes: int):
+    def __init__(self, shards_root: Location, max_samples: int, max_bytes: int, start: dict | None = None):
         self.root, self.max_samples, self.max_bytes = shards_root, max_samples, max_bytes
         self.pending: dict[str, list[Sample]] = {split: [] for split in SPLITS}
+        self.inputs: dict[str, set[str]] = {split: set() for split in SPLITS}
         self.size: dict[str, int] = dict.fromkeys(SPLITS, 0)
-        self.index: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.index: dict[str, int] = {split: (start or {}).get(split, 0) for split in SPLITS}
         self.entries: list[dict] = []
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample, input_key: str) -> None:
         split, nbytes = sample.split, len(sample.png) + 2048  # png + json + tar headers, roughly
         full = len(self.pending[split]) >= self.max_samples
         if self.pending[split] and (full or self.size[split] + nbytes > self.max_bytes):
             self._flush(split)
         self.pending[split].append(sample)
+        self.inputs[split].add(input_key)
         self.size[split] += nbytes
 
     def _flush(self, split: str) -> None:
-        path = f"{split}/{split}-{self.index[split]:06d}.tar"
+        path = shard_path(split, self.index[split])
         size, sha256 = write_shard(self.root.join(path), self.pending[split])
-        self.entries.append({"path": path, "split": split, "samples": len(self.pending[split]),
-                             "bytes": size, "sha256": sha256})  # fmt: skip
-        self.pending[split], self.size[split] = [], 0
+        self.entries.append({"path": path, "split": split, "samples": len(self.pending[split]), "bytes": size,
+                             "sha256": sha256, "inputs": sorted(self.inputs[split])})  # fmt: skip
+        self.pending[split], self.size[split], self.inputs[split] = [], 0, set()
         self.index[split] += 1
 
     def close(self) -> list[dict]:
@@ -294,6 +303,24 @@ def read_shard(uri: str, options: StorageOptions | None = None) -> Iterator[tupl
                 yield done
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ShardError(f"{uri}: corrupt shard ({exc})") from None
+
+
+def read_samples(loc: Location) -> list[Sample]:
+    """Every sample of one shard with its metadata, in order (for rewriting the shard)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(read_bytes(loc)), mode="r:") as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # memory only
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ShardError(f"{loc.uri}: corrupt shard ({exc})") from None
+    samples = []
+    for name in files:
+        if name.endswith(".png"):
+            key = name[: -len(".png")]
+            meta_json = files.get(f"{key}.json")
+            if meta_json is None:
+                raise ShardError(f"{loc.uri}: sample {key!r} has no .json member")
+            samples.append(Sample(key, json.loads(meta_json)["split"], files[name], meta_json))
+    return samples
 
 
 def decode_png(data: bytes, where: str) -> torch.Tensor:  # noqa: F821 (imported inside)
