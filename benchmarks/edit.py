@@ -36,7 +36,6 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import pyarrow as pa
     import ray
 
     from mambastyle.config import load_params
@@ -44,7 +43,8 @@ def main() -> int:
     from mambastyle.edit.core import Edit, apply_edits
     from mambastyle.edit.pipeline import EditJob, run_edits
     from mambastyle.generate import resolve_generator
-    from mambastyle.storage import StorageOptions
+    from mambastyle.latents import build_part, commit, open_table, schema, table_metadata, write_part
+    from mambastyle.storage import StorageOptions, resolve
 
     gp = load_params().generator
     arch = dataclasses.replace(gp.architecture, resolution=args.resolution, style_dim=args.style_dim,
@@ -77,17 +77,23 @@ def main() -> int:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
-        selection = pa.table({
+        prefix = resolve(f"{tmp}/latents/bench")
+        part_schema = schema(g.n_styles, args.style_dim, META)
+        rows = {
             "key": [f"k{i:06d}" for i in range(args.rows)],
-            "split": ["test"] * args.rows,
-            "w_plus": pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1)), g.n_styles * args.style_dim),
-        })  # fmt: skip
+            "shard": ["bench.tar"] * args.rows,
+            "w_plus": w,
+        }
+        write_part(build_part(rows, part_schema), prefix.join("split=test/part-0.parquet"), 1024)
+        commit(prefix, [{"path": "split=test/part-0.parquet", "split": "test", "rows": args.rows}],
+               table_metadata(part_schema))  # fmt: skip
         job = EditJob(out=f"{tmp}/edits", options=StorageOptions(), generator=gp, edits=(edit,),
                       shape=(g.n_styles, args.style_dim), batch_size=args.batch_size, num_actors=1,
                       use_gpu=False, output=args.output, images_per_shard=1000, row_group_size=1024,
-                      rows_per_file=100_000, metadata=META, cpus_per_actor=args.threads)  # fmt: skip
+                      rows_per_file=100_000, metadata=META, cpus_per_actor=args.threads,
+                      table=prefix.uri, where="true")  # fmt: skip
         t0 = time.perf_counter()
-        manifest = run_edits(job, selection)
+        manifest = run_edits(job, open_table(prefix.uri))
         whole = time.perf_counter() - t0
         assert manifest["rows"] == n_images
     ray.shutdown()

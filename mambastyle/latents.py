@@ -267,16 +267,32 @@ class LatentTable:
         finally:
             con.close()
 
-    def select(self, where: str, columns: list[str], order: list[str]) -> pa.Table:
+    def select(self, where: str, columns: list[str], order: list[str], limit: int | None = None) -> pa.Table:
         """``columns`` of the rows that ``where`` (one boolean SQL expression over the table's
-        columns) selects, sorted by ``order``; the condition pushes down to the Parquet scan."""
+        columns) selects, sorted by ``order`` (the first ``limit``); the condition pushes down
+        to the Parquet scan."""
         import duckdb
 
         con = self.duckdb()
         try:
             cond = where_clause(con, self.name, where)
             sql = f"SELECT {', '.join(columns)} FROM {self.name} WHERE {cond} ORDER BY {', '.join(order)}"
+            if limit is not None:
+                sql += f" LIMIT {int(limit)}"
             return con.sql(sql).to_arrow_table()
+        except duckdb.Error as exc:
+            raise LatentTableError(f"SQL error: {exc}") from None
+        finally:
+            con.close()
+
+    def count(self, where: str) -> int:
+        """How many rows ``where`` selects (reads only the columns the condition names)."""
+        import duckdb
+
+        con = self.duckdb()
+        try:
+            cond = where_clause(con, self.name, where)
+            return int(con.sql(f"SELECT count(*) FROM {self.name} WHERE {cond}").fetchall()[0][0])
         except duckdb.Error as exc:
             raise LatentTableError(f"SQL error: {exc}") from None
         finally:

@@ -67,7 +67,10 @@ def run(params: Params, local_out: Path, metrics: Path, invert_out: Path = Path(
     local_out.mkdir(parents=True, exist_ok=True)
     # Part and shard names follow Ray's grouping of rows into write tasks, which varies between
     # runs: the record keeps their counts (the table's own _manifest.json lists them).
-    record = {k: v for k, v in manifest.items() if k not in ("parts", "shards")}
+    # (and how many rows were computed, resumed or reused: stats.json tells)
+    record = {
+        k: v for k, v in manifest.items() if k not in ("parts", "shards", "computed", "resumed", "reused")
+    }
     record["parts"], record["shards"] = len(manifest["parts"]), len(manifest["shards"])
     record["table"] = summary["table"]
     record["metadata"] = {k: v for k, v in record["metadata"].items() if k != "edits"}  # listed below

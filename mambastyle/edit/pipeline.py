@@ -1,14 +1,15 @@
 """Bulk edits on Ray Data: selected rows of a latent table -> edited images + an edits table.
 
-The selection (SQL ``WHERE`` through DuckDB, or a pyarrow expression) is read on the driver
-as (key, split, w_plus); blocks of it go to an actor pool (the generator loaded once per
-actor; GPUs when asked) that applies every (edit, strength) with
-:func:`mambastyle.edit.core.apply_edits` and renders the results; a datasink whose write
-tasks each write their images (WebDataset tar shards, or one PNG per image for small jobs)
-and then one Parquet part per split of the edits table; on the driver, a completeness check
-(every (key, edit, strength) exactly once) and ``_manifest.json``, written last. The table
-lives at ``{root}/edits/{run}`` with ``run`` derived from its inputs; a re-run withdraws the
-old one first, so it replaces, never appends.
+The selection (an SQL condition, run by DuckDB) is streamed: read tasks run it on one unit
+of the latent table at a time (a source shard's rows, see :mod:`mambastyle.edit.units`) and
+pass (key, split, w_plus) on to an actor pool (the generator loaded once per actor; GPUs when
+asked) that applies every (edit, strength) with :func:`mambastyle.edit.core.apply_edits`,
+renders the results and writes them per unit: the images (WebDataset tar shards, or one PNG
+per image for small jobs), then one Parquet part per split. The driver holds the parts'
+descriptions only, never the keys or codes; it checks the count (every selected row edited at
+every strength) and writes ``_manifest.json``, last. The table lives at
+``{root}/edits/{run}`` with ``run`` derived from its inputs; a re-run keeps what a killed run
+of the same inputs wrote, reuses units an earlier table made the same way, and edits the rest.
 
 Edits table columns: ``key``, ``edit``, ``strength`` (float64; the key of a row is the
 triple), ``w_plus`` (the edited code), ``score`` (a fitted direction's predicted attribute
@@ -23,7 +24,7 @@ import io
 import json
 import logging
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,16 +33,16 @@ import pyarrow as pa
 from mambastyle.edit.core import Edit, apply_edits, fused_edits, png_bytes, render, strength_label
 from mambastyle.latents import (
     EDITS_FORMAT,
+    MANIFEST,
     LatentTable,
     LatentTableError,
     commit,
     part_metadata,
     schema_metadata,
-    withdraw,
     write_part,
 )
-from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
-from mambastyle.storage import Location, StorageOptions, read_bytes, resolve, write_bytes
+from mambastyle.runtime import TorchThread, actor_device, root_cause, worker_options
+from mambastyle.storage import Location, StorageOptions, delete, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,18 @@ class EditJob:
     cpus_per_actor: int = 1
     fuser: str | None = None  # fuser mode: the fuser checkpoint (encoder + fuser)
     root: str | None = None  # fuser mode: the storage root whose shards/ hold the source faces
+    table: str = ""  # the latent table's prefix (read tasks open its parts)
+    where: str = ""  # the selection: one SQL condition over the latent table's columns
+    unit_sha256: tuple = ()  # (unit name, content sha256 or None) of the table's units
 
     @property
     def per_row(self) -> int:
         return sum(len(e.strengths) for e in self.edits)
+
+    @property
+    def rows_per_call(self) -> int:
+        """Selected rows per actor call: a tar's worth of images, and at least one model batch."""
+        return max(-(-self.batch_size // self.per_row), self.images_per_shard // self.per_row, 1)
 
 
 def edits_schema(n_styles: int, style_dim: int, metadata: dict) -> pa.Schema:
@@ -90,12 +99,12 @@ def edits_schema(n_styles: int, style_dim: int, metadata: dict) -> pa.Schema:
     return pa.schema(fields, metadata=schema_metadata(EDITS_FORMAT, n_styles, style_dim, metadata))
 
 
-def select(table: LatentTable, where, sources: bool = False) -> pa.Table:
+def select(table: LatentTable, where, sources: bool = False, limit: int | None = None) -> pa.Table:
     """The rows to edit as (key, split, w_plus), ordered by key; with ``sources``, also the
     ``shard`` each face came from, ordered by (split, shard, key) so a block reads few shards.
 
     ``where`` is an SQL condition over the table's columns (DuckDB; the table is ``latents``)
-    or a pyarrow compute expression.
+    or a pyarrow compute expression; ``limit`` keeps the first rows only (in that order).
 
     Raises:
         EditError: an SQL error or unknown column (named by DuckDB), no matching rows, or
@@ -109,10 +118,11 @@ def select(table: LatentTable, where, sources: bool = False) -> pa.Table:
         if isinstance(where, pc.Expression):
             rows = table.to_table(filter=where, columns=columns)
             rows = rows.take(pc.sort_indices(rows, [(c, "ascending") for c in order]))
+            rows = rows if limit is None else rows.slice(0, limit)
         else:
             if not str(where).strip():
                 raise EditError("the selection is empty: give an SQL condition (e.g. \"split = 'test'\")")
-            rows = table.select(str(where), columns, order)
+            rows = table.select(str(where), columns, order, limit)
     except LatentTableError as exc:
         raise EditError(f"selection {where!r}: {exc}") from None
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
@@ -168,7 +178,43 @@ class Editor:
         self.model = None if job.fuser is None else load_fuser_model(job.fuser, job.options, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.thread.run(edit_rows, batch, self.job, self.generator, self.model)
+        return self.thread.run(self._edit_and_write, batch)
+
+    def _edit_and_write(self, batch: pa.Table) -> pa.Table:
+        results = []
+        if batch.num_rows:
+            rows = edit_rows(batch, self.job, self.generator, self.model)
+            results = write_units(rows, self.job)
+        return pa.table({"result": pa.array([json.dumps(r) for r in results], pa.string())})
+
+
+def read_units(batch: pa.Table, job: EditJob) -> pa.Table:
+    """Read task: the selected rows (key, split, w_plus[, shard], unit) of the units in
+    ``batch`` (unit, its latent parts, the keys already edited), each unit's rows by key."""
+    import pyarrow.dataset as pads
+
+    from mambastyle.edit.units import skip_filter
+    from mambastyle.latents import sql_connection, where_clause
+
+    prefix = resolve(job.table, job.options)
+    columns = ["key", "split", "w_plus", *(["shard"] if job.fuser else [])]
+    partitioning = pads.partitioning(pa.schema([("split", pa.string())]), flavor="hive")
+    out = []
+    for item in batch.to_pylist():
+        paths = [prefix.join(p).path for p in item["parts"]]
+        dataset = pads.dataset(paths, format="parquet", filesystem=prefix.fs, partitioning=partitioning,
+                               partition_base_dir=prefix.path)  # fmt: skip
+        con = sql_connection({"latents": dataset})
+        try:
+            cond = where_clause(con, "latents", job.where)
+            rows = con.sql(
+                f"SELECT {', '.join(columns)} FROM latents WHERE {cond} ORDER BY key"
+            ).to_arrow_table()
+        finally:
+            con.close()
+        rows = skip_filter(rows, set(item["done"]))
+        out.append(rows.append_column("unit", pa.array([item["unit"]] * rows.num_rows, pa.string())))
+    return pa.concat_tables(out)
 
 
 def edit_rows(batch: pa.Table, job: EditJob, generator, model=None) -> pa.Table:
@@ -177,6 +223,7 @@ def edit_rows(batch: pa.Table, job: EditJob, generator, model=None) -> pa.Table:
     (fuser mode) each row's face is re-encoded from its shard and rendered with the fuser."""
     n_styles, style_dim = job.shape
     keys, splits = batch.column("key").to_pylist(), batch.column("split").to_pylist()
+    units = batch.column("unit").to_pylist() if "unit" in batch.column_names else [""] * len(keys)
     if model is None:
         col = batch.column("w_plus").combine_chunks()
         w = col.values.to_numpy(zero_copy_only=False).reshape(-1, n_styles, style_dim)
@@ -211,26 +258,28 @@ def edit_rows(batch: pa.Table, job: EditJob, generator, model=None) -> pa.Table:
             "score": pa.array(scores, pa.float32(), mask=np.isnan(scores)),
             "png": pa.array([png_bytes(img) for img in images], pa.binary()),
             "name": pa.array(names, pa.string()),
+            "unit": pa.array([units[r] for r, _, _ in index], pa.string()),
         }
     )
 
 
-class TaskWriter:
-    """One write task's output, streamed block by block: images go out as they come (a tar is
+class UnitWriter:
+    """One call's output for one unit, streamed: images go out as they come (a tar is
     published whenever it holds ``images_per_shard`` images; folder mode writes each PNG at
-    once), so memory holds one block and one pending tar, not the task's images. The table rows
-    (without image bytes) are kept and written, one Parquet part per split, by :meth:`close`:
-    after the images they point at."""
+    once). The table rows (without image bytes) are kept and written, one Parquet part per
+    split, by :meth:`close`: after the images they point at, so a part present is complete."""
 
-    def __init__(self, job: EditJob, task: int):
-        self.job, self.task = job, task
+    def __init__(self, job: EditJob, unit: str):
+        from mambastyle.edit.units import call_stem
+
+        self.job, self.unit, self.stem = job, unit, call_stem(unit)
         self.prefix = resolve(job.out, job.options)
         self.rows: list[pa.Table] = []
         self.files: list[dict] = []
         self.members: list[tuple[str, bytes]] = []
 
     def _tar_path(self) -> str:
-        return f"images/edits-{self.task:05d}-{len(self.files):04d}.tar"
+        return f"images/{self.stem}-{len(self.files):04d}.tar"
 
     def add(self, block: pa.Table) -> None:
         names, pngs = block.column("name").to_pylist(), block.column("png").to_pylist()
@@ -268,75 +317,70 @@ class TaskWriter:
         """Publishes the last tar, then the parts; returns what was written."""
         if self.members:
             self._flush()
-        if not self.rows:
-            return {"parts": [], "files": self.files}
         rows = pa.concat_tables(self.rows)
         part_schema = edits_schema(*self.job.shape, self.job.metadata)
+        unit_sha = dict(self.job.unit_sha256).get(self.unit)
         written = []
         splits = rows.column("split").to_pylist()
         for split in sorted(set(splits)):
             idx = pa.array([i for i, s in enumerate(splits) if s == split])
             part = rows.take(idx).drop_columns(["split"]).select(part_schema.names).cast(part_schema)
-            path = f"split={split}/part-{self.task:05d}.parquet"
+            path = f"split={split}/{self.stem}.parquet"
             write_part(part, self.prefix.join(path), self.job.row_group_size, sort_by=SORT_BY)
-            triples = list(
-                zip(*(part.column(c).to_pylist() for c in ("key", "edit", "strength")), strict=True)
-            )
-            written.append({"path": path, "split": split, "rows": part.num_rows, "triples": triples})
+            written.append({"path": path, "split": split, "rows": part.num_rows, "unit": self.unit,
+                            "unit_sha256": unit_sha})  # fmt: skip
         return {"parts": written, "files": self.files}
 
 
-def write_task(tables: Iterable[pa.Table], job: EditJob, task: int) -> list[dict]:
-    """One write task: streams its blocks through a :class:`TaskWriter`."""
-    writer = TaskWriter(job, task)
-    for table in tables:
-        writer.add(table)
-    return [writer.close()]
+def write_units(rows: pa.Table, job: EditJob) -> list[dict]:
+    """One call's edited rows, written per unit (see :class:`UnitWriter`)."""
+    keys = rows.column("key").to_pylist()
+    if len(keys) != len(set(keys)) * job.per_row:  # every key at every strength, once
+        raise EditError(f"an edit call made {len(keys)} rows for {len(set(keys))} keys x {job.per_row}")
+    units = rows.column("unit").to_pylist()
+    results = []
+    for unit in sorted(set(units)):
+        writer = UnitWriter(job, unit)
+        writer.add(rows.filter(pa.array([u == unit for u in units])).drop_columns(["unit"]))
+        results.append(writer.close())
+    return results
 
 
-def run_edits(job: EditJob, selection: pa.Table) -> dict:
-    """Runs the Ray Data job on the connected Ray and commits the edits table; returns its
-    manifest. ``selection`` is :func:`select`'s result."""
-    import ray
+def run_edits(job: EditJob, table: LatentTable, stats=None) -> dict:
+    """Edits what is missing of ``job.where``'s selection from ``table`` on the connected Ray
+    and commits the edits table; returns its manifest. Staged and reusable work is found first
+    (:func:`mambastyle.edit.units.plan`); ``stats`` (when given) gets the counts."""
+    from mambastyle.edit import units as unitwork
 
     prefix = resolve(job.out, job.options)
-    withdraw(prefix)
-    n = selection.num_rows
-    # enough blocks to keep every actor busy, each a whole number of input batches
-    per_block = max(1, min(n, -(-n // (4 * job.num_actors))))
-    blocks = [selection.slice(i, per_block) for i in range(0, n, per_block)]
-    # from_blocks reads the blocks' sizes here; from_arrow runs a remote task per block for them,
-    # whose CPUs the cluster's resource view may still count as busy when the job starts (Ray
-    # Data then warns that the job will hang).
-    ds = ray.data.from_blocks(blocks)
-    ds = ds.map_batches(
-        Editor,
-        fn_constructor_kwargs={"job": job},
-        batch_size=job.batch_size,  # rows in; each gives per_row images, rendered batch_size at a time
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=job.num_actors),
-        num_gpus=1 if job.use_gpu else 0,
-        num_cpus=1 if job.use_gpu else job.cpus_per_actor,
-        **worker_options(),
-    )
-    sink = collecting_datasink(job.rows_per_file, lambda tables, task: write_task(tables, job, task))
+    delete(prefix.join(MANIFEST))  # readers trust only a manifest: none while parts change
     try:
-        # Writing asks for no CPU slot of its own: the actors hold them all on a CPU machine, and
-        # a write task that waits for one would wait until the last actor is shut down.
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
-    except Exception as exc:
-        raise EditError(f"edit job failed: {root_cause(exc)}") from exc
-    parts = [p for r in sink.results for p in r["parts"]]
-    files = sorted((f for r in sink.results for f in r["files"]), key=lambda f: f["path"])
-    triples = [t for p in parts for t in p["triples"]]
-    expected = n * job.per_row
-    if len(triples) != expected or len(set(triples)) != len(triples):
+        selected = table.count(job.where)
+    except LatentTableError as exc:
+        raise EditError(f"selection {job.where!r}: {exc}") from None
+    if selected == 0:
+        raise EditError(f"selection {job.where!r} matches no rows of {table.prefix.uri}: nothing to edit")
+    work = unitwork.plan(prefix, unitwork.units(table), job.metadata, job.output, job.row_group_size)
+    items = [{"unit": u.name, "parts": list(u.parts), "done": sorted(work.done.get(u.name, ()))}
+             for u in work.todo]  # fmt: skip
+    results = _edit(job, items) if items else []
+    computed = [p for r in results for p in r["parts"]]
+    parts = work.staged + work.reused + computed
+    files = sorted(work.staged_files + work.reused_files + [f for r in results for f in r["files"]],
+                   key=lambda f: f["path"])  # fmt: skip
+    expected = selected * job.per_row
+    if sum(p["rows"] for p in parts) != expected:
         raise EditError(
-            f"incomplete edits table: {len(set(triples))} distinct (key, edit, strength) rows "
-            f"({len(triples) - len(set(triples))} repeated) for the {expected} expected; nothing committed"
+            f"incomplete edits table: {sum(p['rows'] for p in parts)} rows for the {expected} expected "
+            f"({selected} selected x {job.per_row} edits and strengths); nothing committed"
         )
-    parts = [{k: v for k, v in p.items() if k != "triples"} for p in parts]
-    meta = part_metadata(prefix, parts)
+    if stats is not None:
+        stats.inputs, stats.written = selected, expected
+        stats.computed = sum(p["rows"] for p in computed) // job.per_row
+        stats.reused = selected - stats.computed
+    sources: dict[str, int] = {}
+    for p in work.reused:
+        sources[p["reused_from"]] = sources.get(p["reused_from"], 0) + p["rows"]
     extra = {
         "images": {
             "output": job.output,
@@ -345,10 +389,42 @@ def run_edits(job: EditJob, selection: pa.Table) -> dict:
             "bytes": sum(f["bytes"] for f in files),
         },  # fmt: skip
         "shards": files if job.output == "shards" else [],
-        "selected": n,
+        "selected": selected,
         "edits": [e.describe() for e in job.edits],
+        "reused": {"rows": work.rows(work.reused), "from": sources},
+        "resumed": work.rows(work.staged),
+        "computed": sum(p["rows"] for p in computed),
     }
-    return commit(prefix, parts, meta, extra, fmt=EDITS_FORMAT)
+    manifest = commit(prefix, parts, part_metadata(prefix, parts), extra, fmt=EDITS_FORMAT)
+    unitwork.clean(prefix, [p["path"] for p in parts] + [f["path"] for f in files])
+    return manifest
+
+
+def _edit(job: EditJob, items: list[dict]) -> list[dict]:
+    """The Ray Data job over the units in ``items``: what each call wrote."""
+    import ray
+
+    # from_items builds its blocks here (no remote tasks whose CPUs the resource view could
+    # still count as busy when the job starts): one block, so one read task, per unit
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Reading asks for no CPU slot: the actors hold them all on a CPU machine (as in invert).
+    reads = ray.data.TaskPoolStrategy(size=None if job.use_gpu else job.num_actors)
+    ds = ds.map_batches(read_units, fn_kwargs={"job": job}, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                        compute=reads)  # fmt: skip
+    ds = ds.map_batches(
+        Editor,
+        fn_constructor_kwargs={"job": job},
+        batch_size=job.rows_per_call,  # rows in; each gives per_row images, rendered batch_size at a time
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=job.num_actors),
+        num_gpus=1 if job.use_gpu else 0,
+        num_cpus=1 if job.use_gpu else job.cpus_per_actor,
+        **worker_options(),
+    )
+    try:
+        return [json.loads(row["result"]) for row in ds.iter_rows()]
+    except Exception as exc:
+        raise EditError(f"edit job failed: {root_cause(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- pictures

@@ -18,6 +18,7 @@ import pyarrow as pa
 from mambastyle.directions import DirectionError
 from mambastyle.edit.core import Edit, apply_edits, fused_edits, render
 from mambastyle.edit.pipeline import EditError, EditJob, load_fuser_model, read_sources, run_edits, select
+from mambastyle.edit.units import units
 from mambastyle.latents import LatentTable, LatentTableError
 from mambastyle.locks import writer_lock
 from mambastyle.runstats import TABLE_STATS_NAME, RunStats
@@ -156,13 +157,16 @@ def fit_direction_from_table(
 
 def run_id(
     table: LatentTable, where: str, edits: Sequence[Edit], generator_sha256: str, settings: dict
-) -> str:
+) -> tuple[str, str]:
+    """(the run id, the ``edit_sha256`` of how rows are edited: the same for two runs whose
+    units of equal content can be exchanged)."""
+    described = [{k: v for k, v in e.describe().items() if k != "fit"} for e in edits]
+    how = hashlib.sha256(json.dumps([where, described, generator_sha256, settings], sort_keys=True).encode())
     # the source by its run id (its inputs) and counts: its part names vary between runs
     source = [table.metadata["run_id"], table.manifest["rows"], table.manifest["splits"]]
     h = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
-    described = [{k: v for k, v in e.describe().items() if k != "fit"} for e in edits]
-    h.update(json.dumps([where, described, generator_sha256, settings], sort_keys=True).encode())
-    return f"run-{h.hexdigest()[:16]}"
+    h.update(how.hexdigest().encode())
+    return f"run-{h.hexdigest()[:16]}", how.hexdigest()
 
 
 @dataclass
@@ -198,7 +202,8 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     table, generator_sha = _open_for(uri, g, options)
     fuser_uri = fuser_checkpoint(params, table) if ep.mode == "fuser" else None
     edits = [build_edit(entry, table, options, uri) for entry in ep.edits]
-    selection = select(table, ep.where, sources=fuser_uri is not None)
+    # the first rows (by key) for the pictures; checks the selection before anything is written
+    shown = select(table, ep.where, sources=fuser_uri is not None, limit=ep.grid_samples)
     # inputs are valid: from here on things are written
     for e in edits:
         if e.direction.source == "fit":
@@ -212,12 +217,9 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     stats.seconds["select_and_load"] = time.perf_counter() - t0
     run = job.metadata["run_id"]
     with writer_lock(params.storage.root, options, f"edit {run}"), stats.phase("render_and_commit"):
-        manifest = run_edits(job, selection)
-    # inputs are selected rows; written counts their edited rows (one per edit and strength)
-    stats.inputs = stats.computed = selection.num_rows
-    stats.written = manifest["rows"]
+        # inputs are selected rows; written counts their edited rows (one per edit and strength)
+        manifest = run_edits(job, table, stats)
     write_bytes(root.join("edits", run, TABLE_STATS_NAME), stats.to_json(), durable=False)
-    shown = selection.slice(0, ep.grid_samples)
     model = sources = None
     if fuser_uri is not None:
         model = load_fuser_model(fuser_uri, options)
@@ -256,8 +258,9 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
     fuser_sha = table.metadata.get("fuser_sha256") if fuser_uri else None
     settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity(),
                 "mode": ep.mode, "fuser": fuser_sha}  # fmt: skip
-    run = run_id(table, ep.where, edits, generator_sha, settings)
+    run, how = run_id(table, ep.where, edits, generator_sha, settings)
     metadata = {
+        "edit_sha256": how,
         "generator_sha256": generator_sha,
         "source_table": uri,
         "source_run_id": table.metadata.get("run_id", ""),
@@ -272,6 +275,7 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
         shape=table.shape, batch_size=ep.batch_size, num_actors=ep.num_actors, use_gpu=ep.use_gpu,
         output=ep.output, images_per_shard=ep.images_per_shard, row_group_size=ep.row_group_size,
         rows_per_file=ep.rows_per_file, metadata=metadata, fuser=fuser_uri, root=root.uri,
+        table=table.prefix.uri, where=ep.where, unit_sha256=tuple((u.name, u.sha256) for u in units(table)),
     )  # fmt: skip
 
 
