@@ -76,9 +76,13 @@ def connect_ray(address: str | None, num_cpus: int | None = None, num_gpus: int 
         for key, value in ALLOCATOR_ENV.items():
             os.environ.setdefault(key, value)
         _token_auth_for_local_instance()
+        # No metrics: a private instance has no dashboard to show them, and a driver that exits
+        # soon after start can hang in the metrics exporter's final flush (seen at exit, holding
+        # gigabytes, after a run that found all its work done).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=False,
-                 _system_config={"idle_worker_killing_time_threshold_ms": LOCAL_IDLE_WORKER_MS})  # fmt: skip
+                 _system_config={"idle_worker_killing_time_threshold_ms": LOCAL_IDLE_WORKER_MS,
+                                 "enable_metrics_collection": False})  # fmt: skip
         _local_gcs = ray.get_runtime_context().gcs_address
         _wait_for_cpus(ray, 1 if num_cpus is None else min(1, num_cpus))
     else:
