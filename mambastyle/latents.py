@@ -299,6 +299,26 @@ class LatentTable:
             con.close()
 
 
+def sibling_tables(prefix: Location) -> list[tuple[Location, dict]]:
+    """The other committed tables in the folder that holds ``prefix`` (e.g. ``{root}/latents``),
+    as (prefix, manifest), newest first; folders without a readable manifest are passed over."""
+    import pyarrow.fs as pafs
+
+    parent = Location(prefix.fs, posixpath.dirname(prefix.path), prefix.uri.rsplit("/", 1)[0])
+    found = []
+    selector = pafs.FileSelector(parent.path, recursive=False, allow_not_found=True)
+    for info in prefix.fs.get_file_info(selector):
+        if info.type != pafs.FileType.Directory or info.path == prefix.path:
+            continue
+        other = parent.join(posixpath.basename(info.path))
+        try:
+            manifest = json.loads(read_bytes(other.join(MANIFEST)))
+        except (OSError, ValueError):
+            continue  # not a committed table
+        found.append((info.mtime_ns or 0, other, manifest))
+    return [(other, manifest) for _, other, manifest in sorted(found, key=lambda t: t[0], reverse=True)]
+
+
 def sql_connection(tables: Mapping[str, object]):
     """A DuckDB connection that sees ``tables`` (Arrow datasets or tables, by name) and nothing
     else: no file or network access, no extensions, and settings locked so SQL cannot undo that.

@@ -120,3 +120,33 @@ def make_table(prefix, n_per_split=(30, 10), n_styles=4, style_dim=8, seed=0, ro
         truth.update({k: (w[i], float(yaw[i]), split) for i, k in enumerate(keys)})
     commit(prefix, parts, table_metadata(s))
     return truth
+
+
+def kill_when(proc, ready, timeout_s: float = 300.0) -> None:
+    """Waits until ``ready()`` holds (polled every 20 ms), then SIGKILLs ``proc`` and every process
+    it started (a stage's local Ray included), by their ids. Fails the test when the process
+    ended first: the kill was meant to land mid-run."""
+    import signal
+    import time
+
+    import psutil
+    import pytest
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed mid-run:\n{proc.stderr.read()[-3000:]}")
+    finally:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=60)
+        psutil.wait_procs(family, timeout=60)

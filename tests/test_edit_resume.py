@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import params
+from helpers import kill_when, params
 from test_edit_pipeline import _generator, _ifg
-from test_invert_resume import _kill_tree
 
 from mambastyle.checkpoints import state_sha256
 from mambastyle.config import to_dict
@@ -99,16 +97,7 @@ def test_a_killed_edit_driver_resumes_with_only_the_rest_edited(tmp_path, rng):
     cmd = [sys.executable, "-m", "mambastyle.cli", "edit", "apply", "--params", str(pf), "--json"]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs = list((root / "edits").glob("run-*"))
-            if runs and _parts(runs[0]):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before a part was written:\n{proc.stderr.read()[-3000:]}"
-    finally:
-        _kill_tree(proc)
+    kill_when(proc, lambda: any(_parts(r) for r in (root / "edits").glob("run-*")))
     (prefix,) = list((root / "edits").glob("run-*"))
     assert not (prefix / "_manifest.json").exists()
     done = {k for f in _parts(prefix) for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()}

@@ -7,17 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import params, write_shards
+from helpers import kill_when, params, write_shards
 from test_invert_pipeline import _encoder_bytes
 
 from mambastyle.config import to_dict
@@ -51,21 +48,6 @@ def _cli(p, tmp_path: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL to the driver and everything it started (its local Ray included), by their ids."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(family, timeout=60)
-
-
 def _rows(uri: str) -> list[dict]:
     return sorted(open_table(uri).to_table().to_pylist(), key=lambda r: r["key"])
 
@@ -85,16 +67,7 @@ def test_a_killed_driver_resumes_with_only_the_rest_computed(tmp_path):
     _root(root, counts)
     p = _params(root)
     proc = _cli(p, tmp_path)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            tables = list((root / "latents").glob("run-*"))
-            if tables and _staged(tables[0]):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before a part was written:\n{proc.stderr.read()[-3000:]}"
-    finally:
-        _kill_tree(proc)
+    kill_when(proc, lambda: any(_staged(t) for t in (root / "latents").glob("run-*")))
     (prefix,) = list((root / "latents").glob("run-*"))
     assert not (prefix / "_manifest.json").exists()  # killed before the commit
     staged = _staged(prefix)

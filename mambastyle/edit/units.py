@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mambastyle.latents import (
@@ -39,6 +38,7 @@ from mambastyle.latents import (
     MANIFEST,
     LatentTable,
     schema_metadata,
+    sibling_tables,
     table_metadata,
     write_part,
 )
@@ -178,22 +178,11 @@ def _reusable(prefix: Location, wanted: set[str], edit_sha: str) -> dict[str, tu
     committed edits tables beside ``prefix`` made the same way; the newest table wins."""
     if not wanted:
         return {}
-    parent = Location(prefix.fs, posixpath.dirname(prefix.path), prefix.uri.rsplit("/", 1)[0])
-    tables = []
-    for info in prefix.fs.get_file_info(
-        pafs.FileSelector(parent.path, recursive=False, allow_not_found=True)
-    ):
-        if info.type != pafs.FileType.Directory or info.path == prefix.path:
-            continue
-        other = parent.join(posixpath.basename(info.path))
-        try:
-            manifest = json.loads(read_bytes(other.join(MANIFEST)))
-        except (OSError, ValueError):
-            continue
-        if manifest.get("metadata", {}).get("edit_sha256") == edit_sha:
-            tables.append((info.mtime_ns or 0, other, manifest))
+    tables = [
+        (t, m) for t, m in sibling_tables(prefix) if m.get("metadata", {}).get("edit_sha256") == edit_sha
+    ]
     found: dict = {}
-    for _, other, manifest in sorted(tables, key=lambda t: t[0], reverse=True):
+    for other, manifest in tables:
         for part in manifest.get("parts", []):
             ident = part.get("unit_sha256")
             if ident in wanted and (ident not in found or found[ident][0] is other):

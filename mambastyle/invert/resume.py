@@ -28,12 +28,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mambastyle.latents import MANIFEST, TABLE_FORMAT, schema_metadata, table_metadata, write_part
+from mambastyle.latents import (
+    MANIFEST,
+    TABLE_FORMAT,
+    schema_metadata,
+    sibling_tables,
+    table_metadata,
+    write_part,
+)
 from mambastyle.runstats import TABLE_STATS_NAME
-from mambastyle.storage import Location, delete, list_files, read_bytes
+from mambastyle.storage import Location, delete, list_files
 
 log = logging.getLogger(__name__)
 
@@ -149,22 +155,10 @@ def _reusable(prefix: Location, todo: list[dict], metadata: Mapping[str, str]) -
     wanted = {(s["path"], s["sha256"]): int(s["samples"]) for s in todo if s.get("sha256")}
     if not wanted:
         return {}
-    parent = Location(prefix.fs, posixpath.dirname(prefix.path), prefix.uri.rsplit("/", 1)[0])
-    selector = pafs.FileSelector(parent.path, recursive=False, allow_not_found=True)
-    tables = []
-    for info in prefix.fs.get_file_info(selector):
-        if info.type != pafs.FileType.Directory or info.path == prefix.path:
-            continue
-        other = parent.join(posixpath.basename(info.path))
-        try:
-            manifest = json.loads(read_bytes(other.join(MANIFEST)))
-        except (OSError, ValueError):
-            continue  # not a committed table
-        meta = manifest.get("metadata", {})
-        if all(meta.get(k) == metadata.get(k) for k in REUSE_KEYS):
-            tables.append((info.mtime_ns or 0, other, manifest))
+    tables = [(other, manifest) for other, manifest in sibling_tables(prefix)
+              if all(manifest.get("metadata", {}).get(k) == metadata.get(k) for k in REUSE_KEYS)]  # fmt: skip
     found: dict = {}
-    for _, other, manifest in sorted(tables, key=lambda t: t[0], reverse=True):
+    for other, manifest in tables:
         groups: dict = {}
         for part in manifest.get("parts", []):
             if part.get("shard") and part.get("shard_sha256"):
