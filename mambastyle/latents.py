@@ -117,6 +117,7 @@ def build_part(rows: Mapping[str, object], part_schema: pa.Schema) -> pa.Table:
 
 
 CLUSTER_BY = ("yaw", "key")  # row order within a part: pose range queries skip row groups
+EDITS_CLUSTER_BY = ("edit", "strength", "key")  # in an edits part: an edit/strength predicate skips the rest
 DICTIONARY_COLUMNS = ("shard", "source", "edit")  # few distinct values per part
 
 

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from mambastyle.edit.core import Edit, apply_edits, fused_edits, png_bytes, render, strength_label
 from mambastyle.latents import (
+    EDITS_CLUSTER_BY,
     EDITS_FORMAT,
     MANIFEST,
     LatentTable,
@@ -45,8 +46,6 @@ from mambastyle.runtime import TorchThread, actor_device, root_cause, worker_opt
 from mambastyle.storage import Location, StorageOptions, delete, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-
-SORT_BY = ("edit", "strength", "key")  # an edit/strength predicate skips the other row groups
 
 
 class EditError(RuntimeError):
@@ -326,7 +325,7 @@ class UnitWriter:
             idx = pa.array([i for i, s in enumerate(splits) if s == split])
             part = rows.take(idx).drop_columns(["split"]).select(part_schema.names).cast(part_schema)
             path = f"split={split}/{self.stem}.parquet"
-            write_part(part, self.prefix.join(path), self.job.row_group_size, sort_by=SORT_BY)
+            write_part(part, self.prefix.join(path), self.job.row_group_size, sort_by=EDITS_CLUSTER_BY)
             written.append({"path": path, "split": split, "rows": part.num_rows, "unit": self.unit,
                             "unit_sha256": unit_sha})  # fmt: skip
         return {"parts": written, "files": self.files}

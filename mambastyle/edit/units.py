@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mambastyle.latents import (
+    EDITS_CLUSTER_BY,
     EDITS_FORMAT,
     MANIFEST,
     LatentTable,
@@ -194,8 +195,6 @@ def _copy(prefix: Location, unit: Unit, source: tuple, metadata: Mapping[str, st
           row_group_size: int) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Another table's parts for ``unit`` and their images, under ``prefix``: images copied,
     parts rewritten with this table's metadata and image URIs."""
-    from mambastyle.edit.pipeline import SORT_BY  # the same row order as written parts
-
     other, manifest, parts = source
     old_base, new_base = other.uri.rstrip("/") + "/", prefix.uri.rstrip("/") + "/"
     stem = call_stem(unit.name)
@@ -233,7 +232,7 @@ def _copy(prefix: Location, unit: Unit, source: tuple, metadata: Mapping[str, st
         n_styles, style_dim = json.loads(table_metadata(table.schema)["shape"])
         table = table.replace_schema_metadata(schema_metadata(EDITS_FORMAT, n_styles, style_dim, metadata))
         rel = f"split={part['split']}/{stem}{len(entries):02d}.parquet"
-        write_part(table, prefix.join(rel), row_group_size, sort_by=SORT_BY)
+        write_part(table, prefix.join(rel), row_group_size, sort_by=EDITS_CLUSTER_BY)
         entries.append(_entry(rel, table, unit, reused_from=other.uri))
     log.info(
         "reused %d edited rows of unit %s from %s", sum(e["rows"] for e in entries), unit.name, other.uri
