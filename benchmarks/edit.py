@@ -24,6 +24,20 @@ import torch
 META = {"encoder_sha256": "-", "generator_sha256": "-", "run_id": "bench"}
 
 
+def latent_table(uri: str, w: np.ndarray):
+    """A one-part latent table of the codes ``w`` (n, n_styles, style_dim) at ``uri``."""
+    from mambastyle.latents import build_part, commit, schema, table_metadata, write_part
+    from mambastyle.storage import resolve
+
+    prefix = resolve(uri)
+    part_schema = schema(w.shape[1], w.shape[2], META)
+    rows = {"key": [f"k{i:06d}" for i in range(len(w))], "shard": ["bench.tar"] * len(w), "w_plus": w}
+    write_part(build_part(rows, part_schema), prefix.join("split=test/part-0.parquet"), 1024)
+    commit(prefix, [{"path": "split=test/part-0.parquet", "split": "test", "rows": len(w)}],
+           table_metadata(part_schema))  # fmt: skip
+    return prefix
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=128, help="selected rows")
@@ -43,8 +57,8 @@ def main() -> int:
     from mambastyle.edit.core import Edit, apply_edits
     from mambastyle.edit.pipeline import EditJob, run_edits
     from mambastyle.generate import resolve_generator
-    from mambastyle.latents import build_part, commit, open_table, schema, table_metadata, write_part
-    from mambastyle.storage import StorageOptions, resolve
+    from mambastyle.latents import open_table
+    from mambastyle.storage import StorageOptions
 
     gp = load_params().generator
     arch = dataclasses.replace(gp.architecture, resolution=args.resolution, style_dim=args.style_dim,
@@ -77,16 +91,7 @@ def main() -> int:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = resolve(f"{tmp}/latents/bench")
-        part_schema = schema(g.n_styles, args.style_dim, META)
-        rows = {
-            "key": [f"k{i:06d}" for i in range(args.rows)],
-            "shard": ["bench.tar"] * args.rows,
-            "w_plus": w,
-        }
-        write_part(build_part(rows, part_schema), prefix.join("split=test/part-0.parquet"), 1024)
-        commit(prefix, [{"path": "split=test/part-0.parquet", "split": "test", "rows": args.rows}],
-               table_metadata(part_schema))  # fmt: skip
+        prefix = latent_table(f"{tmp}/latents/bench", w)
         job = EditJob(out=f"{tmp}/edits", options=StorageOptions(), generator=gp, edits=(edit,),
                       shape=(g.n_styles, args.style_dim), batch_size=args.batch_size, num_actors=1,
                       use_gpu=False, output=args.output, images_per_shard=1000, row_group_size=1024,
