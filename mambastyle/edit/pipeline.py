@@ -11,6 +11,9 @@ every strength) and writes ``_manifest.json``, last. The table lives at
 ``{root}/edits/{run}`` with ``run`` derived from its inputs; a re-run keeps what a killed run
 of the same inputs wrote, reuses units an earlier table made the same way, and edits the rest.
 
+Its length is the job in one place: selection checks, the read task, the actor, the per-unit
+writer, the Ray Data wiring, the commit, and reading the rendered images back.
+
 Edits table columns: ``key``, ``edit``, ``strength`` (float64; the key of a row is the
 triple), ``w_plus`` (the edited code), ``score`` (a fitted direction's predicted attribute
 for the edited code, else null) and ``image`` (the rendered image's URI: ``{tar}#{member}``

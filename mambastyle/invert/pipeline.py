@@ -11,6 +11,9 @@ driver, a completeness check (every sample of the manifest exactly once) and the
 Runs resume and grow incrementally (see :mod:`mambastyle.invert.resume`): a re-run withdraws
 the manifest, keeps the parts a killed run left, takes the rows of unchanged shards from an
 earlier table made the same way, and computes only the rest.
+
+Its length is the stage in one place: the job, the actor, the part writer, the Ray Data wiring
+(with why each setting is what it is), the completeness check and the stage's input checks.
 """
 
 from __future__ import annotations
