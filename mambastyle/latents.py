@@ -162,12 +162,16 @@ def write_part(
             loc.fs.delete_file(tmp)
 
 
-def withdraw(prefix: Location) -> None:
-    """Withdraws a previous table at ``prefix``: its manifest first (so no reader trusts it any
-    longer), then every file below it."""
-    delete(prefix.join(MANIFEST))
+def remove_unlisted(prefix: Location, listed: list[str]) -> None:
+    """After a commit: removes the files under ``prefix`` other than the ``listed`` ones (paths
+    below it: the manifest's parts and image files), the manifest and the run statistics; what
+    a killed or earlier run left there that the table does not use."""
+    from mambastyle.runstats import TABLE_STATS_NAME
+
+    keep = {prefix.join(p).path for p in [*listed, MANIFEST, TABLE_STATS_NAME]}
     for path in list_files(prefix):
-        delete(Location(prefix.fs, path, path))
+        if path not in keep:
+            delete(Location(prefix.fs, path, path))
 
 
 def part_metadata(prefix: Location, parts: list[dict]) -> dict[str, str]:

@@ -42,6 +42,7 @@ from mambastyle.latents import (
     LatentTableError,
     commit,
     part_metadata,
+    remove_unlisted,
     schema_metadata,
     write_part,
 )
@@ -398,7 +399,7 @@ def run_edits(job: EditJob, table: LatentTable, stats=None) -> dict:
         "computed": sum(p["rows"] for p in computed),
     }
     manifest = commit(prefix, parts, part_metadata(prefix, parts), extra, fmt=EDITS_FORMAT)
-    unitwork.clean(prefix, [p["path"] for p in parts] + [f["path"] for f in files])
+    remove_unlisted(prefix, [p["path"] for p in parts] + [f["path"] for f in files])
     return manifest
 
 

@@ -36,14 +36,12 @@ import pyarrow.parquet as pq
 from mambastyle.latents import (
     EDITS_CLUSTER_BY,
     EDITS_FORMAT,
-    MANIFEST,
     LatentTable,
     schema_metadata,
     sibling_tables,
     table_metadata,
     write_part,
 )
-from mambastyle.runstats import TABLE_STATS_NAME
 from mambastyle.storage import Location, delete, list_files, read_bytes, write_bytes
 
 log = logging.getLogger(__name__)
@@ -245,12 +243,3 @@ def skip_filter(table: pa.Table, done: set[str]) -> pa.Table:
     if not done:
         return table
     return table.filter(pc.invert(pc.is_in(table.column("key"), pa.array(sorted(done), pa.string()))))
-
-
-def clean(prefix: Location, listed: list[str]) -> None:
-    """Removes the files under ``prefix`` that the committed manifest does not list."""
-    keep = {prefix.join(p).path for p in listed}
-    keep |= {prefix.join(MANIFEST).path, prefix.join(TABLE_STATS_NAME).path}
-    for path in list_files(prefix):
-        if path not in keep:
-            delete(Location(prefix.fs, path, path))

@@ -32,7 +32,15 @@ import numpy as np
 import pyarrow as pa
 
 from mambastyle.invert import resume
-from mambastyle.latents import MANIFEST, build_part, commit, part_metadata, schema, write_part
+from mambastyle.latents import (
+    MANIFEST,
+    build_part,
+    commit,
+    part_metadata,
+    remove_unlisted,
+    schema,
+    write_part,
+)
 from mambastyle.locks import writer_lock
 from mambastyle.runstats import TABLE_STATS_NAME, RunStats
 from mambastyle.runtime import TorchThread, actor_device, collecting_datasink, root_cause, worker_options
@@ -214,7 +222,7 @@ def run_inversion(job: InvertJob, shards: list[dict], stats: RunStats | None = N
     extra = {"reused": {"rows": work.reused_rows, "from": sources}, "resumed": work.staged_rows,
              "computed": len(keys)}  # fmt: skip
     manifest = commit(prefix, parts, part_metadata(prefix, parts), extra)
-    resume.clean(prefix, parts)
+    remove_unlisted(prefix, [p["path"] for p in parts])
     return manifest
 
 

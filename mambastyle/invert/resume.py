@@ -103,8 +103,6 @@ def plan(prefix: Location, shards: list[dict], metadata: Mapping[str, str], row_
             continue
         if keys:
             result.skip[posixpath.basename(shard["path"])] = frozenset(keys)
-            result.todo.append(shard)
-            continue
         result.todo.append(shard)
     if result.todo and metadata.get("compute_sha256"):
         found = _reusable(prefix, result.todo, metadata)
@@ -185,12 +183,3 @@ def _rewrite(prefix: Location, shard: dict, source: tuple, metadata: Mapping[str
         written.append(part_entry(path, shard, table.num_rows, reused_from=other.uri))
     log.info("reused %d rows of %s from %s", sum(p["rows"] for p in written), shard["path"], other.uri)
     return written
-
-
-def clean(prefix: Location, parts: list[dict]) -> None:
-    """Removes the files under ``prefix`` that the committed manifest does not list."""
-    keep = {prefix.join(p["path"]).path for p in parts} | {prefix.join(MANIFEST).path}
-    keep.add(prefix.join(TABLE_STATS_NAME).path)
-    for path in list_files(prefix):
-        if path not in keep:
-            delete(Location(prefix.fs, path, path))
