@@ -3,7 +3,8 @@
 Edited images/s through the whole Ray Data job (selection -> actor pool applying the edits and
 rendering -> PNG encoding -> WebDataset shards and Parquet edits table -> committed manifest)
 vs the bare generator forward (``synthesis``) on the same number of codes, batch size and
-threads (timed before and after the job, averaged). Target ratio >= 0.85.
+threads (timed before and after the job, averaged), with the allocator settings the job's
+actors get (the script restarts itself with them where unset). Target ratio >= 0.85.
 
 Usage:
     .venv/bin/python benchmarks/edit.py [--rows 128] [--strengths 4] [--resolution 128]
@@ -39,6 +40,9 @@ def latent_table(uri: str, w: np.ndarray):
 
 
 def main() -> int:
+    from allocator import restart_with_allocator_env
+
+    restart_with_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=128, help="selected rows")
     parser.add_argument("--strengths", type=int, default=4, help="strengths per row (images per row)")

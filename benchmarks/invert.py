@@ -158,11 +158,9 @@ def selection_vs_scan(args) -> None:
 
 
 def main() -> int:
-    from mambastyle.runtime import ALLOCATOR_ENV
+    from allocator import restart_with_allocator_env
 
-    missing = {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
-    if missing:  # glibc reads them at start-up: the bare baseline runs as the stage's actors do
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+    restart_with_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--images",

@@ -17,9 +17,14 @@ Backends:
 - ``cpu``: compiled kernels (numba, compiled on first use and cached) with a hand-written
   backward that recomputes states per chunk: fast forward and backward on CPU with
   O(L / 64) state memory.
+- ``triton``: Triton kernels (forward and backward, z, D, delta_bias and softplus fused in)
+  for GPU tensors; Triton comes with torch's CUDA wheels, so this needs nothing else. With
+  ``TRITON_INTERPRET=1`` set before the first call, the same kernels run in Triton's
+  interpreter on CPU tensors (slowly: that is how they are tested without a GPU).
 - ``cuda``: mamba-ssm's ``selective_scan_fn``; only when it imports and the tensors are
   on a GPU.
-- ``auto`` (default): ``cuda`` where possible, ``cpu`` for CPU tensors, else ``ref``.
+- ``auto`` (default): on a GPU ``cuda`` where mamba-ssm imports, else ``triton``; ``cpu``
+  for CPU tensors; ``ref`` only where neither is possible.
 
 Decays are exp(delta * A) with delta >= 0 and A <= 0 (S4D-real init), i.e. in (0, 1]:
 no backend divides by a cumulative decay, so nothing overflows for any L or |A| * sum(dt).
@@ -35,8 +40,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "ref", "cpu", "cuda"]
-BACKENDS = ("ref", "cpu", "cuda")
+Backend = Literal["auto", "ref", "cpu", "triton", "cuda"]
+BACKENDS = ("ref", "cpu", "triton", "cuda")
 CHUNK = 64  # steps between stored states in the cpu backend
 
 log = logging.getLogger(__name__)
@@ -86,12 +91,33 @@ def _cpu_kernels():
     return _scan_cpu
 
 
+@functools.cache
+def _triton_kernels():
+    """The Triton kernels, or None when Triton cannot be imported. Whether they compile for
+    the GPU or run in Triton's interpreter is fixed by TRITON_INTERPRET at the first call."""
+    try:
+        from mambastyle.layers import _scan_triton
+    except Exception as exc:  # ImportError, or a Triton that does not match this torch
+        log.debug("Triton scan kernels unavailable: %s", exc)
+        return None
+    return _scan_triton
+
+
+def _triton_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device`` in this environment."""
     device = torch.device(device)
     out = ["ref"]
     if device.type == "cpu" and _cpu_kernels() is not None:
         out.append("cpu")
+    on_gpu = device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
+    if on_gpu and _triton_kernels() is not None:
+        out.append("triton")
     if device.type == "cuda" and _mamba_selective_scan_fn() is not None:
         out.append("cuda")
     return out
@@ -102,15 +128,16 @@ def resolve_backend(backend: Backend, device: torch.device | str) -> str:
     device = torch.device(device)
     if backend == "auto":
         avail = available_backends(device)
-        for choice in ("cuda", "cpu"):
-            if choice in avail:
-                return choice
-        return "ref"
+        # Triton's interpreter is a test harness, never a choice for CPU tensors.
+        preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        return next((choice for choice in preference if choice in avail), "ref")
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
     if backend != "ref" and backend not in available_backends(device):
         why = {
             "cpu": "needs CPU tensors and numba",
+            "triton": "needs CUDA tensors and an importable Triton (torch's CUDA wheels bring it), "
+            "or TRITON_INTERPRET=1 for CPU tensors",
             "cuda": "needs CUDA tensors and an importable mamba-ssm (pip install '.[cuda]')",
         }[backend]
         raise RuntimeError(f"scan backend {backend!r} is unavailable for {device.type} tensors: {why}")
@@ -137,6 +164,11 @@ def selective_scan(
         return _mamba_selective_scan_fn()(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state
         )
+    if name == "triton":
+        grouped = (B, C) if B.dim() == 4 else (B[:, None], C[:, None])
+        scan = _triton_kernels().SelectiveScan
+        y, last = scan.apply(u, delta, A, *grouped, D, z, delta_bias, delta_softplus)
+        return (y, last) if return_last_state else y
     dtype_in = u.dtype
     work = torch.float64 if dtype_in == torch.float64 and name == "ref" else torch.float32
     delta = delta.to(work)

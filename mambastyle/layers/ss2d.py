@@ -69,8 +69,9 @@ def ss2d_scan(
         x: (B, L, d) inputs, tokens in row-major order (L = h * w), channels last.
         dts: (4, d, B, L) raw step sizes per direction (softplus(dts + dt_bias) is applied).
         A: (4, d, N); B, C: (B, 4, N, L); D, dt_bias: (4, d).
-        backend: ``cpu`` runs the fused kernels (no permuted copies); the others scan
-            cross-scanned copies with :func:`selective_scan` and cross-merge the outputs.
+        backend: ``cpu`` and ``triton`` run fused kernels that read each direction's tokens
+            in place (no permuted copies); the others scan cross-scanned copies with
+            :func:`selective_scan` and cross-merge the outputs.
 
     Returns:
         (B, L, d): sum over directions of each direction's scan output (+ D * x).
@@ -88,9 +89,14 @@ def ss2d_scan(
             f"ss2d_scan: x {tuple(x.shape)} on a {h}x{w} grid; " + "; ".join(bad or ["L != h * w"])
         )
     skip = x * D.sum(0)  # every direction adds D_k * x
-    if resolve_backend(backend, x.device) == "cpu":
+    name = resolve_backend(backend, x.device)
+    if name == "cpu":
         args = (x.float(), dts.float(), dt_bias.float(), A.float(), B.float(), C.float())
         return _SS2DScanCPU.apply(*args, h, w) + skip
+    if name == "triton":
+        from mambastyle.layers.selective_scan import _triton_kernels
+
+        return _triton_kernels().SS2DScan.apply(x, dts, dt_bias, A, B, C, h, w) + skip
     xs = cross_scan(x.transpose(1, 2).reshape(b, d, h, w))  # (B, 4, d, L)
     ys = selective_scan(
         xs.reshape(b, k * d, length),

@@ -1,0 +1,360 @@
+"""Triton kernels for the selective scan and the fused four-direction SS2D scan.
+
+Only :mod:`mambastyle.layers.selective_scan` imports this module, on the first call of the
+``triton`` backend, so ``import mambastyle`` never imports Triton. Triton decides when this
+module is imported whether its kernels compile for the GPU or run in its interpreter
+(``TRITON_INTERPRET=1``, CPU tensors), which is how the tests check them without a GPU.
+
+One kernel pair serves both callers. A program owns one batch element and a block of
+``BLOCK_D`` channels and walks time in chunks of ``BLOCK_T`` steps; within a chunk the
+recurrence h_t = a_t h_{t-1} + x_t (a_t = exp(delta_t A), x_t = delta_t u_t B_t) is a
+parallel prefix scan over the chunk's steps (``tl.associative_scan`` on (a, x) pairs) for
+all ``BLOCK_N`` states of every channel at once, and the state at the chunk's end carries
+into the next chunk. Decays are in (0, 1] and nothing divides by a product of them.
+
+- Selective scan (``CROSS=False``, ``K=1``): u, delta, z, y are (Bt, D, L); B, C are
+  (Bt, G, N, L) and channel d reads group d // (D / G). softplus, delta_bias, D and the
+  z gate are applied in the kernel, as mamba-ssm's kernel does.
+- SS2D (``CROSS=True``, ``K=4``): x and y are (B, L, d) with tokens in row-major order and
+  the step sizes (4, d, B, L); direction k reads tokens in its own order (row-major,
+  column-major, both reversed) by index arithmetic, so the four scanned copies of the
+  sequence never exist in memory. A program scans its channels' four directions one after
+  the other and adds each into y (and, backwards, into dx), so the sum over directions
+  needs no atomics and is deterministic.
+
+The forward pass stores the state at the start of every chunk when gradients are needed;
+the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
+g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse prefix scan, chunk by chunk from the end.
+Gradients of B, C (summed over a group's channels), A and D are accumulated with atomic adds
+across programs; everything is float32 inside whatever the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Registers per program: BLOCK_D * BLOCK_N * BLOCK_T float32 values per live (a, x, h)
+# tile; 4096 keeps a 4-warp program's tiles within its registers on current GPUs.
+TILE_BUDGET = 4096
+BLOCK_T = 32
+
+
+@triton.jit
+def _combine(a1, x1, a2, x2):
+    """Composes two steps of h -> a h + x, the left one first."""
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _position(t, L, H, W, k: tl.constexpr, CROSS: tl.constexpr):
+    """Row-major token index that direction ``k`` visits at step ``t``."""
+    if CROSS:
+        if k >= 2:
+            t = L - 1 - t
+        if k % 2 == 1:
+            t = (t % H) * W + t // H
+    return t
+
+
+@triton.jit
+def _step_sizes(dt_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Loads raw step sizes and applies bias and softplus; 0 outside ``mask`` (a no-op step).
+    Returns (delta, raw + bias)."""
+    raw = tl.load(dt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _scan_fwd(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, y_ptr, ckpt_ptr, last_ptr,
+    L, H, W, DK, CPG, NS, N_CHUNKS,
+    su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+    K: tl.constexpr, CROSS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # channels within a direction
+    n = tl.arange(0, BLOCK_N)
+    j = tl.arange(0, BLOCK_T)
+    mc = c < DK
+    mcn = mc[:, None] & (n < NS)[None, :]
+    for k in tl.static_range(K):
+        ch = k * DK + c  # row of A, D, delta_bias
+        grp = k * (DK // CPG) + c // CPG
+        A = tl.load(A_ptr + ch[:, None] * NS + n[None, :], mask=mcn, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else None
+        Dv = tl.load(D_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_D else None
+        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        for ci in range(N_CHUNKS):
+            t = ci * BLOCK_T + j
+            pos = _position(t, L, H, W, k, CROSS)
+            m2 = mc[:, None] & (t < L)[None, :]
+            uo = b * su_b + c[:, None] * su_d + pos[None, :] * su_l
+            u = tl.load(u_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+            dto = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos[None, :] * sdt_l
+            dt, _ = _step_sizes(dt_ptr, dto, m2, bias, HAS_BIAS, SOFTPLUS)
+            bo = b * sB_b + grp[:, None, None] * sB_g + n[None, :, None] * sB_n + pos[None, None, :] * sB_l
+            m3 = mcn[:, :, None] & (t < L)[None, None, :]
+            Bv = tl.load(B_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            if SAVE_CKPT:
+                co = ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :]
+                tl.store(ckpt_ptr + co, h, mask=mcn)
+            a = tl.exp(dt[:, None, :] * A[:, :, None])
+            x = (dt * u)[:, None, :] * Bv
+            acum, hs = tl.associative_scan((a, x), 2, _combine)
+            hh = acum * h[:, :, None] + hs
+            y = tl.sum(hh * Cv, axis=1)
+            # Steps past L are no-ops (a = 1, x = 0): the last column is the last real state.
+            h = tl.sum(tl.where((j == BLOCK_T - 1)[None, None, :], hh, 0.0), axis=2)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                z = tl.load(z_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+                y = y * z * tl.sigmoid(z)
+            if k > 0:
+                y += tl.load(y_ptr + uo, mask=m2, other=0.0)
+            tl.store(y_ptr + uo, y, mask=m2)
+        tl.store(last_ptr + (b * K * DK + ch[:, None]) * NS + n[None, :], h, mask=mcn)
+        if k + 1 < K:
+            tl.debug_barrier()  # the next direction adds to what this one stored
+
+
+@triton.jit
+def _scan_bwd(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dy_ptr, ckpt_ptr, dlast_ptr,
+    du_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr,
+    L, H, W, DK, CPG, NS, N_CHUNKS,
+    su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+    K: tl.constexpr, CROSS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, ONE_GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    j = tl.arange(0, BLOCK_T)
+    mc = c < DK
+    mcn = mc[:, None] & (n < NS)[None, :]
+    for k in tl.static_range(K):
+        ch = k * DK + c
+        grp = k * (DK // CPG) + c // CPG
+        A = tl.load(A_ptr + ch[:, None] * NS + n[None, :], mask=mcn, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else None
+        Dv = tl.load(D_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_D else None
+        so = (b * K * DK + ch[:, None]) * NS + n[None, :]
+        if HAS_DLAST:
+            g_next = tl.load(dlast_ptr + so, mask=mcn, other=0.0).to(tl.float32)
+        else:
+            g_next = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        dA = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+        dD = tl.zeros((BLOCK_D,), tl.float32)
+        for cc in range(N_CHUNKS):
+            ci = N_CHUNKS - 1 - cc
+            t = ci * BLOCK_T + j
+            pos = _position(t, L, H, W, k, CROSS)
+            m2 = mc[:, None] & (t < L)[None, :]
+            uo = b * su_b + c[:, None] * su_d + pos[None, :] * su_l
+            u = tl.load(u_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+            dto = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos[None, :] * sdt_l
+            dt, raw = _step_sizes(dt_ptr, dto, m2, bias, HAS_BIAS, SOFTPLUS)
+            bo = b * sB_b + grp[:, None, None] * sB_g + n[None, :, None] * sB_n + pos[None, None, :] * sB_l
+            m3 = mcn[:, :, None] & (t < L)[None, None, :]
+            Bv = tl.load(B_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            Cv = tl.load(C_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            h0 = tl.load(ckpt_ptr + ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :],
+                         mask=mcn, other=0.0)  # fmt: skip
+            a = tl.exp(dt[:, None, :] * A[:, :, None])
+            x = (dt * u)[:, None, :] * Bv
+            acum, hs = tl.associative_scan((a, x), 2, _combine)
+            hh = acum * h0[:, :, None] + hs
+            dy = tl.load(dy_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+                sz = tl.sigmoid(z)
+                y = tl.sum(hh * Cv, axis=1)
+                if HAS_D:
+                    y += Dv[:, None] * u
+                tl.store(dz_ptr + uo, dy * y * sz * (1.0 + z * (1.0 - sz)), mask=m2)
+                dy = dy * z * sz
+            # Adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, a reverse scan over (a_{t+1}, C_t dy_t).
+            t1 = t + 1
+            m21 = mc[:, None] & (t1 < L)[None, :]
+            pos1 = _position(t1, L, H, W, k, CROSS)
+            dto1 = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos1[None, :] * sdt_l
+            dt1, _ = _step_sizes(dt_ptr, dto1, m21, bias, HAS_BIAS, SOFTPLUS)
+            a1 = tl.exp(dt1[:, None, :] * A[:, :, None])
+            gprod, gsum = tl.associative_scan((a1, Cv * dy[:, None, :]), 2, _combine, reverse=True)
+            g = gsum + gprod * g_next[:, :, None]
+            g_next = tl.sum(tl.where((j == 0)[None, None, :], g, 0.0), axis=2)
+            decayed = hh - x  # a_t h_{t-1}
+            ddt = tl.sum(g * (u[:, None, :] * Bv + A[:, :, None] * decayed), axis=1)
+            dA += tl.sum(g * dt[:, None, :] * decayed, axis=2)
+            du = tl.sum(g * Bv, axis=1) * dt
+            if HAS_D:
+                du += dy * Dv[:, None]
+                dD += tl.sum(dy * u, axis=1)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            tl.store(ddt_ptr + dto, ddt, mask=m2)
+            if k > 0:
+                du += tl.load(du_ptr + uo, mask=m2, other=0.0)
+            tl.store(du_ptr + uo, du, mask=m2)
+            dBv = g * (dt * u)[:, None, :]
+            dCv = hh * dy[:, None, :]
+            if ONE_GROUP:  # every channel of the block reads the same group: reduce first
+                go = b * sB_b + (k * (DK // CPG) + (tl.program_id(1) * BLOCK_D) // CPG) * sB_g
+                o2 = go + n[:, None] * sB_n + pos[None, :] * sB_l
+                m2n = (n < NS)[:, None] & (t < L)[None, :]
+                tl.atomic_add(dB_ptr + o2, tl.sum(dBv, axis=0), mask=m2n)
+                tl.atomic_add(dC_ptr + o2, tl.sum(dCv, axis=0), mask=m2n)
+            else:
+                tl.atomic_add(dB_ptr + bo, dBv, mask=m3)
+                tl.atomic_add(dC_ptr + bo, dCv, mask=m3)
+        tl.atomic_add(dA_ptr + ch[:, None] * NS + n[None, :], dA, mask=mcn)
+        if HAS_D:
+            tl.atomic_add(dD_ptr + ch, dD, mask=mc)
+        if k + 1 < K:
+            tl.debug_barrier()  # the next direction adds to the dx this one stored
+
+
+def _blocks(dk: int, ns: int, cpg: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, BLOCK_N, ONE_GROUP) for ``dk`` channels per direction, ``ns`` states and
+    ``cpg`` channels per B/C group: the largest channel block within the register budget,
+    halved (down to 4) until it divides the group size, so that its B/C gradients can be
+    summed over the block before the atomic adds."""
+    block_n = triton.next_power_of_2(ns)
+    block_d = max(1, min(32, TILE_BUDGET // (block_n * BLOCK_T), triton.next_power_of_2(dk)))
+    while block_d > 4 and cpg % block_d:
+        block_d //= 2
+    return block_d, block_n, cpg % block_d == 0
+
+
+def _launch(kernel, grid, tensors, sizes, strides, **flags):
+    device = tensors[0].device
+    if device.type == "cuda":  # Triton launches on the current device, not the tensors'
+        with torch.cuda.device(device):
+            kernel[grid](*tensors, *sizes, *strides, **flags)
+    else:
+        kernel[grid](*tensors, *sizes, *strides, **flags)
+
+
+class SelectiveScan(torch.autograd.Function):
+    """y, last_state = selective scan of (Bt, D, L) inputs with (Bt, G, N, L) B and C."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+        bt, d, length = u.shape
+        groups, ns = B.shape[1], A.shape[1]
+        u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+        D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
+        block_d, block_n, one_group = _blocks(d, ns, d // groups)
+        n_chunks = triton.cdiv(length, BLOCK_T)
+        save = any(ctx.needs_input_grad)
+        y = torch.empty_like(u)
+        last = u.new_empty(bt, d, ns, dtype=torch.float32)
+        ckpt = u.new_empty(bt, d, n_chunks, ns, dtype=torch.float32) if save else last
+        grid = (bt, triton.cdiv(d, block_d))
+        flags = {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
+                 "SOFTPLUS": bool(softplus)}  # fmt: skip
+        geometry = _plain_geometry(u, groups, ns, n_chunks)
+        _launch(_scan_fwd, grid, (u, delta, A, B, C, _or(D, u), _or(delta_bias, u), _or(z, u), y, ckpt, last),
+                *geometry, K=1, CROSS=False, SAVE_CKPT=save, BLOCK_D=block_d, BLOCK_N=block_n,
+                BLOCK_T=BLOCK_T, **flags)  # fmt: skip
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
+        ctx.setup = (grid, flags, geometry, one_group, block_d, block_n)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
+        grid, flags, geometry, one_group, block_d, block_n = ctx.setup
+        f32 = {"dtype": torch.float32, "device": u.device}
+        dy = torch.zeros(u.shape, **f32) if dy is None else dy.contiguous()
+        dlast = None if dlast is None else dlast.contiguous()  # e.g. a broadcast scalar: stride 0
+        du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
+        dz = torch.empty(u.shape, **f32) if z is not None else du
+        dA = torch.zeros(A.shape, **f32)
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(B.shape, **f32)
+        dD = torch.zeros(u.shape[1], **f32)
+        tensors = (u, delta, A, B, C, _or(D, u), _or(delta_bias, u), _or(z, u), dy, ckpt, _or(dlast, dy),
+                   du, ddelta, dA, dB, dC, dD, dz)  # fmt: skip
+        _launch(_scan_bwd, grid, tensors, *geometry, K=1, CROSS=False, HAS_DLAST=dlast is not None,
+                ONE_GROUP=one_group, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_T=BLOCK_T, **flags)  # fmt: skip
+        dbias = None if delta_bias is None else ddelta.sum((0, 2)).to(delta_bias.dtype)
+        dD = None if D is None else dD.to(D.dtype)
+        dz = None if z is None else dz.to(z.dtype)
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                dD, dz, dbias, None)  # fmt: skip
+
+
+def _or(t, fallback):
+    """A tensor for a pointer argument the kernel never reads (its flag is off)."""
+    return fallback if t is None else t
+
+
+def _plain_geometry(u, groups: int, ns: int, n_chunks: int):
+    """Sizes and strides of the plain scan: u, delta, z, y (Bt, D, L); B, C (Bt, G, N, L)."""
+    bt, d, length = u.shape
+    sizes = (length, 1, 1, d, d // groups, ns, n_chunks)
+    strides = (d * length, length, 1, 0, d * length, length, 1, groups * ns * length, ns * length, length, 1)
+    return sizes, strides
+
+
+class SS2DScan(torch.autograd.Function):
+    """The four-direction SS2D scan (no D term), summed over directions: x (B, L, d) -> (B, L, d)
+    float32; step sizes (4, d, B, L) raw (bias and softplus applied here), A (4, d, N),
+    B and C (B, 4, N, L), all in row-major token order."""
+
+    @staticmethod
+    def forward(ctx, x, dts, bias, A, B, C, h, w):
+        b, length, d = x.shape
+        ns = A.shape[-1]
+        x, dts, bias, A, B, C = (t.contiguous() for t in (x, dts, bias, A, B, C))
+        block_d, block_n, _ = _blocks(d, ns, d)
+        n_chunks = triton.cdiv(length, BLOCK_T)
+        save = any(ctx.needs_input_grad)
+        y = x.new_empty(b, length, d, dtype=torch.float32)
+        last = x.new_empty(b, 4 * d, ns, dtype=torch.float32)
+        ckpt = x.new_empty(b, 4 * d, n_chunks, ns, dtype=torch.float32) if save else last
+        grid = (b, triton.cdiv(d, block_d))
+        geometry = _cross_geometry(x, h, w, ns, n_chunks)
+        _launch(_scan_fwd, grid, (x, dts, A, B, C, x, bias, x, y, ckpt, last), *geometry, K=4, CROSS=True,
+                HAS_D=False, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True, SAVE_CKPT=save, BLOCK_D=block_d,
+                BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
+        ctx.save_for_backward(x, dts, bias, A, B, C, ckpt)
+        ctx.setup = (grid, geometry, block_d, block_n)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dts, bias, A, B, C, ckpt = ctx.saved_tensors
+        grid, geometry, block_d, block_n = ctx.setup
+        f32 = {"dtype": torch.float32, "device": x.device}
+        dy = dy.contiguous()
+        dx, ddts = torch.empty(x.shape, **f32), torch.empty(dts.shape, **f32)
+        dA = torch.zeros(A.shape, **f32)
+        dB, dC = torch.zeros(B.shape, **f32), torch.zeros(B.shape, **f32)
+        tensors = (x, dts, A, B, C, x, bias, x, dy, ckpt, dy, dx, ddts, dA, dB, dC, dx, dx)
+        _launch(_scan_bwd, grid, tensors, *geometry, K=4, CROSS=True, HAS_D=False, HAS_Z=False,
+                HAS_BIAS=True, SOFTPLUS=True, HAS_DLAST=False, ONE_GROUP=True, BLOCK_D=block_d,
+                BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
+        return (dx.to(x.dtype), ddts.to(dts.dtype), ddts.sum((2, 3)).to(bias.dtype), dA.to(A.dtype),
+                dB.to(B.dtype), dC.to(C.dtype), None, None)  # fmt: skip
+
+
+def _cross_geometry(x, h: int, w: int, ns: int, n_chunks: int):
+    """Sizes and strides of SS2D: x, y (B, L, d); step sizes (4, d, B, L); B, C (B, 4, N, L)."""
+    b, length, d = x.shape
+    sizes = (length, h, w, d, d, ns, n_chunks)
+    strides = (length * d, 1, d, d * b * length, length, b * length, 1,
+               4 * ns * length, ns * length, length, 1)  # fmt: skip
+    return sizes, strides

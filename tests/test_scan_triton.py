@@ -1,0 +1,158 @@
+"""The `triton` scan backend's kernels in Triton's interpreter, against the `ref` backend.
+
+The interpreter runs the same kernel code as the GPU, one program after another on CPU
+tensors, and steps its prefix scans element by element: sizes here are small, and lengths
+are chosen to span several BLOCK_T-step chunks with a partial last one. On a GPU machine,
+benchmarks/gpu_check.py compares the compiled kernels with `ref` and mamba-ssm.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from test_selective_scan import assert_close_rel, make_inputs, run
+
+from mambastyle.layers import selective_scan as scan_module
+from mambastyle.layers.selective_scan import available_backends, resolve_backend, selective_scan
+from mambastyle.layers.ss2d import SS2D, ss2d_scan
+
+KERNELS = "mambastyle.layers._scan_triton"
+
+
+def _forget_triton() -> None:
+    """Drops Triton's Python modules (not its compiled extension) and the kernels, so that the
+    next import defines every kernel, Triton's own library functions included, afresh."""
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.") or m == KERNELS]:
+        if not name.startswith("triton._C"):
+            del sys.modules[name]
+    scan_module._triton_kernels.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The kernels imported afresh with TRITON_INTERPRET=1 (Triton reads it when a kernel or
+    one of its library functions is defined); afterwards the next import is a fresh one again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        _forget_triton()
+        pytest.importorskip("triton")
+        kernels = importlib.import_module(KERNELS)
+        assert "triton" in available_backends("cpu")
+        yield kernels
+    _forget_triton()
+
+
+def test_interpreter_is_never_chosen_automatically(interpreted):
+    assert resolve_backend("auto", "cpu") in ("cpu", "ref")
+
+
+@pytest.mark.parametrize(
+    "shape,flags",
+    [
+        # several chunks with a partial last one; groups; everything fused in
+        ({"bt": 2, "d": 4, "n": 3, "length": 45, "groups": 2}, {"delta_softplus": True}),
+        # no z, no D, no bias, no softplus; B/C without a group dim; length < one chunk
+        ({"bt": 1, "d": 3, "n": 4, "length": 7, "groups": 0}, {"drop": ("z", "D", "delta_bias")}),
+        # exactly two chunks; softplus without bias; z without D
+        (
+            {"bt": 1, "d": 4, "n": 2, "length": 64, "groups": 1},
+            {"delta_softplus": True, "drop": ("delta_bias", "D")},
+        ),  # fmt: skip
+        # a group of 5 channels: blocks span groups (per-element gradient atomics); odd state size
+        ({"bt": 1, "d": 10, "n": 3, "length": 33, "groups": 2}, {"delta_softplus": True, "drop": ("z",)}),
+        ({"bt": 2, "d": 2, "n": 1, "length": 1, "groups": 1}, {"delta_softplus": True}),
+    ],
+)
+def test_scan_forward_and_gradients_match_reference(interpreted, shape, flags):
+    inputs = make_inputs(**shape)
+    for name in flags.get("drop", ()):
+        del inputs[name]
+    softplus = flags.get("delta_softplus", False)
+    if not softplus:  # step sizes are positive in any model; negative ones make the state grow
+        inputs["delta"] = torch.nn.functional.softplus(inputs["delta"])
+    bt, d, length = inputs["u"].shape
+    weights = (torch.randn(bt, d, length, dtype=torch.float64),
+               torch.randn(bt, d, inputs["A"].shape[1], dtype=torch.float64))  # fmt: skip
+    ref = run(inputs, "ref", loss_weights=weights, delta_softplus=softplus)
+    got = run(inputs, "triton", dtype=torch.float32, loss_weights=weights, delta_softplus=softplus)
+    # bound: float32 against float64 over <= 64 steps: measured (20 seeds) y <= 4.4e-7, state
+    # <= 5.7e-7, gradients <= 1.4e-6 of max |ref|; 1e-5 and 1e-4 leave >= 17x
+    assert_close_rel(got[0], ref[0], 1e-5, "y")
+    assert_close_rel(got[1], ref[1], 1e-5, "last state")
+    for k in inputs:
+        assert_close_rel(got[2][k], ref[2][k], 1e-4, f"d{k}")
+
+
+def test_scan_only_last_state_needs_gradient(interpreted):
+    # The output unused: backward gets no dy, only the last state's gradient.
+    inputs = make_inputs(bt=1, d=2, n=2, length=40, groups=1)
+    inputs = {k: v.float().requires_grad_() for k, v in inputs.items()}
+    _, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="triton")
+    last.sum().backward()
+    grads = {k: v.grad.clone() for k, v in inputs.items()}
+    for v in inputs.values():
+        v.grad = None
+    _, last_ref = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="ref")
+    last_ref.sum().backward()
+    for k, v in inputs.items():
+        if v.grad is None:  # z and D do not reach the state
+            assert not grads[k].any(), f"d{k} should be zero"
+            continue
+        # bound: float32 both sides, different summation order over 40 steps: measured (20 seeds)
+        # <= 1.5e-6, 7x under
+        assert_close_rel(grads[k].double(), v.grad.double(), 1e-5, f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scan_half_precision_inputs(interpreted, dtype):
+    # State in float32: the output is the exact scan of the rounded inputs, rounded once.
+    inputs = {k: v.to(dtype) for k, v in make_inputs(bt=1, d=4, n=3, length=37, groups=2).items()}
+    y = selective_scan(**inputs, delta_softplus=True, backend="triton")
+    assert y.dtype == dtype
+    want = selective_scan(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True, backend="ref")
+    # bound: one conversion of the float32 result to the input dtype, which is off by less than
+    # one unit in the last place (finfo.eps relative; the GPU rounds to nearest, half that,
+    # Triton's interpreter truncates), plus float32 noise ~1e-7: measured (20 seeds) <= 0.82 eps
+    # for bf16, 0.33 eps for fp16
+    assert_close_rel(y.double(), want, 1.05 * torch.finfo(dtype).eps, "y")
+
+
+@pytest.mark.parametrize("h,w,d", [(3, 5, 4), (1, 37, 3), (6, 7, 2)])
+def test_fused_ss2d_matches_cross_scan_reference(interpreted, h, w, d):
+    b, n, length = 1, 2, h * w
+    inputs = {
+        "x": torch.randn(b, length, d, dtype=torch.float64),
+        "dts": torch.randn(4, d, b, length, dtype=torch.float64) * 2,
+        "A": -torch.rand(4, d, n, dtype=torch.float64) * 8,
+        "B": torch.randn(b, 4, n, length, dtype=torch.float64),
+        "C": torch.randn(b, 4, n, length, dtype=torch.float64),
+        "D": torch.randn(4, d, dtype=torch.float64),
+        "dt_bias": torch.randn(4, d, dtype=torch.float64),
+    }
+    weight = torch.randn(b, length, d, dtype=torch.float64)
+    results = {}
+    for backend, dtype in (("ref", torch.float64), ("triton", torch.float32)):
+        xs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+        y = ss2d_scan(**xs, h=h, w=w, backend=backend)
+        (y.double() * weight).sum().backward()
+        results[backend] = (y.detach().double(), {k: v.grad.double() for k, v in xs.items()})
+    (ref_y, ref_g), (got_y, got_g) = results["ref"], results["triton"]
+    # bound: float32 against float64 over <= 42 steps per direction: measured (20 seeds) y <= 3.3e-7,
+    # gradients <= 1.6e-6 of max |ref|; 1e-5 and 1e-4 leave >= 30x
+    assert_close_rel(got_y, ref_y, 1e-5, "y")
+    for k in inputs:
+        assert_close_rel(got_g[k], ref_g[k], 1e-4, f"d{k}")
+
+
+def test_ss2d_module_on_triton_matches_ref(interpreted):
+    block = SS2D(8, d_state=2, expand=1.0, scan_backend="triton")
+    x = torch.randn(1, 3, 4, 8)
+    with torch.no_grad():
+        got = block(x)
+        block.scan_backend = "ref"
+        want = block(x)
+    # bound: float32 both sides, different summation order: measured (20 seeds) <= 1e-7, 100x under
+    assert_close_rel(got.double(), want.double(), 1e-5, "SS2D output")
