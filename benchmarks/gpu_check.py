@@ -1,14 +1,19 @@
-"""GPU checks for a machine with CUDA (and, for the `cuda` scan backend, the `cuda` extra).
+"""GPU checks for a machine with CUDA (the `triton` scan backend needs nothing more; the
+`cuda` backend needs mamba-ssm, the `cuda` extra). One short script: about five minutes.
 
-1. `cuda` scan backend (mamba-ssm) vs `ref` on fresh random inputs, forward and gradients
-   (skipped with a message when mamba-ssm is not importable).
-2. SS2D on the GPU (whatever backend `auto` picks there) vs `ref`, forward.
-3. Encoder forward latency on the GPU, batch 1 and 8, mambastyle vs psp (256x256 input,
-   1024-px generator), CUDA-synchronised.
-4. Training steps on the GPU with mixed precision (the params.yaml train section, the
+1. Scan agreement: every GPU backend here (`triton`, and `cuda` where mamba-ssm imports) vs
+   `ref` on fresh random inputs, forward and all gradients.
+2. Scan speed: forward + backward ms of each GPU backend at an SS2D-sized problem (batch 8,
+   4 x 384 channels, N 16, L 1024), and the fused SS2D scan (`triton`) against cross-scan
+   copies through the plain scan (`cuda`); the triton/cuda ratio (target <= 1.5).
+3. SS2D on the GPU with each backend vs `ref`, forward and backward.
+4. Encoder forward latency, ms/image at batch 1, 8 and 32, fp32 and bf16 autocast:
+   mambastyle with each GPU backend, and psp (256x256 input, 1024-px generator),
+   CUDA-synchronised; the psp/mambastyle ratios (target >= 1 at batch 8 and 32).
+5. Training steps on the GPU with mixed precision (the params.yaml train section, the
    `mambastyle_small` encoder at 256 px against a 256-px random generator): losses finite,
    steps/s, and the autocast dtype used.
-5. The invert stage's actor (`Inverter`, the class Ray Data runs, asked for a GPU) against
+6. The invert stage's actor (`Inverter`, the class Ray Data runs, asked for a GPU) against
    `invert_batch` on the CPU for the same images: the actor's device, codes and metrics (TF32
    off for the comparison), then its images/s on the GPU with the default math settings
    (`mambastyle` encoder, 256-px generator with 512-d W, reconstructions and metrics on).
@@ -35,12 +40,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
-def check_scan(device: str) -> dict:
-    if "cuda" not in available_backends(device):
-        return {"skipped": "mamba-ssm not importable (install the `cuda` extra)"}
-    g = torch.Generator(device="cpu").manual_seed(0)
-    bt, d, n, length, groups = 2, 256, 16, 2048, 4
-    inputs = {
+GPU_BACKENDS = ("triton", "cuda")
+
+
+def scan_inputs(bt: int, d: int, n: int, length: int, groups: int, seed: int = 0) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return {
         "u": torch.randn(bt, d, length, generator=g),
         "delta": torch.randn(bt, d, length, generator=g) * 0.5 - 1,
         "A": -torch.rand(d, n, generator=g) * 8,
@@ -50,49 +55,122 @@ def check_scan(device: str) -> dict:
         "z": torch.randn(bt, d, length, generator=g),
         "delta_bias": torch.randn(d, generator=g) * 0.1,
     }
-    weight = torch.randn(bt, d, length, generator=g)
+
+
+def scan_with_grads(inputs: dict, backend: str, device: str, weight: torch.Tensor):
+    xs = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+    y = selective_scan(**xs, delta_softplus=True, backend=backend)
+    (y * weight.to(device)).sum().backward()
+    return y.detach(), {k: v.grad for k, v in xs.items()}
+
+
+def check_scan(device: str) -> dict:
+    inputs = scan_inputs(2, 256, 16, 2048, 4)
+    weight = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1))
+    ref = scan_with_grads(inputs, "ref", device, weight)
     out = {}
-    for backend in ("ref", "cuda"):
-        xs = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
-        y = selective_scan(**xs, delta_softplus=True, backend=backend)
-        (y * weight.to(device)).sum().backward()
-        out[backend] = (y.detach(), {k: v.grad for k, v in xs.items()})
-    errs = {"y": rel_err(out["cuda"][0], out["ref"][0])}
-    errs.update({f"d{k}": rel_err(out["cuda"][1][k], out["ref"][1][k]) for k in inputs})
-    return {"relative_errors": errs, "ok": errs["y"] < 1e-3 and max(errs.values()) < 1e-2}
+    for backend in GPU_BACKENDS:
+        if backend not in available_backends(device):
+            out[backend] = {"skipped": f"{backend} unavailable here"}
+            continue
+        y, grads = scan_with_grads(inputs, backend, device, weight)
+        errs = {"y": rel_err(y, ref[0])} | {f"d{k}": rel_err(grads[k], ref[1][k]) for k in inputs}
+        out[backend] = {"relative_errors": errs, "ok": errs["y"] < 1e-3 and max(errs.values()) < 1e-2}
+    out["ok"] = all(v.get("ok", True) for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def cuda_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def scan_speed(device: str) -> dict:
+    """Forward + backward ms per backend, plain scan and SS2D-shaped."""
+    from mambastyle.layers.ss2d import ss2d_scan
+
+    bt, k, d, n, h, w = 8, 4, 384, 16, 32, 32
+    inputs = {key: v.to(device) for key, v in scan_inputs(bt, k * d, n, h * w, k).items()}
+    ss2d = {"x": torch.randn(bt, h * w, d), "dts": torch.randn(k, d, bt, h * w), "A": -torch.rand(k, d, n),
+            "B": torch.randn(bt, k, n, h * w), "C": torch.randn(bt, k, n, h * w), "D": torch.randn(k, d),
+            "dt_bias": torch.randn(k, d) * 0.1}  # fmt: skip
+    ss2d = {key: v.to(device) for key, v in ss2d.items()}
+    out = {"shape": {"batch": bt, "channels": k * d, "state": n, "length": h * w}}
+    for backend in GPU_BACKENDS:
+        if backend not in available_backends(device):
+            continue
+        xs = {key: v.clone().requires_grad_() for key, v in inputs.items()}
+        ys = {key: v.clone().requires_grad_() for key, v in ss2d.items()}
+
+        def plain(xs=xs, backend=backend):
+            selective_scan(**xs, delta_softplus=True, backend=backend).sum().backward()
+
+        def fused(ys=ys, backend=backend):
+            ss2d_scan(**ys, h=h, w=w, backend=backend).sum().backward()
+
+        out[backend] = {"scan_fwd_bwd_ms": cuda_ms(plain), "ss2d_fwd_bwd_ms": cuda_ms(fused)}
+    if "triton" in out and "cuda" in out:
+        out["triton_over_cuda"] = {key: out["triton"][key] / out["cuda"][key] for key in out["cuda"]}
+    return out
 
 
 def check_ss2d(device: str) -> dict:
     torch.manual_seed(0)
     m = SS2D(64, d_state=16).to(device)
     x = torch.randn(2, 16, 16, 64, device=device)
-    with torch.no_grad():
-        m.scan_backend = "ref"
-        ref = m(x)
-        m.scan_backend = "auto"
-        got = m(x)
-    err = rel_err(got, ref)
-    return {"backend": resolve_backend("auto", device), "relative_error": err, "ok": err < 1e-3}
+    weight = torch.randn_like(x)
+    results = {}
+    for backend in ("ref", *GPU_BACKENDS):
+        if backend != "ref" and backend not in available_backends(device):
+            continue
+        m.scan_backend = backend
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y * weight).sum().backward()
+        results[backend] = [y.detach(), xi.grad, *(p.grad.clone() for p in m.parameters())]
+    out = {}
+    for backend, got in results.items():
+        if backend != "ref":
+            errs = [rel_err(a, b) for a, b in zip(got, results["ref"], strict=True)]
+            out[backend] = {
+                "y": errs[0],
+                "max_grad": max(errs[1:]),
+                "ok": errs[0] < 1e-3 and max(errs) < 1e-2,
+            }
+    out["auto"] = resolve_backend("auto", device)
+    out["ok"] = all(v["ok"] for v in out.values() if isinstance(v, dict))
+    return out
 
 
 @torch.no_grad()
 def encoder_latency(device: str) -> dict:
+    """ms/image per encoder (mambastyle once per GPU scan backend), batch and precision."""
+    models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
     out = {}
-    for name in ("mambastyle", "psp"):
-        enc = build_encoder(name, 1024, seed=0).to(device).eval()
-        out[name] = {}
-        for batch in (1, 8):
-            x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
-            for _ in range(3):
-                enc(x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(10):
-                enc(x)
-            torch.cuda.synchronize()
-            out[name][f"ms_per_image_b{batch}"] = (time.perf_counter() - t0) / (10 * batch) * 1e3
+    for name, backend in models:
+        enc = build_encoder(name, 1024, seed=0, scan_backend=backend).to(device).eval()
+        label = name if name == "psp" else f"mambastyle[{backend}]"
+        out[label] = {}
+        for precision in ("fp32", "bf16"):
+            for batch in (1, 8, 32):
+                x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    ms = cuda_ms(lambda enc=enc, x=x: enc(x), repeats=10)
+                out[label][f"{precision}_b{batch}_ms_per_image"] = ms / batch
         del enc
         torch.cuda.empty_cache()
+    ratios = {}
+    for label in out:
+        if label.startswith("mambastyle"):
+            ratios[label] = {key: out["psp"][key] / out[label][key] for key in out[label]}
+    out["psp_over_mambastyle"] = ratios
     return out
 
 
@@ -195,7 +273,8 @@ def main() -> int:
     report = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "scan_cuda_vs_ref": check_scan(device),
+        "scan_vs_ref": check_scan(device),
+        "scan_speed": scan_speed(device),
         "ss2d_vs_ref": check_ss2d(device),
         "encoder_latency": encoder_latency(device),
         "train_steps_amp": train_steps(device),
@@ -206,7 +285,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     failed = [
         k
-        for k in ("scan_cuda_vs_ref", "ss2d_vs_ref", "train_steps_amp", "invert_actor")
+        for k in ("scan_vs_ref", "ss2d_vs_ref", "train_steps_amp", "invert_actor")
         if report[k].get("ok") is False
     ]
     return 1 if failed else 0

@@ -112,3 +112,14 @@ def test_no_credentials_in_deployment_files(repo):
     ignored = (repo / ".dockerignore").read_text().split()
     for path in (".venv/", ".git/", "data/"):
         assert path in ignored
+
+
+def test_gpu_nodes_get_the_triton_scan(repo):
+    # The deployment installs with constraints.txt; its torch must be a CUDA build (which brings
+    # Triton, pinned alongside) for GPU workers to run the `triton` backend instead of `ref`.
+    assert "+cpu" not in _pinned(repo, "torch")
+    assert _pinned(repo, "triton")
+    docker = (repo / "infra" / "Dockerfile").read_text()
+    assert "-c constraints.txt" in docker and "import torch, triton" in docker
+    cfg = yaml.safe_load((repo / "infra" / "cluster-aws.yaml").read_text())
+    assert any("constraints.txt" in cmd for cmd in cfg["setup_commands"])

@@ -161,3 +161,14 @@ def test_ss2d_scan_rejects_inconsistent_shapes():
         with pytest.raises(ValueError, match=r"B \(1, 4, 3, 29\)"):
             ss2d_scan(**{**args, "B": args["B"][..., :-1]}, h=h, w=w, backend=backend)
         assert ss2d_scan(**args, h=h, w=w, backend=backend).shape == (b, h * w, d)
+
+
+def test_scan_backends_reports_what_each_model_runs():
+    from mambastyle.layers.ss2d import describe_scan, scan_backends
+
+    block = VSSBlock(8, d_state=2, scan_backend="ref")
+    assert scan_backends(block, "cpu") == ["ref"]
+    assert describe_scan(block, "cpu") == "scan backend ref on cpu"
+    assert scan_backends(torch.nn.Linear(2, 2), "cpu") == []
+    with pytest.raises(RuntimeError, match="unavailable"):
+        scan_backends(VSSBlock(8, d_state=2, scan_backend="cuda"), "cpu")

@@ -107,6 +107,7 @@ class Inverter:
     def _load(self, job: InvertJob) -> None:
         from mambastyle.checkpoints import checkpoint_source, load_encoder
         from mambastyle.generate import resolve_generator
+        from mambastyle.layers.ss2d import describe_scan
 
         self.job = job
         self.device = actor_device(job.use_gpu, job.cpus_per_actor)
@@ -118,6 +119,7 @@ class Inverter:
             self.encoder, self.fuser, _ = load_fuser(src, device=self.device)
         else:
             self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
+        log.info("invert actor: %s", describe_scan(self.encoder, self.device))
         self.generator = None
         if job.generator is not None:
             gp = job.generator

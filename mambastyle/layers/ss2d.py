@@ -269,3 +269,15 @@ class VSSBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         return self.norm(x * self.skip_scale + self.self_attention(self.ln_1(x)))
+
+
+def scan_backends(model: nn.Module, device: torch.device | str) -> list[str]:
+    """The scan backends ``model``'s SS2D layers run on ``device`` (empty for models without
+    any), as they resolve their ``scan_backend`` setting there."""
+    return sorted({resolve_backend(m.scan_backend, device) for m in model.modules() if isinstance(m, SS2D)})
+
+
+def describe_scan(model: nn.Module, device: torch.device | str) -> str:
+    """One line for a worker's log: which scan backend runs where."""
+    found = scan_backends(model, device)
+    return f"scan backend {', '.join(found)} on {device}" if found else f"no selective scan (on {device})"

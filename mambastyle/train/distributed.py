@@ -77,6 +77,7 @@ def train_worker(config: dict) -> None:
     """``train_loop_per_worker`` of the encoder: builds everything, restores the latest checkpoint, trains."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from mambastyle.layers.ss2d import describe_scan
     from mambastyle.models.encoders import build_encoder
     from mambastyle.train.loop import Trainer
     from mambastyle.train.losses import build_loss
@@ -89,6 +90,7 @@ def train_worker(config: dict) -> None:
     )
     encoder = encoder.to(device)
     encoder.set_latent_avg(g.latent_avg)
+    log.info("rank %d: %s", rank, describe_scan(encoder, device))
     loss, status = build_loss(p.loss, p.pretrained, job.storage.options())
     if hasattr(encoder, "feature_adapter"):
         # Only the F-space path uses it; W+ training never does, and DDP refuses parameters
