@@ -121,11 +121,27 @@ def _token_auth_for_local_instance() -> None:
     Config.initialize("")
 
 
+def worker_logging() -> None:
+    """Sends the package's INFO lines in a Ray worker to the worker's stderr (its log file in
+    the session's ``logs/worker-*.err``; ``ray logs``), which Ray leaves unconfigured so that
+    they would be dropped. Does nothing where logging is configured (a driver, a test)."""
+    import logging
+
+    package = logging.getLogger("mambastyle")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def actor_device(use_gpu: bool, cpus: int):
     """The torch device of a Ray Data actor: its GPU when asked for and present, else the CPU
-    with ``cpus`` threads (the CPU slots the actor holds)."""
+    with ``cpus`` threads (the CPU slots the actor holds). Sets up :func:`worker_logging`."""
     import torch
 
+    worker_logging()
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(cpus)

@@ -118,3 +118,20 @@ def test_other_ray_instances_get_the_settings_through_runtime_env(monkeypatch):
         assert _actor_env(ray, options) == ALLOCATOR_ENV
     finally:
         ray.shutdown()
+
+
+def test_worker_logging_reaches_stderr_only_where_nothing_handles_logs():
+    code = (
+        "import logging, sys\n"
+        "if sys.argv[1] == 'configured': logging.basicConfig(level=logging.INFO, format='root %(message)s')\n"
+        "from mambastyle.runtime import worker_logging\n"
+        "worker_logging(); worker_logging()\n"
+        "logging.getLogger('mambastyle.invert.pipeline').info('scan backend cpu on cpu')\n"
+    )
+    bare = subprocess.run([sys.executable, "-c", code, "bare"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stderr.count("scan backend cpu on cpu") == 1  # once, though called twice
+    assert "mambastyle.invert.pipeline INFO" in bare.stderr
+    configured = subprocess.run([sys.executable, "-c", code, "configured"], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    assert configured.stderr.splitlines() == ["root scan backend cpu on cpu"]  # the driver's format, once

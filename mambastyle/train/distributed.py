@@ -22,7 +22,7 @@ from mambastyle.config import (
     to_dict,
 )
 from mambastyle.runs import STATE_FILE, TrainJob, load_state
-from mambastyle.runtime import worker_env
+from mambastyle.runtime import worker_env, worker_logging
 from mambastyle.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def _setup(job: TrainJob):
     from mambastyle.generate import resolve_generator
 
     p = job.train
+    worker_logging()
     ctx = ray.train.get_context()
     torch.set_num_threads(p.cpus_per_worker)
     device = ray.train.torch.get_device() if p.use_gpu else torch.device("cpu")
