@@ -334,3 +334,12 @@ def test_fit_direction_on_joined_boolean_labels(rng, tmp_path, capsys):
                "--column", column, "--out", str(tmp_path / "x.npy")]  # fmt: skip
         assert main(bad) == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_cpu_actors_share_out_the_ray_instance_cpus(ray_local):
+    from mambastyle.edit.stage import cpus_per_actor
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert cpus_per_actor(1) == cpus
+    assert cpus_per_actor(cpus) == 1
+    assert cpus_per_actor(10 * cpus) == 1  # never zero

@@ -5,6 +5,7 @@ job of :mod:`mambastyle.edit.pipeline` run, and one picture per edit rendered.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -214,6 +215,8 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         from mambastyle.runtime import connect_ray
 
         connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    if not job.use_gpu:
+        job = dataclasses.replace(job, cpus_per_actor=cpus_per_actor(job.num_actors))
     stats.seconds["select_and_load"] = time.perf_counter() - t0
     run = job.metadata["run_id"]
     with writer_lock(params.storage.root, options, f"edit {run}"), stats.phase("render_and_commit"):
@@ -228,6 +231,17 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         )
     grids = {e.name: edit_grid(g, e, table.w_plus(shown), ep.batch_size, model, sources) for e in edits}
     return EditResult(manifest, root.join("edits", job.metadata["run_id"]), edits, grids)
+
+
+def cpus_per_actor(num_actors: int) -> int:
+    """Threads for each of ``num_actors`` CPU actors of the connected Ray: its CPUs shared out,
+    at most one node's worth (an actor runs on one node). The generator's forward scales with
+    threads, and one actor per CPU would hold a generator's activations per CPU."""
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(int(max(nodes, default=1)), total // num_actors))
 
 
 def _open_for(uri: str, generator, options: StorageOptions) -> tuple[LatentTable, str]:
