@@ -72,6 +72,28 @@ def _step_sizes(dt_ptr, offs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.c
 
 
 @triton.jit
+def _chunk(
+    u_ptr, dt_ptr, B_ptr, C_ptr, bias, b, c, n, t, grp, mc, mcn, L, H, W,
+    su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+    k: tl.constexpr, CROSS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):  # fmt: skip
+    """Direction ``k``'s inputs at steps ``t`` for channels ``c``: token positions, mask, u
+    offsets, u, step offsets, delta, raw step + bias, B/C offsets and mask, B, C; float32,
+    zero (a no-op step) past L."""
+    pos = _position(t, L, H, W, k, CROSS)
+    m2 = mc[:, None] & (t < L)[None, :]
+    uo = b * su_b + c[:, None] * su_d + pos[None, :] * su_l
+    u = tl.load(u_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+    dto = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos[None, :] * sdt_l
+    dt, raw = _step_sizes(dt_ptr, dto, m2, bias, HAS_BIAS, SOFTPLUS)
+    bo = b * sB_b + grp[:, None, None] * sB_g + n[None, :, None] * sB_n + pos[None, None, :] * sB_l
+    m3 = mcn[:, :, None] & (t < L)[None, None, :]
+    Bv = tl.load(B_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+    return pos, m2, uo, u, dto, dt, raw, bo, m3, Bv, Cv
+
+
+@triton.jit
 def _scan_fwd(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, y_ptr, ckpt_ptr, last_ptr,
     L, H, W, DK, CPG, NS, N_CHUNKS,
@@ -95,16 +117,11 @@ def _scan_fwd(
         h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
         for ci in range(N_CHUNKS):
             t = ci * BLOCK_T + j
-            pos = _position(t, L, H, W, k, CROSS)
-            m2 = mc[:, None] & (t < L)[None, :]
-            uo = b * su_b + c[:, None] * su_d + pos[None, :] * su_l
-            u = tl.load(u_ptr + uo, mask=m2, other=0.0).to(tl.float32)
-            dto = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos[None, :] * sdt_l
-            dt, _ = _step_sizes(dt_ptr, dto, m2, bias, HAS_BIAS, SOFTPLUS)
-            bo = b * sB_b + grp[:, None, None] * sB_g + n[None, :, None] * sB_n + pos[None, None, :] * sB_l
-            m3 = mcn[:, :, None] & (t < L)[None, None, :]
-            Bv = tl.load(B_ptr + bo, mask=m3, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            _, m2, uo, u, _, dt, _, _, _, Bv, Cv = _chunk(
+                u_ptr, dt_ptr, B_ptr, C_ptr, bias, b, c, n, t, grp, mc, mcn, L, H, W,
+                su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+                k, CROSS, HAS_BIAS, SOFTPLUS,
+            )  # fmt: skip
             if SAVE_CKPT:
                 co = ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :]
                 tl.store(ckpt_ptr + co, h, mask=mcn)
@@ -160,16 +177,11 @@ def _scan_bwd(
         for cc in range(N_CHUNKS):
             ci = N_CHUNKS - 1 - cc
             t = ci * BLOCK_T + j
-            pos = _position(t, L, H, W, k, CROSS)
-            m2 = mc[:, None] & (t < L)[None, :]
-            uo = b * su_b + c[:, None] * su_d + pos[None, :] * su_l
-            u = tl.load(u_ptr + uo, mask=m2, other=0.0).to(tl.float32)
-            dto = k * sdt_k + b * sdt_b + c[:, None] * sdt_d + pos[None, :] * sdt_l
-            dt, raw = _step_sizes(dt_ptr, dto, m2, bias, HAS_BIAS, SOFTPLUS)
-            bo = b * sB_b + grp[:, None, None] * sB_g + n[None, :, None] * sB_n + pos[None, None, :] * sB_l
-            m3 = mcn[:, :, None] & (t < L)[None, None, :]
-            Bv = tl.load(B_ptr + bo, mask=m3, other=0.0).to(tl.float32)
-            Cv = tl.load(C_ptr + bo, mask=m3, other=0.0).to(tl.float32)
+            pos, m2, uo, u, dto, dt, raw, bo, m3, Bv, Cv = _chunk(
+                u_ptr, dt_ptr, B_ptr, C_ptr, bias, b, c, n, t, grp, mc, mcn, L, H, W,
+                su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+                k, CROSS, HAS_BIAS, SOFTPLUS,
+            )  # fmt: skip
             h0 = tl.load(ckpt_ptr + ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :],
                          mask=mcn, other=0.0)  # fmt: skip
             a = tl.exp(dt[:, None, :] * A[:, :, None])
