@@ -59,7 +59,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--actors", type=int, help="actors of threads // actors threads (default: one per thread)"
+        "--actors", type=int, default=1, help="actors, threads // actors threads each (as the stage: 1)"
     )
     parser.add_argument("--units", type=int, default=4, help="source shards of the latent table")
     parser.add_argument("--images-per-shard", type=int, default=64, help="images per tar (per actor call)")
