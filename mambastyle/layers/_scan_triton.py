@@ -94,6 +94,16 @@ def _chunk(
 
 
 @triton.jit
+def _states(dt, u, Bv, A, h0):
+    """A chunk's states from the state ``h0`` before it: h_t = exp(delta_t A) h_{t-1} + x_t
+    as a prefix scan over the chunk's steps. Returns (x, h), both (BLOCK_D, BLOCK_N, BLOCK_T)."""
+    a = tl.exp(dt[:, None, :] * A[:, :, None])
+    x = (dt * u)[:, None, :] * Bv
+    acum, hs = tl.associative_scan((a, x), 2, _combine)
+    return x, acum * h0[:, :, None] + hs
+
+
+@triton.jit
 def _scan_fwd(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, y_ptr, ckpt_ptr, last_ptr,
     L, H, W, DK, CPG, NS, N_CHUNKS,
@@ -125,10 +135,7 @@ def _scan_fwd(
             if SAVE_CKPT:
                 co = ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :]
                 tl.store(ckpt_ptr + co, h, mask=mcn)
-            a = tl.exp(dt[:, None, :] * A[:, :, None])
-            x = (dt * u)[:, None, :] * Bv
-            acum, hs = tl.associative_scan((a, x), 2, _combine)
-            hh = acum * h[:, :, None] + hs
+            _, hh = _states(dt, u, Bv, A, h)
             y = tl.sum(hh * Cv, axis=1)
             # Steps past L are no-ops (a = 1, x = 0): the last column is the last real state.
             h = tl.sum(tl.where((j == BLOCK_T - 1)[None, None, :], hh, 0.0), axis=2)
@@ -184,10 +191,7 @@ def _scan_bwd(
             )  # fmt: skip
             h0 = tl.load(ckpt_ptr + ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :],
                          mask=mcn, other=0.0)  # fmt: skip
-            a = tl.exp(dt[:, None, :] * A[:, :, None])
-            x = (dt * u)[:, None, :] * Bv
-            acum, hs = tl.associative_scan((a, x), 2, _combine)
-            hh = acum * h0[:, :, None] + hs
+            x, hh = _states(dt, u, Bv, A, h0)
             dy = tl.load(dy_ptr + uo, mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
                 z = tl.load(z_ptr + uo, mask=m2, other=0.0).to(tl.float32)
