@@ -180,19 +180,26 @@ def test_a_killed_actor_fails_the_run_cleanly_and_the_rerun_completes_it(tmp_pat
     p, images = _setup(str(tmp_path / "data"), counts={"train": [40] * 6}, batch_size=1)
     killed = threading.Event()
     kills = []
+    seen: dict[int, float] = {}  # actor pid -> its CPU seconds when first seen ALIVE
 
     def kill_once():
         from ray._private.state import actors
 
         deadline = time.time() + 60
         while not killed.is_set() and time.time() < deadline:
-            # an actor past its constructor (ALIVE): one that dies loading its models fails the job
-            # by design, while one that dies at work has its batches retried on another
+            # An actor at work: past its constructor (ALIVE) and past Ray Data's readiness call,
+            # which only then hands it batches. One that dies before that counts as a failed
+            # start, which Ray Data replaces, and the run would succeed. Batches are what use CPU
+            # once it is ALIVE: 0.3 s of them (the readiness call takes milliseconds) means it
+            # holds batches, in flight or queued, which then fail with it.
             alive = {a["Pid"] for a in actors().values() if a["State"] == "ALIVE"
                      and "Inverter" in a["ActorClassName"]}  # fmt: skip
             for proc in psutil.Process().children(recursive=True):  # only this test's Ray
                 if proc.pid in alive and "MapBatches(Inverter)" in " ".join(cmdline(proc)):
                     try:
+                        used = sum(proc.cpu_times()[:2])
+                        if used - seen.setdefault(proc.pid, used) < 0.3:
+                            continue
                         proc.kill()
                     except psutil.NoSuchProcess:
                         continue  # it already finished: the assertion below reports that
