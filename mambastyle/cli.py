@@ -469,6 +469,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import signal
+    import threading
+
+    from mambastyle.serve.studio import ServeError, Studio
+
+    params = _load(args.params)
+    overrides = {
+        k: v for k, v in (("host", args.host), ("port", args.port), ("replicas", args.replicas)) if v
+    }
+    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, **overrides))
+    sp = params.serve
+    try:  # everything the replicas will load, checked here first: a clear error, not a failing replica
+        studio = Studio.from_params(params, args.table)
+    except ServeError as exc:
+        raise CliError(str(exc)) from None
+    table = studio.info["table"]
+    del studio
+    from mambastyle.runtime import connect_ray
+
+    ray = connect_ray(params.ray.address, params.ray.num_cpus, params.ray.num_gpus)
+    from ray import serve
+
+    from mambastyle.serve.app import build
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": sp.host, "port": sp.port})
+        serve.run(build(params, table), name="mambastyle", route_prefix="/")
+        url = f"http://{sp.host}:{sp.port}/"
+        print(json.dumps({"url": url, "table": table, "replicas": sp.replicas}), flush=True)
+        print(f"serving on {url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+        stop.wait()
+    except RuntimeError as exc:  # the application did not come up (Serve wraps replica errors)
+        raise CliError(f"the service did not start: {str(exc).splitlines()[0]}") from None
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
 # --------------------------------------------------------------------------- parser
 
 
@@ -640,6 +690,24 @@ def _report_commands(nouns) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _serve_commands(nouns) -> None:
+    p = nouns.add_parser(
+        "serve",
+        help="an HTTP API and a web page for single inversions and edits (Ray Serve)",
+        description="Serves the latent table's encoder (and fuser), the configured generator and "
+        "directions (params.yaml `serve` section) until interrupted: GET / is the page, "
+        "POST /v1/invert and /v1/edit the API, GET /v1/directions and /healthz.",
+    )
+    _add_params(p)
+    p.add_argument(
+        "--table", help="latent table URI (default: serve.table, edit.table, else the invert stage's)"
+    )
+    p.add_argument("--host", help="default: serve.host")
+    p.add_argument("--port", type=int, help="default: serve.port")
+    p.add_argument("--replicas", type=int, help="default: serve.replicas")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mambastyle",
@@ -655,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     _latents_commands(nouns)
     _edit_commands(nouns)
     _report_commands(nouns)
+    _serve_commands(nouns)
     return parser
 
 

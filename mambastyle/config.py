@@ -480,6 +480,39 @@ class EditParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The interactive editing service (``mambastyle serve``, Ray Serve)."""
+
+    table: str | None  # a latent table URI (its encoder and fuser are served); null = edit.table, else
+    # the invert stage's table
+    edits: tuple[EditEntryParams, ...] | None  # the directions offered; null = edit.edits
+    mode: Literal["w_plus", "fuser"]  # a request's mode when it names none
+    host: str  # 127.0.0.1 keeps it on this machine; 0.0.0.0 on a cluster's head node
+    port: int
+    replicas: int
+    num_cpus: float  # per replica (its torch threads: at least one)
+    num_gpus: float  # per replica; > 0 runs the models on a GPU
+    max_batch_size: int  # concurrent requests run through the models together
+    batch_wait_timeout_s: float  # how long a request waits for others to share its batch
+    max_upload_bytes: int  # a larger body is refused (413) before it is decoded
+    max_edits: int  # directions combined in one request
+    cache_entries: int  # recent uploads kept per replica (aligned face and code), so that a page
+    # moving a slider re-sends a reference, not the photo
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "port", "replicas", "max_batch_size", "max_upload_bytes", "max_edits")
+        check_at_least(self, 0, "num_gpus", "batch_wait_timeout_s", "cache_entries")
+        if self.port > 65535:
+            raise InvalidConfig("port", f"must be at most 65535, got {self.port}")
+        if self.num_cpus < 1:
+            raise InvalidConfig("num_cpus", f"must be at least 1, got {self.num_cpus}")
+        if self.edits is not None:
+            names = [e.name for e in self.edits]
+            if not names or len(set(names)) != len(names):
+                raise InvalidConfig("edits", f"list edits with unique names (or null), got {names}")
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of ``params.yaml``: one section per stage plus ``storage`` and ``ray``."""
 
@@ -492,6 +525,7 @@ class Params:
     invert: InvertParams
     evaluate: EvaluateParams
     edit: EditParams
+    serve: ServeParams
 
 
 # --------------------------------------------------------------------------- validation

@@ -83,7 +83,10 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
             "evaluate": ("mambastyle.evaluate",),
         },
     ),  # fmt: skip
-    ("top", {"": ("mambastyle.stage", "mambastyle.cli", "mambastyle.report", "pipelines*")}),
+    (
+        "top",
+        {"": ("mambastyle.stage", "mambastyle.cli", "mambastyle.report", "mambastyle.serve*", "pipelines*")},
+    ),
 ]
 
 

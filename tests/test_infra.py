@@ -123,3 +123,19 @@ def test_gpu_nodes_get_the_triton_scan(repo):
     assert "-c constraints.txt" in docker and "import torch, triton" in docker
     cfg = yaml.safe_load((repo / "infra" / "cluster-aws.yaml").read_text())
     assert any("constraints.txt" in cmd for cmd in cfg["setup_commands"])
+
+
+def test_serve_config_and_rayservice_build_the_app_from_a_params_file_in_the_image(repo):
+    import importlib
+
+    config = yaml.safe_load((repo / "infra" / "serve.yaml").read_text())
+    service = yaml.safe_load((repo / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == _pinned(repo, "ray")
+    for app in config["applications"] + yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]:
+        module, attr = app["import_path"].split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+        params = app["args"]["params"]
+        # /app is the image's checkout (infra/Dockerfile); /config the ConfigMap of params.yaml
+        assert params == "/config/params.yaml" or (repo / params.removeprefix("/app/")).is_file(), params
+    assert '"[serve]"' in (repo / "infra" / "Dockerfile").read_text()  # the image can serve

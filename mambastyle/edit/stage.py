@@ -200,7 +200,7 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
     g = resolve_generator(
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
     )
-    table, generator_sha = _open_for(uri, g, options)
+    table, generator_sha = open_for_generator(uri, g, options)
     fuser_uri = fuser_checkpoint(params, table) if ep.mode == "fuser" else None
     edits = [build_edit(entry, table, options, uri) for entry in ep.edits]
     # the first rows (by key) for the pictures; checks the selection before anything is written
@@ -244,7 +244,7 @@ def cpus_per_actor(num_actors: int) -> int:
     return max(1, min(int(max(nodes, default=1)), total // num_actors))
 
 
-def _open_for(uri: str, generator, options: StorageOptions) -> tuple[LatentTable, str]:
+def open_for_generator(uri: str, generator, options: StorageOptions) -> tuple[LatentTable, str]:
     """The latent table at ``uri``, refused unless its codes were inverted for ``generator``;
     and the generator's sha256."""
     from mambastyle.checkpoints import state_sha256
