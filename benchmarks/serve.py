@@ -3,6 +3,7 @@ concurrency 1 and 8, against the bare work of the same request in this process (
 encoder and generator forward, PNG encoding), measured in the same run.
 
     python benchmarks/serve.py                      # the demo's models (run `make demo` first)
+    python benchmarks/serve.py --small              # mambastyle_small at 256 px (set up here)
     python benchmarks/serve.py --requests 200
 
 A server (``mambastyle serve``) is started on a free 127.0.0.1 port and stopped at the end. Every
@@ -78,12 +79,70 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
+def small_setup(tmp: Path) -> str:
+    """A params file serving ``mambastyle_small`` (random weights) on a random 256 px generator
+    with 512-wide styles: the demo photos prepared at 256 px and inverted into a table with the
+    CLI, a yaw direction fitted on it, W+ mode. Returns the params file's path."""
+    import torch
+    import yaml
+
+    from mambastyle.checkpoints import save_encoder, state_sha256
+    from mambastyle.config import load_params, parse_params, to_dict
+    from mambastyle.generate import resolve_generator
+    from mambastyle.models.encoders import build_encoder
+
+    base = to_dict(load_params(REPO / "params.yaml"))
+    arch = {
+        **base["generator"]["architecture"],
+        "resolution": 256,
+        "style_dim": 512,
+        "channel_max": 512,
+        "n_mlp": 8,
+    }
+    yaw = {**base["edit"]["edits"][0], "fit_where": "true"}
+    data = {
+        **base,
+        "storage": {**base["storage"], "root": str(tmp / "data")},
+        "generator": {**base["generator"], "architecture": arch},
+        "prepare": {**base["prepare"], "source": "demo", "output_size": 256},
+        "fuser": {**base["fuser"], "enabled": False},
+        "invert": {**base["invert"], "encoder": str(tmp / "encoder.pt"), "metrics": False},
+        "serve": {**base["serve"], "mode": "w_plus", "edits": [yaw]},
+    }
+    p = parse_params(data, "small")
+    gp = p.generator
+    g = resolve_generator(None, gp.architecture, gp.init_seed, gp.latent_avg_samples)
+    enc = build_encoder("mambastyle_small", 256, seed=0, input_size=256, style_dim=512)
+    enc.set_latent_avg(g.latent_avg)
+    ident = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
+    with torch.no_grad():
+        save_encoder(enc, tmp / "encoder.pt", generator=ident)
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cli = [sys.executable, "-m", "mambastyle.cli"]
+    subprocess.run(
+        [*cli, "data", "prepare", "--params", str(path)], check=True, cwd=tmp, stdout=subprocess.DEVNULL
+    )
+    out = subprocess.run([*cli, "latents", "invert", "--params", str(path)], check=True, cwd=tmp,
+                         capture_output=True, text=True)  # fmt: skip
+    table = out.stdout.strip().splitlines()[-1].split("-> ")[-1]
+    data["serve"]["table"] = table
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--requests", type=int, default=120, help="timed requests per case")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small", action="store_true", help="mambastyle_small at 256 px instead of the demo")
     args = ap.parse_args()
+    if args.small:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        args.params = small_setup(Path(tmp.name))
 
     import torch
 
@@ -133,8 +192,8 @@ def main() -> int:
 
     port = _port()
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "mambastyle.cli", "serve", "--params", args.params,
-                               "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    command = [sys.executable, "-m", "mambastyle.cli", "serve", "--params", args.params, "--port", str(port)]
+    server = subprocess.Popen(command, cwd=Path(args.params).parent, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -154,7 +213,9 @@ def main() -> int:
             [{"image": base64.b64encode(unique_photo()).decode(), "edits": edit} for _ in range(8)],
             4,
         )
-        print(f"server: {url}, mode {mode}, direction {direction}, {args.requests} requests per case")
+        r = studio.generator.resolution
+        print(f"server: {url}, {studio.info['encoder']} on a {r} px generator, mode {mode}, direction "
+              f"{direction}, {args.requests} requests per case")  # fmt: skip
         print(f"{'case':<22}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>8}{'bare p50':>10}{'p50/bare':>10}")
         for source in ("photo", "key"):
             for concurrency in (1, 8):

@@ -139,3 +139,12 @@ def test_serve_config_and_rayservice_build_the_app_from_a_params_file_in_the_ima
         # /app is the image's checkout (infra/Dockerfile); /config the ConfigMap of params.yaml
         assert params == "/config/params.yaml" or (repo / params.removeprefix("/app/")).is_file(), params
     assert '"[serve]"' in (repo / "infra" / "Dockerfile").read_text()  # the image can serve
+
+
+def test_the_serve_configs_builder_makes_an_application_from_a_params_file(repo):
+    from ray.serve.deployment import Application
+
+    from mambastyle.serve.app import app_builder
+
+    app = app_builder({"params": str(repo / "params.yaml")})  # binds only: no model is loaded
+    assert isinstance(app, Application)

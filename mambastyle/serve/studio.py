@@ -239,7 +239,7 @@ class Studio:
             raise RequestError(status, outcome.reason, outcome.message or outcome.reason)
         sample = outcome.samples[0]
         meta = sample.meta
-        aligned = np.asarray(Image.open(io.BytesIO(sample.png)).convert("RGB"))
+        aligned = np.array(Image.open(io.BytesIO(sample.png)).convert("RGB"))
         return aligned, {k: meta[k] for k in ("yaw", "pitch", "roll")}
 
     @staticmethod
