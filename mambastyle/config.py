@@ -357,6 +357,8 @@ class InvertParams:
     use_gpu: bool
     row_group_size: int
     rows_per_file: int  # at least this many rows per part file (the last of a run may have fewer)
+    # bf16: the models under bfloat16 autocast (native on AMX / AVX-512-BF16 CPUs and recent GPUs)
+    precision: Literal["fp32", "bf16"]
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "batch_size", "row_group_size", "rows_per_file")
@@ -468,6 +470,7 @@ class EditParams:
     row_group_size: int
     rows_per_file: int
     grid_samples: int  # rows of each edit's picture
+    precision: Literal["fp32", "bf16"]  # bf16: the models under bfloat16 autocast
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "images_per_shard", "batch_size", "num_actors", "row_group_size",
@@ -498,6 +501,7 @@ class ServeParams:
     max_edits: int  # directions combined in one request
     cache_entries: int  # recent uploads kept per replica (aligned face and code), so that a page
     # moving a slider re-sends a reference, not the photo
+    precision: Literal["fp32", "bf16"]  # bf16: the models under bfloat16 autocast
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "port", "replicas", "max_batch_size", "max_upload_bytes", "max_edits")

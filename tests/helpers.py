@@ -150,3 +150,24 @@ def kill_when(proc, ready, timeout_s: float = 300.0) -> None:
                 pass
         proc.wait(timeout=60)
         psutil.wait_procs(family, timeout=60)
+
+
+def fuser_bytes(g) -> bytes:
+    """A fuser checkpoint for generator ``g``: a tiny encoder and fuser, seeded, whose correction
+    visibly changes the picture."""
+    import io
+
+    import torch
+
+    from mambastyle.checkpoints import fuser_payload, state_sha256
+    from mambastyle.models.encoders import build_encoder
+    from mambastyle.models.fuser import build_fuser
+
+    enc = build_encoder("mambastyle_tiny", g.resolution, seed=1, input_size=32, style_dim=g.style_dim)
+    enc.set_latent_avg(g.latent_avg)
+    fuser = build_fuser("fuser_tiny", enc.config, g.config, seed=3)
+    torch.nn.init.normal_(fuser.out.weight, std=0.05)
+    ident = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
+    buf = io.BytesIO()
+    torch.save(fuser_payload(enc, fuser, generator=ident, step=1), buf)
+    return buf.getvalue()

@@ -7,10 +7,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import params, write_shards
+from helpers import fuser_bytes, params, write_shards
 from PIL import Image
 
-from mambastyle.checkpoints import fuser_payload, state_sha256
+from mambastyle.checkpoints import state_sha256
 from mambastyle.edit.core import fused_edits
 from mambastyle.edit.pipeline import EditError, load_fuser_model, read_images
 from mambastyle.edit.stage import edit_from_params
@@ -18,7 +18,6 @@ from mambastyle.generate import resolve_generator
 from mambastyle.invert.pipeline import invert_from_params
 from mambastyle.latents import EDITS_FORMAT, open_table
 from mambastyle.models.encoders import build_encoder
-from mambastyle.models.fuser import build_fuser
 from mambastyle.models.inversion import invert_batch
 from mambastyle.storage import resolve, write_bytes
 from mambastyle.train.fuser import image_with_fuser
@@ -32,17 +31,6 @@ COUNTS = {"train": [5], "test": [6]}
 def _generator():
     gp = params().generator
     return resolve_generator(None, gp.architecture, gp.init_seed, gp.latent_avg_samples)
-
-
-def _fuser_bytes(g) -> bytes:
-    enc = build_encoder("mambastyle_tiny", g.resolution, seed=1, input_size=32, style_dim=g.style_dim)
-    enc.set_latent_avg(g.latent_avg)
-    fuser = build_fuser("fuser_tiny", enc.config, g.config, seed=3)
-    torch.nn.init.normal_(fuser.out.weight, std=0.05)  # a correction that changes the picture
-    ident = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
-    buf = io.BytesIO()
-    torch.save(fuser_payload(enc, fuser, generator=ident, step=1), buf)
-    return buf.getvalue()
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -62,7 +50,7 @@ def test_invert_records_both_metrics_and_edit_fuser_mode_matches_the_reconstruct
     root = resolve(str(tmp_path / "data"))
     images = write_shards(root, COUNTS)
     g = _generator()
-    write_bytes(root.join("fuser.pt"), _fuser_bytes(g), durable=False)
+    write_bytes(root.join("fuser.pt"), fuser_bytes(g), durable=False)
     fuser_uri = root.join("fuser.pt").uri
     p = params(storage={"root": root.uri}, invert={"encoder": fuser_uri, "batch_size": 4, "rows_per_file": 5})
     manifest, prefix = invert_from_params(p, ray_connect=False)

@@ -24,10 +24,9 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, cmdline, free_port, params, write_shards
+from helpers import REPO, cmdline, free_port, fuser_bytes, params, write_shards
 from PIL import Image
 
-from mambastyle.checkpoints import fuser_payload, state_sha256
 from mambastyle.config import to_dict
 from mambastyle.data.demo import demo_files
 from mambastyle.data.faces import PrepareConfig, process_input
@@ -37,8 +36,7 @@ from mambastyle.edit.pipeline import load_fuser_model, read_sources
 from mambastyle.edit.stage import build_edit
 from mambastyle.generate import resolve_generator
 from mambastyle.latents import open_table
-from mambastyle.models.encoders import build_encoder
-from mambastyle.models.fuser import build_fuser, fused_synthesis
+from mambastyle.models.fuser import fused_synthesis
 from mambastyle.models.inversion import prepare_images
 from mambastyle.storage import resolve, write_bytes
 from mambastyle.visual import to_uint8
@@ -58,17 +56,6 @@ EDIT = {
     "strengths": [-2.0, 0.0, 3.0],
     "layers": None,
 }
-
-
-def _fuser_bytes(g) -> bytes:
-    enc = build_encoder("mambastyle_tiny", g.resolution, seed=1, input_size=32, style_dim=g.style_dim)
-    enc.set_latent_avg(g.latent_avg)
-    fuser = build_fuser("fuser_tiny", enc.config, g.config, seed=3)
-    torch.nn.init.normal_(fuser.out.weight, std=0.05)  # a correction that changes the picture
-    ident = {"sha256": state_sha256(g), "resolution": g.resolution, "n_styles": g.n_styles}
-    buf = io.BytesIO()
-    torch.save(fuser_payload(enc, fuser, generator=ident, step=1), buf)
-    return buf.getvalue()
 
 
 class Server:
@@ -162,7 +149,7 @@ def served(tmp_path_factory):
     write_shards(root, {"train": [6], "test": [5]})
     gp = params().generator
     g = resolve_generator(None, gp.architecture, gp.init_seed, gp.latent_avg_samples)
-    write_bytes(root.join("fuser.pt"), _fuser_bytes(g), durable=False)
+    write_bytes(root.join("fuser.pt"), fuser_bytes(g), durable=False)
     fuser_uri = root.join("fuser.pt").uri
     p = params(storage={"root": root.uri}, invert={"encoder": fuser_uri, "batch_size": 4, "rows_per_file": 5})
     ray = connect_ray(None, num_cpus=2)

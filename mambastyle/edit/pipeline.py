@@ -79,6 +79,7 @@ class EditJob:
     table: str = ""  # the latent table's prefix (read tasks open its parts)
     where: str = ""  # the selection: one SQL condition over the latent table's columns
     unit_sha256: tuple = ()  # (unit name, content sha256 or None) of the table's units
+    precision: str = "fp32"  # fp32 | bf16 (autocast; see models.inversion.inference_precision)
 
     @property
     def per_row(self) -> int:
@@ -186,7 +187,10 @@ class Editor:
     def _edit_and_write(self, batch: pa.Table) -> pa.Table:
         results = []
         if batch.num_rows:
-            rows = edit_rows(batch, self.job, self.generator, self.model)
+            from mambastyle.models.inversion import inference_precision
+
+            with inference_precision(self.device, self.job.precision):
+                rows = edit_rows(batch, self.job, self.generator, self.model)
             results = write_units(rows, self.job)
         return pa.table({"result": pa.array([json.dumps(r) for r in results], pa.string())})
 

@@ -229,7 +229,10 @@ def edit_from_params(params, table_uri: str | None = None, ray_connect: bool = T
         sources = read_sources(
             root, *(shown.column(c).to_pylist() for c in ("key", "split", "shard")), options
         )
-    grids = {e.name: edit_grid(g, e, table.w_plus(shown), ep.batch_size, model, sources) for e in edits}
+    from mambastyle.models.inversion import inference_precision
+
+    with inference_precision("cpu", ep.precision):  # as the actors render (on the driver's CPU)
+        grids = {e.name: edit_grid(g, e, table.w_plus(shown), ep.batch_size, model, sources) for e in edits}
     return EditResult(manifest, root.join("edits", job.metadata["run_id"]), edits, grids)
 
 
@@ -271,7 +274,8 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
     ep, gp = params.edit, params.generator
     fuser_sha = table.metadata.get("fuser_sha256") if fuser_uri else None
     settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity(),
-                "mode": ep.mode, "fuser": fuser_sha}  # fmt: skip
+                "mode": ep.mode, "fuser": fuser_sha,
+                **({"precision": ep.precision} if ep.precision != "fp32" else {})}  # fmt: skip
     run, how = run_id(table, ep.where, edits, generator_sha, settings)
     metadata = {
         "edit_sha256": how,
@@ -283,6 +287,7 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
         "mode": ep.mode,
         "run_id": run,
         "package_version": __version__,
+        **({"precision": ep.precision} if ep.precision != "fp32" else {}),
     }
     return EditJob(
         out=root.join("edits", run).uri, options=params.storage.options(), generator=gp, edits=tuple(edits),
@@ -290,6 +295,7 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
         output=ep.output, images_per_shard=ep.images_per_shard, row_group_size=ep.row_group_size,
         rows_per_file=ep.rows_per_file, metadata=metadata, fuser=fuser_uri, root=root.uri,
         table=table.prefix.uri, where=ep.where, unit_sha256=tuple((u.name, u.sha256) for u in units(table)),
+        precision=ep.precision,
     )  # fmt: skip
 
 

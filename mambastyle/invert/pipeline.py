@@ -76,6 +76,7 @@ class InvertJob:
     fuser: str | None = None  # a fuser checkpoint: its encoder makes the codes, its fuser the *_fuser metrics
     shards: dict = field(default_factory=dict)  # shard file name -> its shard manifest entry
     skip: dict = field(default_factory=dict)  # shard file name -> keys a killed run already wrote
+    precision: str = "fp32"  # fp32 | bf16 (autocast; see models.inversion.inference_precision)
 
 
 @functools.cache
@@ -119,7 +120,13 @@ class Inverter:
             self.encoder, self.fuser, _ = load_fuser(src, device=self.device)
         else:
             self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
-        log.info("invert actor: %s", describe_scan(self.encoder, self.device))
+        log.info("invert actor: %s, %s", describe_scan(self.encoder, self.device), job.precision)
+        if job.precision == "bf16":
+            from mambastyle.models.inversion import bf16_native
+
+            if not bf16_native(self.device):
+                log.warning("invert.precision bf16 on %s, which has no bfloat16 instructions: emulated, "
+                            "slower than fp32", self.device)  # fmt: skip
         self.generator = None
         if job.generator is not None:
             gp = job.generator
@@ -159,7 +166,8 @@ class Inverter:
         else:
             images = torch.from_numpy(np.ascontiguousarray(batch["png"]))
             meta = list(batch["json"])
-        out = invert_batch(self.encoder, images, self.generator, self.lpips, self.job.batch_size, self.fuser)
+        out = invert_batch(self.encoder, images, self.generator, self.lpips, self.job.batch_size, self.fuser,
+                           self.job.precision)  # fmt: skip
         rows = {
             "key": keys,
             "shard": [u.rsplit("/", 1)[-1] for u in urls],
@@ -365,10 +373,14 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     generator_sha = state_sha256(g)
     lpips = _lpips_weights(ip, options)
     settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity(),
-                "fuser": fuser_loc is not None, "code": compute_hash()}  # fmt: skip
+                "fuser": fuser_loc is not None, "code": compute_hash(),
+                # fp32 (the default) leaves the settings, and so earlier tables' ids, as they were
+                **({"precision": ip.precision} if ip.precision != "fp32" else {})}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
     metadata = _metadata(ip, lpips, fuser_loc, encoder_sha, encoder_name, generator_sha, manifest_bytes, run)
+    if ip.precision != "fp32":
+        metadata["precision"] = ip.precision
     # what makes a row from a face; equal for two tables -> rows of one shard are interchangeable
     metadata["compute_sha256"] = hashlib.sha256(
         f"{encoder_sha}/{generator_sha}/{json.dumps(settings, sort_keys=True)}".encode()
@@ -384,7 +396,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
         use_gpu=ip.use_gpu, row_group_size=ip.row_group_size, rows_per_file=ip.rows_per_file,
         metadata=metadata,
         lpips_alexnet=lpips,
-        fuser=None if fuser_loc is None else fuser_loc.uri,
+        fuser=None if fuser_loc is None else fuser_loc.uri, precision=ip.precision,
     )  # fmt: skip
     stats.seconds["load"] = time.perf_counter() - t0
     with writer_lock(params.storage.root, options, f"invert {run}"), stats.phase("infer_and_commit"):

@@ -7,6 +7,7 @@ size (antialiased bilinear, as in training); reconstructions are compared at tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -18,6 +19,27 @@ from torch import nn
 from mambastyle.models.encoders import Encoder
 from mambastyle.models.fuser import fused_synthesis
 from mambastyle.models.stylegan2 import Generator
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def inference_precision(device: str | torch.device, precision: str):
+    """The context the models' forward passes run in: ``fp32`` as they are, or ``bf16``
+    autocast on ``device`` (convolutions and matrix products in bfloat16, which AMX /
+    AVX-512-BF16 CPUs and recent GPUs run natively; reductions and the rest in float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def bf16_native(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (else autocast emulates it, slowly)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -95,11 +117,15 @@ def invert_batch(
     lpips_net: nn.Module | None = None,
     pad_to: int | None = None,
     fuser: nn.Module | None = None,
+    precision: str = "fp32",
 ) -> Inversion:
     """Encodes ``images`` (uint8) to W+; with ``generator`` also renders the reconstructions and
     measures MSE and SSIM (and LPIPS with ``lpips_net``) against the resized inputs. With a
     ``fuser`` (trained with this encoder), the same metrics are measured again for the
     reconstruction with its feature correction (zero edit direction): ``*_fuser``.
+
+    ``precision``: ``bf16`` runs the encoder and generator under bfloat16 autocast (see
+    :func:`inference_precision`); codes and metrics come back in float32.
 
     ``pad_to``: run the models on batches of exactly this many images (the last padded with
     zeros). CPU kernels are chosen by batch size, so an image's code can differ in its last
@@ -108,24 +134,31 @@ def invert_batch(
     """
     n = images.shape[0]
     if pad_to is not None and n > pad_to:
-        return _concat([invert_batch(encoder, images[i : i + pad_to], generator, lpips_net, pad_to, fuser)
-                        for i in range(0, n, pad_to)])  # fmt: skip
+        parts = [invert_batch(encoder, images[i : i + pad_to], generator, lpips_net, pad_to, fuser, precision)
+                 for i in range(0, n, pad_to)]  # fmt: skip
+        return _concat(parts)
     if pad_to is not None and n < pad_to:
         filler = images.new_zeros((pad_to - n, *images.shape[1:]))
-        out = invert_batch(encoder, torch.cat([images, filler]), generator, lpips_net, fuser=fuser)
+        out = invert_batch(encoder, torch.cat([images, filler]), generator, lpips_net, fuser=fuser,
+                           precision=precision)  # fmt: skip
         return Inversion(*(None if getattr(out, f) is None else getattr(out, f)[:n] for f in FIELDS))
     device = encoder.latent_avg.device
     x = prepare_images(images, encoder.config.input_size).to(device)
-    if fuser is None:
-        w, features = encoder(x), None
-    else:
-        w, features = encoder(x, return_features=True)
+    y = y_fused = None
+    with inference_precision(device, precision):
+        if fuser is None:
+            w, features = encoder(x), None
+        else:
+            w, features = encoder(x, return_features=True)
+        if generator is not None:
+            y = generator.synthesis(w, noise_mode="const").float()
+            if fuser is not None:
+                y_fused = fused_synthesis(generator, fuser, w, features).float()
     out = Inversion(w.float().cpu().numpy(), None, None, None)
-    if generator is not None:
-        out.mse, out.ssim, out.lpips = _metrics(generator.synthesis(w, noise_mode="const"), x, lpips_net)
-        if fuser is not None:
-            y = fused_synthesis(generator, fuser, w, features)
-            out.mse_fuser, out.ssim_fuser, out.lpips_fuser = _metrics(y, x, lpips_net)
+    if y is not None:  # metrics in float32
+        out.mse, out.ssim, out.lpips = _metrics(y, x, lpips_net)
+        if y_fused is not None:
+            out.mse_fuser, out.ssim_fuser, out.lpips_fuser = _metrics(y_fused, x, lpips_net)
     return out
 
 

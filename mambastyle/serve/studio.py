@@ -126,13 +126,14 @@ class Studio:
         max_edits: int = 16,
         device: str = "cpu",
         info: dict | None = None,
+        precision: str = "fp32",
     ):
         if mode == "fuser" and model is None:
             raise ServeError("mode fuser needs a table inverted with a fuser")
         self.generator, self.encoder, self.model = generator, encoder, model
         self.edits = {e.name: e for e in edits}
         self.table, self.prepare, self.root, self.options = table, prepare, root, options
-        self.mode, self.max_edits, self.device = mode, max_edits, device
+        self.mode, self.max_edits, self.device, self.precision = mode, max_edits, device, precision
         self.cache = _Cache(cache_entries)
         self.info = info or {}
 
@@ -201,6 +202,7 @@ class Studio:
             sp.max_edits,
             device,
             info,
+            sp.precision,
         )
 
     # ------------------------------------------------------------------ what is served
@@ -330,11 +332,11 @@ class Studio:
         import torch.nn.functional as F
 
         from mambastyle.models.fuser import fused_synthesis
-        from mambastyle.models.inversion import prepare_images
+        from mambastyle.models.inversion import inference_precision, prepare_images
         from mambastyle.visual import to_uint8
 
         size = self.encoder.config.input_size
-        with torch.no_grad():
+        with torch.no_grad(), inference_precision(self.device, self.precision):
             # one at a time to the encoder's input size: a table's shards may hold another crop
             # size than uploads get under the current prepare params
             x = torch.cat(
@@ -349,7 +351,9 @@ class Studio:
                 y = fused_synthesis(self.generator, self.model.fuser, w, features)
             else:
                 y = self.generator.synthesis(w, noise_mode="const")
-            small = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+            small = F.interpolate(
+                y.float(), size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True
+            )
             mse = (small - x).pow(2).flatten(1).mean(1).cpu().numpy()
             images = to_uint8(y)
         codes = w.float().cpu().numpy()
@@ -370,6 +374,7 @@ class Studio:
         (each direction's step at the code the previous ones reached) and rendered together."""
         import torch
 
+        from mambastyle.models.inversion import inference_precision
         from mambastyle.visual import to_uint8
 
         codes = []
@@ -380,7 +385,7 @@ class Studio:
                     w = w + edit.direction.delta(w, strength, edit.layers).astype(np.float32)
             codes.append(w[0])
         out: list[np.ndarray | None] = [None] * len(items)
-        with torch.no_grad():
+        with torch.no_grad(), inference_precision(self.device, self.precision):
             for mode in ("w_plus", "fuser"):
                 idx = [i for i, (_, _, m) in enumerate(items) if m == mode]
                 if not idx:
