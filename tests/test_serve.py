@@ -319,6 +319,23 @@ def test_bad_requests_get_their_status_and_reason_and_the_server_keeps_serving(s
         (edit(server, {"key": key, "edits": [ok], "mode": "pixels"}), 422, "bad_mode"),
         (edit(server, {"key": key, "edits": [ok], "colour": 1}), 422, "unknown_field"),
         (request(url + "/v1/nothing"), 404, "not_found"),
+        (
+            edit(server, {"key": key, "edits": [{"direction": "shift", "strength": 1e300}]}),
+            422,
+            "bad_strength",
+        ),
+        (request(url + "/v1/edit", b"[" * 5000 + b"]" * 5000), 400, "bad_json"),
+        (
+            request(url + "/v1/edit", json.dumps({"key": key, "edits": [{}] * 10000}).encode()),
+            400,
+            "bad_json",
+        ),
+        # a base64 photo whose bytes pass the upload limit
+        (
+            edit(server, {"image": base64.b64encode(b"\xff" * (p.serve.max_upload_bytes + 1)).decode()}),
+            413,
+            "too_large",
+        ),  # fmt: skip
     ]
     for resp, status, reason in cases:
         assert _reason(resp) == (status, reason), resp[2][:300]

@@ -19,6 +19,7 @@ batches do not compete for the replica's CPUs; alignment runs beside it.
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,9 @@ async def _internal_error(request: Request, exc: Exception):
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes: never held whole."""
+    """The request body, refused (413) from a declared length over ``limit`` before any of it is
+    read, else as soon as what arrives passes it. (Ray Serve's proxy buffers what a client sends
+    before the replica reads it: an ingress in front should limit bodies too.)"""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, "too_large", f"body of {declared} bytes; the limit is {limit}")
@@ -98,6 +101,8 @@ class StudioDeployment:
         self.models = ThreadPoolExecutor(1, thread_name_prefix="models")
         # alignment (dlib, CPU-bound) for as many uploads at once as the replica has CPUs
         self.aligner = ThreadPoolExecutor(max(1, int(p.serve.num_cpus)), thread_name_prefix="align")
+        # table lookups and request bodies (JSON, base64, hashing): off the event loop, bounded
+        self.io = ThreadPoolExecutor(2, thread_name_prefix="requests")
         self.studio = Studio.from_params(p, table, device="cuda" if gpu else "cpu")
         self._encode.set_max_batch_size(p.serve.max_batch_size)
         self._encode.set_batch_wait_timeout_s(p.serve.batch_wait_timeout_s)
@@ -117,13 +122,15 @@ class StudioDeployment:
     async def _render(self, items: list[tuple]) -> list:
         return await self._on_models(self.studio.render, items)
 
+    async def _off_loop(self, pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
     async def _upload(self, data: bytes) -> tuple[str, Face]:
         """An uploaded photo's face, from the cache or aligned (beside the models) and encoded."""
-        ref = Studio.upload_id(data)
+        ref = await self._off_loop(self.io, Studio.upload_id, data)
         face = self.studio.cached(ref)
         if face is None:
-            loop = asyncio.get_running_loop()
-            aligned, pose = await loop.run_in_executor(self.aligner, self.studio.align, data)
+            aligned, pose = await self._off_loop(self.aligner, self.studio.align, data)
             face = await self._encode((aligned, pose))
             self.studio.remember(ref, face)
         return ref, face
@@ -132,11 +139,12 @@ class StudioDeployment:
         source = f"key:{key}"
         face = self.studio.cached(source)
         if face is None:
-            w, pose, aligned = await asyncio.to_thread(self.studio.row, key)
-            if aligned is None:  # w_plus mode: the table's code is all an edit needs
-                face = Face(None, w, None, pose)
+            w, pose, aligned = await self._off_loop(self.io, self.studio.row, key)
+            if aligned is None:  # a table without a fuser: its code is all an edit needs
+                face = Face(None, w, None, pose, table_w=w)
             else:  # fuser mode: the face re-encoded for its features, as the edit stage does
                 face = await self._encode((aligned, pose))
+                face.table_w = w  # W+ mode edits the table's own code
             self.studio.remember(source, face)
         return face
 
@@ -164,14 +172,22 @@ class StudioDeployment:
         ref, face = await self._upload(data)
         if face.reconstruction is None:
             raise RequestError(500, "internal_error", "no reconstruction")
-        return {"ref": ref, **Studio.invert_response(face)}
+        return {"ref": ref, **(await self._off_loop(self.io, Studio.invert_response, face))}
 
     @api.post("/v1/edit")
     async def edit(self, request: Request):
-        raw = await _body(request, self.params.max_upload_bytes * 2)  # base64 adds a third
+        # a base64 photo up to the upload limit (a third larger), and the rest of a request
+        raw = await _body(request, self.params.max_upload_bytes * 4 // 3 + 65536)
+        # Objects and arrays cost Python memory many times their bytes: a request has one per
+        # edit and a few more, so anything with more is refused before it is parsed.
+        most = self.params.max_edits + 4
+        if raw.count(b"{") > most or raw.count(b"[") > most:
+            raise RequestError(
+                400, "bad_json", f"more objects or arrays than a request of {most - 4} edits has"
+            )
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = await self._off_loop(self.io, json.loads, raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise RequestError(400, "bad_json", "the body is not JSON") from None
         if not isinstance(body, dict):
             raise RequestError(400, "not_an_object", "the body must be a JSON object")
@@ -186,10 +202,8 @@ class StudioDeployment:
         edits = self.studio.parse_edits(body.get("edits", []))
         mode = self.studio.check_mode(body.get("mode"))
         face = await self._source(sources[0], body[sources[0]])
-        image = await self._render((face, edits, mode))
-        from mambastyle.edit.core import png_bytes
-
-        return Response(png_bytes(image), media_type="image/png")
+        png = await self._render((face, edits, mode))
+        return Response(png, media_type="image/png")
 
     async def _source(self, kind: str, value) -> Face:
         if kind == "key":
@@ -202,11 +216,15 @@ class StudioDeployment:
                 raise RequestError(404, "unknown_ref", "this ref is not (or no longer) held: send the image")
             return face
         try:
-            data = base64.b64decode(value, validate=True)
+            data = await self._off_loop(self.io, functools.partial(base64.b64decode, validate=True), value)
         except (binascii.Error, ValueError):
             raise RequestError(422, "bad_image", '"image" must be base64') from None
         if not data:
             raise RequestError(400, "empty_body", '"image" is empty')
+        if len(data) > self.params.max_upload_bytes:
+            raise RequestError(
+                413, "too_large", f"image of {len(data)} bytes; the limit is {self.params.max_upload_bytes}"
+            )
         return (await self._upload(data))[1]
 
 

@@ -42,6 +42,11 @@ REJECTION_STATUS = {
 }
 
 
+# A request's strength may reach this multiple of the largest configured one: beyond the sliders'
+# range for experiments, never so far that float32 codes overflow.
+STRENGTH_REACH = 10.0
+
+
 class ServeError(RuntimeError):
     """The service cannot start: missing or mismatched models, tables or directions."""
 
@@ -67,6 +72,7 @@ class Face:
     pose: dict  # yaw, pitch, roll in degrees
     reconstruction: np.ndarray | None = None  # (R, R, 3) uint8 in the service's default mode
     mse: float | None = None  # of the reconstruction against the crop, at the encoder's input size
+    table_w: np.ndarray | None = None  # a table key's own code: what W+ mode edits, as the edit stage
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -136,6 +142,18 @@ class Studio:
         self.mode, self.max_edits, self.device, self.precision = mode, max_edits, device, precision
         self.cache = _Cache(cache_entries)
         self.info = info or {}
+        self._index_keys()
+
+    def _index_keys(self) -> None:
+        """key -> (part, row) of the table, read once (the key column only): a lookup then reads
+        one row's row group, not a scan of every part's codes."""
+        self._fragments, self._rows = [], {}
+        if self.table is None:
+            return
+        for f_idx, fragment in enumerate(self.table.dataset.get_fragments()):
+            self._fragments.append(fragment)
+            for row, key in enumerate(fragment.to_table(columns=["key"]).column("key").to_pylist()):
+                self._rows[key] = (f_idx, row)
 
     # ------------------------------------------------------------------ building
 
@@ -237,8 +255,13 @@ class Studio:
 
         outcome = process_input(InputRef("upload", "upload", data=data), self.prepare)
         if outcome.reason is not None:
-            status = REJECTION_STATUS.get(outcome.reason, 500)
-            raise RequestError(status, outcome.reason, outcome.message or outcome.reason)
+            if outcome.reason not in REJECTION_STATUS:  # the details are in the log, not the answer
+                raise RequestError(
+                    500, "internal_error", "the photo could not be processed (see the server's log)"
+                )
+            raise RequestError(
+                REJECTION_STATUS[outcome.reason], outcome.reason, outcome.message or outcome.reason
+            )
         sample = outcome.samples[0]
         meta = sample.meta
         aligned = np.array(Image.open(io.BytesIO(sample.png)).convert("RGB"))
@@ -260,28 +283,24 @@ class Studio:
         Raises:
             RequestError: 404 unknown_key.
         """
-        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
 
         if not isinstance(key, str) or not key or len(key) > 1000:
             raise RequestError(422, "bad_key", "key must be a non-empty string")
-        columns = [
-            c
-            for c in ("key", "split", "shard", "w_plus", "yaw", "pitch", "roll")
-            if c in self.table.dataset.schema.names
-        ]
-        rows = self.table.to_table(filter=pc.field("key") == key, columns=columns)
-        if rows.num_rows == 0:
-            raise RequestError(404, "unknown_key", f"no row with key {key!r} in {self.table.prefix.uri}")
-        w = self.table.w_plus(rows.slice(0, 1))[0].copy()
+        where = self._rows.get(key)
+        if where is None:
+            raise RequestError(404, "unknown_key", f"no row with key {key[:200]!r} in the served table")
+        fragment = self._fragments[where[0]]
+        names = fragment.physical_schema.names
+        columns = [c for c in ("shard", "w_plus", "yaw", "pitch", "roll") if c in names]
+        rows = fragment.take([where[1]], columns=columns)
+        w = self.table.w_plus(rows)[0].copy()
         pose = {k: rows.column(k)[0].as_py() for k in ("yaw", "pitch", "roll") if k in columns}
         aligned = None
         if self.model is not None:
+            split = pads.get_partition_keys(fragment.partition_expression).get("split")
             aligned = read_sources(
-                self.root,
-                [key],
-                [rows.column("split")[0].as_py()],
-                [rows.column("shard")[0].as_py()],
-                self.options,
+                self.root, [key], [split], [rows.column("shard")[0].as_py()], self.options
             )[0]
         return w, pose, aligned
 
@@ -299,20 +318,26 @@ class Studio:
         for item in edits:
             if not isinstance(item, dict) or set(item) - {"direction", "strength"} or "direction" not in item:
                 raise RequestError(422, "bad_edits", 'each edit is {"direction": NAME, "strength": NUMBER}')
-            name, strength = item["direction"], item.get("strength", 0.0)
+            name, strength = item["direction"], item.get("strength")
             if not isinstance(name, str) or name not in self.edits:
                 raise RequestError(
                     422,
                     "unknown_direction",
                     f"no direction {str(name)[:100]!r}; GET /v1/directions lists them",
                 )
+            edit = self.edits[name]
+            if strength is None and edit.direction.identity_at_zero:
+                strength = 0.0  # no strength: no move (an absolute coordinate has no such default)
             if (
                 isinstance(strength, bool)
                 or not isinstance(strength, int | float)
                 or not math.isfinite(strength)
             ):
                 raise RequestError(422, "bad_strength", f"strength of {name!r} must be a finite number")
-            out.append((self.edits[name], float(strength)))
+            reach = STRENGTH_REACH * max(abs(v) for v in (*edit.strengths, 1.0))
+            if abs(strength) > reach:
+                raise RequestError(422, "bad_strength", f"strength of {name!r} beyond +-{reach:g}")
+            out.append((edit, float(strength)))
         return out
 
     def check_mode(self, mode) -> str:
@@ -358,28 +383,31 @@ class Studio:
             images = to_uint8(y)
         codes = w.float().cpu().numpy()
         return [
-            Face(
+            Face(  # copies: a cached face must not hold on to its whole batch
                 faces[i],
-                codes[i],
-                None if features is None else features[i : i + 1],
+                codes[i].copy(),
+                None if features is None else features[i : i + 1].clone(),
                 dict(poses[i]),
-                images[i],
+                images[i].copy(),
                 float(mse[i]),
             )
             for i in range(len(faces))
         ]
 
-    def render(self, items: Sequence[tuple[Face, list[tuple[Edit, float]], str]]) -> list[np.ndarray]:
-        """Edited images, one per (face, edits, mode): the edits are added one after the other
-        (each direction's step at the code the previous ones reached) and rendered together."""
+    def render(self, items: Sequence[tuple[Face, list[tuple[Edit, float]], str]]) -> list[bytes]:
+        """Edited images as PNG bytes, one per (face, edits, mode): the edits are added one after
+        the other (each direction's step at the code the previous ones reached) and rendered
+        together. W+ mode edits a table key's own code (as the edit stage does); fuser mode
+        the face's code re-encoded with its features (as the edit stage's fuser mode does)."""
         import torch
 
         from mambastyle.models.inversion import inference_precision
         from mambastyle.visual import to_uint8
 
         codes = []
-        for face, edits, _ in items:
-            w = face.w_plus[None].astype(np.float32)
+        for face, edits, mode in items:
+            start = face.table_w if mode == "w_plus" and face.table_w is not None else face.w_plus
+            w = start[None].astype(np.float32)
             for edit, strength in edits:
                 if strength != 0 or not edit.direction.identity_at_zero:
                     w = w + edit.direction.delta(w, strength, edit.layers).astype(np.float32)
@@ -401,7 +429,7 @@ class Studio:
                     y = fused_synthesis(self.generator, self.model.fuser, code, feats, code - base)
                 for i, image in zip(idx, to_uint8(y), strict=True):
                     out[i] = image
-        return out
+        return [png_bytes(image) for image in out]
 
     # ------------------------------------------------------------------ responses
 
