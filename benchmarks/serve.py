@@ -148,7 +148,6 @@ def main() -> int:
 
     from mambastyle.config import load_params
     from mambastyle.data.demo import demo_files
-    from mambastyle.edit.core import png_bytes
     from mambastyle.serve.studio import Studio
 
     torch.set_num_threads(1)
@@ -170,7 +169,7 @@ def main() -> int:
         t0 = time.perf_counter()
         aligned, pose = studio.align(unique_photo())
         face = studio.encode([aligned], [pose])[0]
-        png_bytes(studio.render([(face, e, mode)])[0])
+        studio.render([(face, e, mode)])  # PNG bytes, as the server sends them
         return time.perf_counter() - t0
 
     def bare_key(key: str) -> float:
@@ -182,7 +181,7 @@ def main() -> int:
             from mambastyle.serve.studio import Face
 
             face = Face(None, w, None, pose)
-        png_bytes(studio.render([(face, e, mode)])[0])
+        studio.render([(face, e, mode)])  # PNG bytes, as the server sends them
         return time.perf_counter() - t0
 
     for _ in range(3):
