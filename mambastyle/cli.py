@@ -519,7 +519,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-# --------------------------------------------------------------------------- parser
 
 
 def _add_params(p: argparse.ArgumentParser) -> None:

@@ -110,20 +110,17 @@ class StudioDeployment:
         self._render.set_batch_wait_timeout_s(p.serve.batch_wait_timeout_s)
         log.info("serving %s", describe(self.studio))
 
-    async def _on_models(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.models, fn, *args)
+    async def _off_loop(self, pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _encode(self, items: list[tuple]) -> list[Face]:
         faces, poses = zip(*items, strict=True)
-        return await self._on_models(self.studio.encode, list(faces), list(poses))
+        return await self._off_loop(self.models, self.studio.encode, list(faces), list(poses))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _render(self, items: list[tuple]) -> list:
-        return await self._on_models(self.studio.render, items)
-
-    async def _off_loop(self, pool, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        return await self._off_loop(self.models, self.studio.render, items)
 
     async def _upload(self, data: bytes) -> tuple[str, Face]:
         """An uploaded photo's face, from the cache or aligned (beside the models) and encoded."""
@@ -211,8 +208,8 @@ class StudioDeployment:
         if not isinstance(value, str):
             raise RequestError(422, "bad_source", f'"{kind}" must be a string')
         if kind == "ref":
-            face = self.studio.cached(value)
-            if face is None or value.startswith("key:"):
+            face = None if value.startswith("key:") else self.studio.cached(value)
+            if face is None:
                 raise RequestError(404, "unknown_ref", "this ref is not (or no longer) held: send the image")
             return face
         try:
