@@ -270,12 +270,12 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
          fuser_uri: str | None) -> EditJob:  # fmt: skip
     """The job for these inputs, under ``{root}/edits/{run id}``."""
     from mambastyle import __version__
+    from mambastyle.models.inversion import precision_tag
 
     ep, gp = params.edit, params.generator
     fuser_sha = table.metadata.get("fuser_sha256") if fuser_uri else None
     settings = {"output": ep.output, "images_per_shard": ep.images_per_shard, "generator": gp.identity(),
-                "mode": ep.mode, "fuser": fuser_sha,
-                **({"precision": ep.precision} if ep.precision != "fp32" else {})}  # fmt: skip
+                "mode": ep.mode, "fuser": fuser_sha, **precision_tag(ep.precision)}  # fmt: skip
     run, how = run_id(table, ep.where, edits, generator_sha, settings)
     metadata = {
         "edit_sha256": how,
@@ -287,7 +287,7 @@ def _job(params, root: Location, table: LatentTable, uri: str, edits: list[Edit]
         "mode": ep.mode,
         "run_id": run,
         "package_version": __version__,
-        **({"precision": ep.precision} if ep.precision != "fp32" else {}),
+        **precision_tag(ep.precision),
     }
     return EditJob(
         out=root.join("edits", run).uri, options=params.storage.options(), generator=gp, edits=tuple(edits),

@@ -354,6 +354,7 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     from mambastyle.checkpoints import check_encoder_generator, state_sha256
     from mambastyle.errors import CheckpointError
     from mambastyle.generate import resolve_generator
+    from mambastyle.models.inversion import precision_tag
 
     stats, t0 = RunStats("invert"), time.perf_counter()
     options = params.storage.options()
@@ -374,13 +375,11 @@ def invert_from_params(params, ray_connect: bool = True) -> tuple[dict, Location
     lpips = _lpips_weights(ip, options)
     settings = {"metrics": ip.metrics, "lpips": lpips is not None, "generator": gp.identity(),
                 "fuser": fuser_loc is not None, "code": compute_hash(),
-                # fp32 (the default) leaves the settings, and so earlier tables' ids, as they were
-                **({"precision": ip.precision} if ip.precision != "fp32" else {})}  # fmt: skip
+                **precision_tag(ip.precision)}  # fmt: skip
     run = run_id(manifest_bytes, encoder_sha, generator_sha, settings)
     out = root.join("latents", run)
     metadata = _metadata(ip, lpips, fuser_loc, encoder_sha, encoder_name, generator_sha, manifest_bytes, run)
-    if ip.precision != "fp32":
-        metadata["precision"] = ip.precision
+    metadata.update(precision_tag(ip.precision))
     # what makes a row from a face; equal for two tables -> rows of one shard are interchangeable
     metadata["compute_sha256"] = hashlib.sha256(
         f"{encoder_sha}/{generator_sha}/{json.dumps(settings, sort_keys=True)}".encode()

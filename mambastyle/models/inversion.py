@@ -34,6 +34,12 @@ def inference_precision(device: str | torch.device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def precision_tag(precision: str) -> dict[str, str]:
+    """What a run's id and metadata record of its precision: nothing for fp32 (the default), so
+    fp32 runs keep the ids they had before precision was a setting."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 def bf16_native(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 in hardware (else autocast emulates it, slowly)."""
     device = torch.device(device)
