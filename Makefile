@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 # Keep Ray on loopback for local runs (see README, Troubleshooting).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 # glibc hands large freed blocks back to the OS and page-faults them in again on every
-# forward pass; keeping up to 1 GiB, in one arena for all threads, makes CPU inference
-# faster (the README has the figure).
-export MALLOC_MMAP_THRESHOLD_ := 1073741824
-export MALLOC_TRIM_THRESHOLD_ := 1073741824
+# forward pass; keeping them (blocks up to 4 GiB, up to 16 GiB of free heap top), in one
+# arena for all threads, makes CPU inference faster (mambastyle.runtime.ALLOCATOR_ENV
+# says why; the README has the figures).
+export MALLOC_MMAP_THRESHOLD_ := 4294967296
+export MALLOC_TRIM_THRESHOLD_ := 17179869184
 export MALLOC_ARENA_MAX := 1
 # Stage commands call `python`: the project's environment comes first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)

@@ -6,14 +6,17 @@ import os
 
 # glibc malloc for processes that run models on CPU. A forward pass allocates and frees the
 # same large activation buffers each time; by default glibc hands such blocks back to the OS
-# and page-faults them in again on the next pass (see the README for the cost). Threads other than the
-# main one (Ray Data and Ray Train run user code in threads of their own) get extra arenas,
-# whose heaps cannot keep blocks over 64 MiB at all, so there is one arena. glibc reads these
-# when a process starts.
+# and page-faults them in again on the next pass (see the README for the cost). Blocks up to
+# 4 GiB come from the heap (a batch of 32 at 256 px has single activations over 1 GiB), and
+# up to 16 GiB of free heap top is kept: a model's peak is reused by every later batch, and
+# a batch size that changes (1, then 8) no longer pushes the freed top over the threshold
+# and out to the OS on every pass. Threads other than the main one (Ray Data and Ray Train
+# run user code in threads of their own) get extra arenas, whose heaps cannot keep blocks
+# over 64 MiB at all, so there is one arena. glibc reads these when a process starts.
 ALLOCATOR_ENV = {
     "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": "1073741824",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
 }
 
 

@@ -26,7 +26,7 @@ import numba as nb
 import numpy as np
 from llvmlite import ir
 from numba.core import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 LANES = 16  # channels stepped through time together in the forward kernels, one per SIMD lane
 LOG2E = np.float32(1.4426950408889634)
@@ -97,6 +97,20 @@ def fast_exp2(x):  # pragma: no cover - compiled
     p = p * r + np.float32(6.931470036506653e-1)
     p = p * r + np.float32(1.0)
     return _int_bits_as_float32(_float32_bits_as_int(p) + (np.int32(k) << 23))
+
+
+def to_f32(v):  # pragma: no cover - replaced by its overload inside compiled code
+    """A kernel input element as float32: float32 as is, int16 as the bits of a bfloat16."""
+    raise NotImplementedError("only callable from compiled kernels")
+
+
+@overload(to_f32, inline="always")
+def _to_f32(v):
+    # bfloat16 tensors reach the kernels as int16 views of the same bytes (numba has no
+    # bfloat16): a bfloat16 is the upper half of the float32 with the same value.
+    if isinstance(v, types.Integer):
+        return lambda v: _int_bits_as_float32(np.int32(v) << 16)
+    return lambda v: np.float32(v)
 
 
 @nb.njit(inline="always")
@@ -293,11 +307,13 @@ def fast_sigmoid(v):  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - compiled
+def ss2d_fwd(x, dts, bias, A, bc, off, dsum, h, w, T, y, ckpt):  # pragma: no cover - compiled
     """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; dts (K, D, Bt, L)
-    raw step sizes; bias (K, D); A (K, D, N); Bm, Cm (Bt, K, L, N) -> y (Bt, L, D), the sum
-    over the four directions, and ckpt (Bt, K, D, ceil(L / T), N), the states entering
-    each chunk of T steps.
+    raw step sizes; bias (K, D); A (K, D, N); bc (Bt, L, K, >= off + 2N): per token and
+    direction, B in columns off..off+N-1 and C in the N after them; dsum (D,) -> y (Bt, L, D),
+    the sum over the four directions plus dsum * x, and ckpt (Bt, K, D, ceil(L / T), N),
+    the states entering each chunk of T steps. x, dts and bc may be float32 or bfloat16
+    (as int16 bits); arithmetic is float32.
 
     Tasks are (batch, block of LANES channels); each runs the four directions over the
     block's (L, LANES) buffers with :func:`scan_lanes`, visiting tokens in each direction's
@@ -311,6 +327,14 @@ def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - c
     for k in range(n_dir):
         for t in range(length):
             order[k, t] = _pos(k, t, h, w, length)
+    # B and C as contiguous float32 (L, N) rows per batch and direction, for every block.
+    rows = np.empty((n_batch, n_dir, 2, length, n_state), dtype=np.float32)
+    for bk in nb.prange(n_batch * n_dir):
+        b = bk // n_dir
+        k = bk - b * n_dir
+        for p in range(length):
+            for n in range(2 * n_state):
+                rows[b, k, n // n_state, p, n % n_state] = to_f32(bc[b, p, k, off + n])
     for task in nb.prange(n_batch * blocks):
         b = task // blocks
         d0 = (task - b * blocks) * LANES
@@ -318,22 +342,23 @@ def ss2d_fwd(x, dts, bias, A, Bm, Cm, h, w, T, y, ckpt):  # pragma: no cover - c
         dl, xl, yl, a2, hs = lane_buffers(length, n_state)  # dl: softplus(dts + bias)
         for p in range(length):
             for j in range(nd):
-                xl[p, j] = x[b, p, d0 + j]
+                xl[p, j] = to_f32(x[b, p, d0 + j])
         for k in range(n_dir):
             for j in range(nd):
                 bj = bias[k, d0 + j]
                 for p in range(length):
-                    dl[p, j] = fast_softplus(dts[k, d0 + j, b, p] + bj)
-            scan_lanes(order[k], dl, xl, A[k, d0 : d0 + nd], Bm[b, k], Cm[b, k], T, a2, hs, yl,
+                    dl[p, j] = fast_softplus(to_f32(dts[k, d0 + j, b, p]) + bj)
+            scan_lanes(order[k], dl, xl, A[k, d0 : d0 + nd], rows[b, k, 0], rows[b, k, 1], T, a2, hs, yl,
                        ckpt[b, k, d0 : d0 + nd])  # fmt: skip
         for p in range(length):
             for j in range(nd):
-                y[b, p, d0 + j] = yl[p, j]
+                y[b, p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
 def ss2d_bwd(dy, x, dts, bias, A, Bm, Cm, ckpt, h, w, T, parts, dx, ddts, dA, dB, dC):  # pragma: no cover
-    """Gradients of :func:`ss2d_fwd` (same layouts).
+    """Gradients of :func:`ss2d_fwd`'s scan (without its dsum * x term), float32 inputs;
+    layouts as there except B and C: Bm, Cm (Bt, K, L, N).
 
     Tasks (b, part) own a slice of channels for all directions, so ``dx`` sums over
     directions without races; dB/dC go to per-task slabs (Bt, K, parts, L, N) that the

@@ -51,6 +51,22 @@ def direction_order(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack([rows, cols, rev_rows, rev_cols], dim=1)
 
 
+def _check_scan_shapes(x, A, h, w, **got) -> None:
+    b, length, d = x.shape
+    n = A.shape[-1] if A.dim() == 3 else -1
+    r = got.pop("rank", None)
+    shapes = {"A": (K_DIRECTIONS, d, n), "D": (K_DIRECTIONS, d), "dt_bias": (K_DIRECTIONS, d),
+              "dts": (K_DIRECTIONS, d, b, length), "B": (b, K_DIRECTIONS, n, length),
+              "C": (b, K_DIRECTIONS, n, length), "proj": (b, length, K_DIRECTIONS, (r or 0) + 2 * n),
+              "dt_weight": (K_DIRECTIONS, d, r)}  # fmt: skip
+    got = {"A": A, **got}
+    bad = [f"{name} {tuple(t.shape)} (expected {shapes[name]})" for name, t in got.items()
+           if tuple(t.shape) != shapes[name]]  # fmt: skip
+    if length != h * w or length == 0 or n < 1 or bad:
+        why = "; ".join(bad or ["L != h * w"])
+        raise ValueError(f"ss2d_scan: x {tuple(x.shape)} on a {h}x{w} grid; {why}")
+
+
 def ss2d_scan(
     x: torch.Tensor,
     dts: torch.Tensor,
@@ -74,25 +90,17 @@ def ss2d_scan(
             :func:`selective_scan` and cross-merge the outputs.
 
     Returns:
-        (B, L, d): sum over directions of each direction's scan output (+ D * x).
+        (B, L, d): sum over directions of each direction's scan output (+ D * x), float32
+        on ``cpu`` and ``triton``.
     """
+    _check_scan_shapes(x, A, h, w, dts=dts, B=B, C=C, D=D, dt_bias=dt_bias)
     b, length, d = x.shape
     k = K_DIRECTIONS
-    n = A.shape[-1] if A.dim() == 3 else -1
-    expected = {"dts": (k, d, b, length), "A": (k, d, n), "B": (b, k, n, length), "C": (b, k, n, length),
-                "D": (k, d), "dt_bias": (k, d)}  # fmt: skip
-    got = {"dts": dts, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias}
-    bad = [f"{name} {tuple(got[name].shape)} (expected {shape})" for name, shape in expected.items()
-           if tuple(got[name].shape) != shape]  # fmt: skip
-    if length != h * w or length == 0 or n < 1 or bad:
-        raise ValueError(
-            f"ss2d_scan: x {tuple(x.shape)} on a {h}x{w} grid; " + "; ".join(bad or ["L != h * w"])
-        )
-    skip = x * D.sum(0)  # every direction adds D_k * x
     name = resolve_backend(backend, x.device)
     if name == "cpu":
-        args = (x.float(), dts.float(), dt_bias.float(), A.float(), B.float(), C.float())
-        return _SS2DScanCPU.apply(*args, h, w) + skip
+        bc = torch.cat([B, C], dim=2).permute(0, 3, 1, 2)  # (B, L, 4, 2N): each token's row
+        return _SS2DScanCPU.apply(x, bc, dts, None, dt_bias, A, D.sum(0), h, w)
+    skip = x * D.sum(0)  # every direction adds D_k * x
     if name == "triton":
         from mambastyle.layers.selective_scan import _triton_kernels
 
@@ -111,27 +119,94 @@ def ss2d_scan(
     return cross_merge(ys.view(b, k, d, length), h, w).transpose(1, 2) + skip
 
 
+def ss2d_scan_projected(
+    x: torch.Tensor,
+    proj: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    dt_bias: torch.Tensor,
+    h: int,
+    w: int,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """:func:`ss2d_scan` with the step sizes in low-rank form, as SS2D computes them.
+
+    Args:
+        x: (B, L, d) inputs, tokens in row-major order.
+        proj: (B, L, 4, R + 2N): per token and direction, R step-size factors, then B, then C
+            (one matmul of x with the stacked ``x_proj`` weights gives this layout).
+        dt_weight: (4, d, R): direction k's raw step sizes are ``dt_weight[k] @ factors``.
+        A, D, dt_bias: as in :func:`ss2d_scan`.
+
+    On ``cpu`` the (4, d, B, L) step sizes exist only a few images at a time (bounded memory,
+    reused between calls) and bfloat16 inputs are read as they are; other backends get them
+    materialised for :func:`ss2d_scan`.
+    """
+    rank = dt_weight.shape[-1]
+    _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias, rank=rank)
+    n = A.shape[-1]
+    if resolve_backend(backend, x.device) == "cpu":
+        return _SS2DScanCPU.apply(x, proj, None, dt_weight, dt_bias, A, D.sum(0), h, w)
+    dts = torch.einsum("kdr,blkr->kdbl", dt_weight.to(proj.dtype), proj[..., :rank])
+    bc = proj[..., rank:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
+    B, C = bc[:, :, :n].contiguous(), bc[:, :, n:].contiguous()
+    return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
+
+
+# Step sizes the cpu backend materialises at once, in elements: images are scanned in groups
+# whose (4, d, images, L) step sizes fit (at least one image; 64 MiB in float32).
+STEP_BUFFER_ELEMENTS = 1 << 24
+
+
+def _kernel_array(t: torch.Tensor):
+    """A tensor as the cpu kernels read it: float32, or bfloat16 as its int16 bits (no copy)."""
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy()
+    return t.float().contiguous().numpy()
+
+
 class _SS2DScanCPU(torch.autograd.Function):
-    """Fused four-direction scan on the compiled CPU kernels (float32), with its own backward."""
+    """Fused four-direction scan on the compiled CPU kernels, with its own backward.
+
+    Inputs: x (B, L, d); bc (B, L, 4, off + 2N) whose last 2N columns per direction are B
+    and C; either raw step sizes ``dts`` (4, d, B, L) (off = 0) or their low-rank form
+    ``dt_weight`` (4, d, R) times bc's first R columns; dt_bias (4, d); A (4, d, N);
+    dsum (d,), the skip coefficient. x, bc and dts may be bfloat16; the output is float32.
+    """
 
     @staticmethod
-    def forward(ctx, x, dts, bias, A, B, C, h, w):
+    def forward(ctx, x, bc, dts, dt_weight, bias, A, dsum, h, w):
         from mambastyle.layers.selective_scan import _cpu_kernels, _sync_threads
 
         kern = _cpu_kernels()
         _sync_threads()
         b, length, d = x.shape
         k, n = A.shape[0], A.shape[2]
-        x_c, dts_c, bias_c, A_c = (t.detach().contiguous() for t in (x, dts, bias, A))
-        Bm = B.detach().transpose(-1, -2).contiguous()  # (B, K, L, N)
-        Cm = C.detach().transpose(-1, -2).contiguous()
+        rank = 0 if dt_weight is None else dt_weight.shape[-1]
         # Chunk states are only needed for the backward pass.
         chunk = CHUNK if any(ctx.needs_input_grad) else length
-        y = x.new_empty(b, length, d)
-        ckpt = x.new_empty(b, k, d, math.ceil(length / chunk), n)
-        kern.ss2d_fwd(x_c.numpy(), dts_c.numpy(), bias_c.numpy(), A_c.numpy(), Bm.numpy(), Cm.numpy(),
-                      h, w, chunk, y.numpy(), ckpt.numpy())  # fmt: skip
-        ctx.save_for_backward(x_c, dts_c, bias_c, A_c, Bm, Cm, ckpt)
+        y = torch.empty(b, length, d)
+        ckpt = torch.empty(b, k, d, math.ceil(length / chunk), n)
+        small = [t.detach().float().contiguous().numpy() for t in (bias, A, dsum)]
+        xk, bck = _kernel_array(x.detach()), _kernel_array(bc.detach())
+        if dt_weight is None:
+            kern.ss2d_fwd(xk, _kernel_array(dts.detach()), small[0], small[1], bck, 0, small[2], h, w, chunk,
+                          y.numpy(), ckpt.numpy())  # fmt: skip
+        else:
+            low = bc.detach()[..., :rank]  # (B, L, 4, R)
+            weight = dt_weight.detach().to(low.dtype if low.dtype == torch.bfloat16 else torch.float32)
+            group = max(1, min(b, STEP_BUFFER_ELEMENTS // (k * d * length)))
+            buffer = torch.empty(k * d * group * length, dtype=weight.dtype)
+            for b0 in range(0, b, group):
+                g = min(group, b - b0)
+                factors = low[b0 : b0 + g].to(weight.dtype).permute(2, 3, 0, 1).reshape(k, rank, g * length)
+                steps = buffer[: k * d * g * length].view(k, d, g * length)
+                torch.bmm(weight, factors, out=steps)
+                kern.ss2d_fwd(xk[b0 : b0 + g], _kernel_array(steps.view(k, d, g, length)), small[0], small[1],
+                              bck[b0 : b0 + g], rank, small[2], h, w, chunk, y[b0 : b0 + g].numpy(),
+                              ckpt[b0 : b0 + g].numpy())  # fmt: skip
+        ctx.save_for_backward(x, bc, dts, dt_weight, bias, A, dsum, ckpt)
         ctx.hw = (h, w)
         return y
 
@@ -141,26 +216,43 @@ class _SS2DScanCPU(torch.autograd.Function):
 
         kern = _cpu_kernels()
         _sync_threads()
-        x, dts, bias, A, Bm, Cm, ckpt = ctx.saved_tensors
+        x, bc, dts, dt_weight, bias, A, dsum, ckpt = ctx.saved_tensors
         h, w = ctx.hw
         b, length, d = x.shape
         k, n = A.shape[0], A.shape[2]
+        rank = 0 if dt_weight is None else dt_weight.shape[-1]
+        x, bc, A, bias = x.float().contiguous(), bc.float(), A.float().contiguous(), bias.float().contiguous()
+        dy = dy.float().contiguous()
+        if dt_weight is None:
+            dts = dts.float().contiguous()
+        else:
+            dts = torch.einsum("kdr,blkr->kdbl", dt_weight.float(), bc[..., :rank]).contiguous()
+        Bm = bc[..., rank : rank + n].transpose(1, 2).contiguous()  # (B, 4, L, N)
+        Cm = bc[..., rank + n :].transpose(1, 2).contiguous()
         parts = max(1, min(d, 2 * torch.get_num_threads() // b))
         dx, ddts = torch.empty_like(x), torch.empty_like(dts)
         dA = x.new_empty(b, k, d, n)
         dB = x.new_zeros(b, k, parts, length, n)
         dC = x.new_zeros(b, k, parts, length, n)
-        kern.ss2d_bwd(dy.float().contiguous().numpy(), x.numpy(), dts.numpy(), bias.numpy(), A.numpy(),
-                      Bm.numpy(), Cm.numpy(), ckpt.numpy(), h, w, CHUNK, parts, dx.numpy(), ddts.numpy(),
-                      dA.numpy(), dB.numpy(), dC.numpy())  # fmt: skip
-        dbias = ddts.sum((2, 3))
+        kern.ss2d_bwd(dy.numpy(), x.numpy(), dts.numpy(), bias.numpy(), A.numpy(), Bm.numpy(), Cm.numpy(),
+                      ckpt.numpy(), h, w, CHUNK, parts, dx.numpy(), ddts.numpy(), dA.numpy(), dB.numpy(),
+                      dC.numpy())  # fmt: skip
+        dbc = torch.cat([dB.sum(2), dC.sum(2)], dim=-1).transpose(1, 2)  # (B, L, 4, 2N)
+        ddts_out = dweight = None
+        if dt_weight is not None:
+            dlow = torch.einsum("kdr,kdbl->blkr", dt_weight.float(), ddts)
+            dbc = torch.cat([dlow, dbc], dim=-1)
+            dweight = torch.einsum("kdbl,blkr->kdr", ddts, bc[..., :rank])
+        else:
+            ddts_out = ddts
         return (
-            dx,
-            ddts,
-            dbias,
+            dx + dy * dsum.float(),
+            dbc,
+            ddts_out,
+            dweight,
+            ddts.sum((2, 3)),
             dA.sum(0),
-            dB.sum(2).transpose(-1, -2),
-            dC.sum(2).transpose(-1, -2),
+            (dy * x).sum((0, 1)),
             None,
             None,
         )
@@ -227,18 +319,14 @@ class SS2D(nn.Module):
         if self.conv2d is not None:
             x = self.conv2d(x)
         x = F.silu(x).permute(0, 2, 3, 1).reshape(b, h * w, d)  # (B, L, d), row-major tokens
-        # Projections are per token, so they are computed once in row-major order; the
-        # scan visits the tokens in each direction's order.
-        x_dbl = torch.einsum("bld,kcd->bkcl", x, self.x_proj_weight)  # (B, K, R + 2N, L)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.matmul(self.dt_projs_weight, dts.permute(1, 2, 0, 3).reshape(k, r, b * h * w))
-        dts = dts.view(k, d, b, h * w)  # (K, d, B, L)
-        y = ss2d_scan(
+        # Projections are per token, so they are computed once in row-major order (one matmul
+        # for all four directions); the scan visits the tokens in each direction's order.
+        proj = F.linear(x, self.x_proj_weight.view(k * (r + 2 * n), d)).view(b, h * w, k, r + 2 * n)
+        y = ss2d_scan_projected(
             x,
-            dts,
+            proj,
+            self.dt_projs_weight,
             -torch.exp(self.A_logs.float()).view(k, d, n),
-            bs.contiguous(),  # (B, K, N, L)
-            cs.contiguous(),
             self.Ds.float().view(k, d),
             self.dt_projs_bias.float(),
             h,
