@@ -423,10 +423,13 @@ def cmd_edit_apply(args: argparse.Namespace) -> int:
     params = dataclasses.replace(params, edit=dataclasses.replace(params.edit, **changes), storage=storage)
     table = args.table or params.edit.table
     if table is None:
-        record = Path(args.invert_out) / "manifest.json"
-        if not record.is_file():
-            raise CliError(f"no latent table: give --table (or run the invert stage: {record} is missing)")
-        table = json.loads(record.read_text())["table"]
+        from mambastyle.stage import invert_record
+
+        record = invert_record(args.invert_out)
+        if record is None:
+            missing = Path(args.invert_out) / "manifest.json"
+            raise CliError(f"no latent table: give --table (or run the invert stage: {missing} is missing)")
+        table = record["table"]
     try:
         result = edit_from_params(params, table)
     except EditError as exc:

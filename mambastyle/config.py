@@ -407,6 +407,7 @@ class EvaluateParams:
     grid_samples: int  # faces in the reconstruction picture
     encoders: tuple[EvaluateEncoderParams, ...]  # compared side by side on the same faces
     editability: EditabilityParams
+    precision: Literal["fp32", "bf16"]  # bf16: the models under bfloat16 autocast, metrics in float32
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "synthetic_samples", "batch_size", "latency_batches", "grid_samples")

@@ -7,6 +7,11 @@ LPIPS (AlexNet) and identity similarity (cosine of ArcFace IR-SE50 embeddings, f
 in training) only when their weights are given: a metric whose weights are missing is reported
 as not measured, never estimated. ``identity_dlib`` is dlib's face-recognition descriptor
 (:mod:`mambastyle.identity`), reported under its own name.
+
+``precision`` (``fp32`` | ``bf16``) is how the encoders, fusers and the generator run, as in the
+invert stage (:func:`mambastyle.models.inversion.inference_precision`); their outputs, and every
+metric network and metric, are float32. The pictures that latent recovery encodes are rendered
+in float32 either way: they are the ground truth.
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ import torch
 import torch.nn.functional as F
 
 from mambastyle.models.fuser import fused_synthesis
-from mambastyle.models.inversion import prepare_images, ssim
+from mambastyle.models.inversion import inference_precision, prepare_images, ssim
+
+
+def _run(precision: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the models in ``precision`` on the device of its first
+    tensor argument; tensor results (alone or in a tuple) come back as float32."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    with inference_precision(device, precision):
+        out = fn(*args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(t.float() if isinstance(t, torch.Tensor) else t for t in out)
+    return out.float()
 
 
 def _batches(images: Iterable[torch.Tensor], batch_size: int):
@@ -37,7 +53,7 @@ def _batches(images: Iterable[torch.Tensor], batch_size: int):
 @torch.no_grad()
 def reconstruction_metrics(
     encoder, generator, images: Iterable[torch.Tensor], batch_size: int, lpips_net=None, identity=None,
-    fuser=None,
+    fuser=None, precision: str = "fp32",
 ) -> tuple[dict, list[torch.Tensor]]:  # fmt: skip
     """Per-image MSE, SSIM (and LPIPS, identity cosine) of uint8 (3, H, W) ``images``.
 
@@ -71,13 +87,14 @@ def reconstruction_metrics(
     def flush(batch: torch.Tensor) -> None:
         x = prepare_images(batch, size).to(device)
         if fuser is None:
-            shown = [x, measure(generator.synthesis(encoder(x), noise_mode="const"), x, "")]
+            w = _run(precision, encoder, x)
+            shown = [x, measure(_run(precision, generator.synthesis, w, noise_mode="const"), x, "")]
         else:
-            w, features = encoder(x, return_features=True)
-            fused = fused_synthesis(generator, fuser, w, features)
+            w, features = _run(precision, encoder, x, return_features=True)
+            fused = _run(precision, fused_synthesis, generator, fuser, w, features)
             shown = [
                 x,
-                measure(generator.synthesis(w, noise_mode="const"), x, ""),
+                measure(_run(precision, generator.synthesis, w, noise_mode="const"), x, ""),
                 measure(fused, x, "_fuser"),
             ]
         pairs.extend(torch.stack(shown, 1).cpu())
@@ -88,7 +105,9 @@ def reconstruction_metrics(
 
 
 @torch.no_grad()
-def latent_recovery(encoder, generator, samples: int, seed: int, truncation: float, batch_size: int) -> dict:
+def latent_recovery(
+    encoder, generator, samples: int, seed: int, truncation: float, batch_size: int, precision: str = "fp32"
+) -> dict:
     """Encodes ``samples`` generator images of known codes (z drawn from ``seed``, truncated, one w
     per image) and compares the recovered codes, in W+ and in the generator's style space, as MSE
     and relative to always answering ``latent_avg`` (``*_rel``: 1 = no better, 0 = exact)."""
@@ -101,7 +120,7 @@ def latent_recovery(encoder, generator, samples: int, seed: int, truncation: flo
         x = prepare_images(((generator.synthesis(w, noise_mode="const") + 1) * 127.5).clamp(0, 255).round(),
                            encoder.config.input_size)  # fmt: skip
         w_true.append(w)
-        w_hat.append(encoder(x.to(device)))
+        w_hat.append(_run(precision, encoder, x.to(device)))
     w, w_hat = torch.cat(w_true), torch.cat(w_hat)
     avg = encoder.latent_avg.expand_as(w)
     styles = generator.style_codes
@@ -117,24 +136,25 @@ def latent_recovery(encoder, generator, samples: int, seed: int, truncation: flo
 
 
 @torch.no_grad()
-def latency(encoder, batch_size: int, repeats: int) -> dict:
+def latency(encoder, batch_size: int, repeats: int, precision: str = "fp32") -> dict:
     """Encoder forward time per image (ms) on random inputs, after one warm-up batch: the median
-    over ``repeats`` batches, on the encoder's device with the current torch threads."""
+    over ``repeats`` batches, on the encoder's device with the current torch threads, in
+    ``precision``."""
     device = encoder.latent_avg.device
     size = encoder.config.input_size
     x = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
-    encoder(x)
+    _run(precision, encoder, x)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        encoder(x)
+        _run(precision, encoder, x)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / batch_size * 1000)
     return {"ms_per_image": float(np.median(times)), "batch_size": batch_size, "device": device.type,
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(), "precision": precision}  # fmt: skip
 
 
 @torch.no_grad()
@@ -146,6 +166,7 @@ def compare_encoders(
     lpips_net=None,
     identity=None,
     dlib_identity=None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, dict[str, list[float]]], list[torch.Tensor]]:
     """Reconstructs the same uint8 (3, H, W) ``images`` with every encoder and measures each
     reconstruction against its input at the smallest of the encoders' input sizes.
@@ -166,8 +187,9 @@ def compare_encoders(
         row = [x]
         for name, encoder in encoders.items():
             device = encoder.latent_avg.device
-            w = encoder(prepare_images(batch, encoder.config.input_size).to(device))
-            y = generator.synthesis(w.to(generator.latent_avg.device), noise_mode="const").cpu()
+            w = _run(precision, encoder, prepare_images(batch, encoder.config.input_size).to(device))
+            w = w.to(generator.latent_avg.device)
+            y = _run(precision, generator.synthesis, w, noise_mode="const").cpu()
             y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             v = values[name]
             v["mse"] += (y - x).pow(2).flatten(1).mean(1).tolist()
@@ -198,6 +220,7 @@ def editability(
     strengths: Iterable[float],
     batch_size: int,
     dlib_identity=None,
+    precision: str = "fp32",
 ) -> dict:
     """How a yaw ``direction`` (n_styles, style_dim) moves ``encoder``'s reconstructions of
     uint8 (3, H, W) ``images``: each code gets ``w + s * direction`` for every strength s, and
@@ -219,10 +242,11 @@ def editability(
     kept: list[float] = []
 
     def render(w: torch.Tensor) -> torch.Tensor:
-        return generator.synthesis(w.to(generator.latent_avg.device), noise_mode="const").clamp(-1, 1).cpu()
+        y = _run(precision, generator.synthesis, w.to(generator.latent_avg.device), noise_mode="const")
+        return y.clamp(-1, 1).cpu()
 
     def flush(batch: torch.Tensor) -> None:
-        w = encoder(prepare_images(batch, encoder.config.input_size).to(device)).cpu()
+        w = _run(precision, encoder, prepare_images(batch, encoder.config.input_size).to(device)).cpu()
         y0 = render(w)
         yaw0 = aligned_pose(y0)[:, 0]
         for s in strengths:

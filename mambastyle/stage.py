@@ -66,3 +66,11 @@ def rounded(value):
     if isinstance(value, list | tuple):
         return [rounded(v) for v in value]
     return value
+
+
+def invert_record(invert_out: str | Path = "data/invert") -> dict | None:
+    """The invert stage's last record here (``table``, and the encoder and fuser it was inverted
+    with under ``metadata``), or None where that stage has not run: what "the invert stage's
+    table" means to the stages, commands and service that default to it."""
+    path = Path(invert_out) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None

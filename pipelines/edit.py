@@ -24,7 +24,7 @@ from mambastyle.edit.stage import edit_from_params
 from mambastyle.errors import CheckpointError
 from mambastyle.latents import EDITS_FORMAT, open_table
 from mambastyle.runstats import STATS_NAME, TABLE_STATS_NAME
-from mambastyle.stage import rounded, stage_main, write_metrics
+from mambastyle.stage import invert_record, rounded, stage_main, write_metrics
 from mambastyle.storage import read_bytes
 from mambastyle.visual import save_png
 
@@ -36,12 +36,13 @@ def run(params: Params, local_out: Path, metrics: Path, invert_out: Path = Path(
     t0 = time.perf_counter()
     table_uri = params.edit.table
     if table_uri is None:
-        record = invert_out / "manifest.json"
-        if not record.is_file():
+        record = invert_record(invert_out)
+        if record is None:
             raise EditError(
-                f"no latent table: edit.table is null and {record} is missing (run the invert stage)"
+                f"no latent table: edit.table is null and {invert_out / 'manifest.json'} is missing "
+                "(run the invert stage)"
             )
-        table_uri = json.loads(record.read_text())["table"]
+        table_uri = record["table"]
     result = edit_from_params(params, table_uri)
     manifest = result.manifest
     edited = open_table(result.prefix.uri, params.storage.options(), fmt=EDITS_FORMAT)

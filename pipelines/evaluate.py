@@ -34,7 +34,7 @@ from pathlib import Path
 
 from mambastyle.config import Params
 from mambastyle.errors import CheckpointError
-from mambastyle.stage import stage_main, write_metrics
+from mambastyle.stage import invert_record, stage_main, write_metrics
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -56,10 +56,9 @@ def run(params: Params, local_out: Path, metrics_dir: Path, invert_out: Path = P
     from mambastyle.visual import make_grid, save_png, to_uint8
 
     t0 = time.perf_counter()
-    record_path = invert_out / "manifest.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} is missing: run the invert stage first")
-    record = json.loads(record_path.read_text())
+    record = invert_record(invert_out)
+    if record is None:
+        raise FileNotFoundError(f"{invert_out / 'manifest.json'} is missing: run the invert stage first")
     encoder_uri = record["metadata"]["encoder_uri"]
     options = params.storage.options()
     fuser = None
@@ -74,6 +73,9 @@ def run(params: Params, local_out: Path, metrics_dir: Path, invert_out: Path = P
         gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, options=options
     )
 
+    from mambastyle.models.inversion import warn_if_emulated
+
+    warn_if_emulated("evaluate.precision", ep.precision, encoder.latent_avg.device)
     lpips_net, identity, not_measured = _metric_nets(params)
     root = resolve(params.storage.root, options)
     shards = manifest_shards(root, ep.split)
@@ -85,12 +87,13 @@ def run(params: Params, local_out: Path, metrics_dir: Path, invert_out: Path = P
 
     with torch.no_grad():
         values, pairs = reconstruction_metrics(
-            encoder, g, images(), ep.batch_size, lpips_net, identity, fuser
+            encoder, g, images(), ep.batch_size, lpips_net, identity, fuser, ep.precision
         )
     n = len(values["mse"])
     if n == 0:
         raise FileNotFoundError(f"the shards hold no {ep.split!r} faces to evaluate")
-    recovery = latent_recovery(encoder, g, ep.synthetic_samples, ep.seed, ep.truncation, ep.batch_size)
+    recovery = latent_recovery(encoder, g, ep.synthetic_samples, ep.seed, ep.truncation, ep.batch_size,
+                               ep.precision)  # fmt: skip
     metrics = _metrics_record(ep, values, recovery, encoder, encoder_uri, fuser, not_measured)
     local_out.mkdir(parents=True, exist_ok=True)
     (local_out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -103,7 +106,7 @@ def run(params: Params, local_out: Path, metrics_dir: Path, invert_out: Path = P
     side = shown_side[: ep.grid_samples]
     save_png(make_grid(to_uint8(torch.stack(side).flatten(0, 1)), ncols=side[0].shape[0]),
              local_out / "comparison.png")  # fmt: skip
-    speed = {**latency(encoder, ep.batch_size, ep.latency_batches), "encoders": speeds}
+    speed = {**latency(encoder, ep.batch_size, ep.latency_batches, ep.precision), "encoders": speeds}
     (local_out / "latency.json").write_text(json.dumps(speed, indent=2, sort_keys=True) + "\n")
     own = {e.name for e in ep.encoders if e.uri is None}  # the pipeline's encoder, by its name here
     write_metrics(metrics_dir / "evaluate.json", _headline(metrics, comparison, own))
@@ -150,6 +153,8 @@ def _metrics_record(
     ep, values: dict, recovery: dict, encoder, encoder_uri: str, fuser, not_measured: dict
 ) -> dict:
     """metrics.json: the pipeline encoder's reconstruction (and with the fuser), latent recovery."""
+    from mambastyle.models.inversion import precision_tag
+
     metrics: dict = {
         "split": ep.split,
         "images": len(values["mse"]),
@@ -163,6 +168,7 @@ def _metrics_record(
             "uri": encoder_uri,
         },  # fmt: skip
         "not_measured": not_measured,
+        **precision_tag(ep.precision),
     }
     if fuser is not None:  # the same faces with the fuser's feature correction
         metrics["reconstruction_fuser"] = {k[: -len("_fuser")]: _summary(v) for k, v in values.items()
@@ -230,7 +236,8 @@ def _compare(params: Params, record: dict, pipeline_encoder, encoder_uri: str, g
     except AlignmentUnavailable as exc:
         dlib_identity = None
         not_measured["identity_dlib"] = str(exc)
-    values, shown = compare_encoders(encoders, g, images(), ep.batch_size, lpips_net, identity, dlib_identity)
+    values, shown = compare_encoders(encoders, g, images(), ep.batch_size, lpips_net, identity, dlib_identity,
+                                     ep.precision)  # fmt: skip
     direction, direction_info = _yaw_direction(params, record, g)
     if direction is None:
         not_measured["editability"] = direction_info["reason"]
@@ -239,11 +246,11 @@ def _compare(params: Params, record: dict, pipeline_encoder, encoder_uri: str, g
         row = {k: _summary(v) for k, v in values[name].items()}
         n_params = sum(p.numel() for p in enc.parameters())
         row.update(arch=enc.config.arch, uri=sources[name], parameters=n_params)
-        speeds[name] = {f"ms_per_image_batch{b}": latency(enc, b, ep.latency_batches)["ms_per_image"]
-                        for b in (1, 8)}  # fmt: skip
+        speeds[name] = {f"ms_per_image_batch{b}": latency(enc, b, ep.latency_batches, ep.precision)
+                        ["ms_per_image"] for b in (1, 8)}  # fmt: skip
         if direction is not None:
             edit = editability(enc, g, images(), direction, ep.editability.strengths, ep.batch_size,
-                               dlib_identity)  # fmt: skip
+                               dlib_identity, ep.precision)  # fmt: skip
             row["editability"] = {k: _round(v) for k, v in edit.items()}
         rows[name] = row
     comparison = {

@@ -240,3 +240,19 @@ def test_json_prints_the_run_statistics(params, tmp_path, capsys):
         == sum(stats["quarantine_reasons"].values()) + stats["written"]
     )
     assert stats == json.loads((root / "shards" / "stats.json").read_text())
+
+
+def test_edit_apply_defaults_to_the_invert_stage_table(params, tmp_path, capsys):
+    """Without --table (and edit.table null), `edit apply` edits the table the invert stage's record
+    names, and says what to do when that stage has not run."""
+    record_dir = tmp_path / "invert"
+    args = ["edit", "apply", "--params", str(params), "--invert-out", str(record_dir)]
+    assert main(args) == 1
+    missing = record_dir / "manifest.json"
+    err = capsys.readouterr().err
+    assert f"no latent table: give --table (or run the invert stage: {missing} is missing)" in err
+    record_dir.mkdir()
+    table = tmp_path / "no-such-table"
+    (record_dir / "manifest.json").write_text(json.dumps({"table": str(table), "metadata": {}}))
+    assert main(args) == 1
+    assert f"no latent table at {table}: _manifest.json is missing" in capsys.readouterr().err

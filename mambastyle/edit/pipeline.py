@@ -172,9 +172,11 @@ class Editor:
 
     def _load(self, job: EditJob) -> None:
         from mambastyle.generate import resolve_generator
+        from mambastyle.models.inversion import warn_if_emulated
 
         self.job = job
         self.device = actor_device(job.use_gpu, job.cpus_per_actor)
+        warn_if_emulated("edit.precision", job.precision, self.device)
         gp = job.generator
         self.generator = resolve_generator(
             gp.checkpoint, gp.architecture, gp.init_seed, gp.latent_avg_samples, self.device, job.options

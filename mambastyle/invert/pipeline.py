@@ -121,12 +121,9 @@ class Inverter:
         else:
             self.encoder, _ = load_encoder(checkpoint_source(job.encoder, job.options), device=self.device)
         log.info("invert actor: %s, %s", describe_scan(self.encoder, self.device), job.precision)
-        if job.precision == "bf16":
-            from mambastyle.models.inversion import bf16_native
+        from mambastyle.models.inversion import warn_if_emulated
 
-            if not bf16_native(self.device):
-                log.warning("invert.precision bf16 on %s, which has no bfloat16 instructions: emulated, "
-                            "slower than fp32", self.device)  # fmt: skip
+        warn_if_emulated("invert.precision", job.precision, self.device)
         self.generator = None
         if job.generator is not None:
             gp = job.generator

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,14 @@ def bf16_native(device: str | torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def warn_if_emulated(setting: str, precision: str, device: str | torch.device) -> None:
+    """Logs a warning when ``setting`` asks for bf16 on a device that only emulates it."""
+    if precision == "bf16" and not bf16_native(device):
+        logging.getLogger(__name__).warning(
+            "%s bf16 on %s, which has no bfloat16 instructions: emulated, slower than fp32", setting, device
+        )
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -102,15 +102,15 @@ class _Cache:
                 self.items.popitem(last=False)
 
 
-def default_table(params, invert_record: str = "data/invert/manifest.json") -> str | None:
+def default_table(params, invert_out: str = "data/invert") -> str | None:
     """The table served when none is named: ``serve.table``, ``edit.table``, else the one the
     invert stage last committed (named in its DVC record)."""
-    from pathlib import Path
+    from mambastyle.stage import invert_record
 
     if params.serve.table or params.edit.table:
         return params.serve.table or params.edit.table
-    record = Path(invert_record)
-    return json.loads(record.read_text())["table"] if record.is_file() else None
+    record = invert_record(invert_out)
+    return None if record is None else record["table"]
 
 
 class Studio:
