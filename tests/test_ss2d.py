@@ -94,9 +94,31 @@ def test_vss_block_shapes_and_gradients():
     assert x.grad.abs().sum() > 0
 
 
+def against_float64_reference(scan, backend: str, inputs: dict, h: int, w: int):
+    """``scan``'s output and every input's gradient (for a random linear loss) on ``inputs``
+    (float64): on ``ref`` in float64, on ``backend`` in float32; as (y, grads) per backend."""
+    b, length, d = inputs["x"].shape
+    weight = torch.randn(b, length, d, dtype=torch.float64)
+    results = []
+    for name, dtype in (("ref", torch.float64), (backend, torch.float32)):
+        xs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+        y = scan(**xs, h=h, w=w, backend=name)
+        (y.double() * weight).sum().backward()
+        results.append((y.detach().double(), {k: v.grad.double() for k, v in xs.items()}))
+    return results
+
+
+def assert_matches_reference(results, y_bound: float = 1e-5, grad_bound: float = 1e-4) -> None:
+    """Largest errors relative to the reference's largest magnitude, output and each gradient."""
+    (ref_y, ref_g), (got_y, got_g) = results
+    assert ((got_y - ref_y).abs().max() / ref_y.abs().max()) < y_bound
+    for k in ref_g:
+        err = ((got_g[k] - ref_g[k]).abs().max() / ref_g[k].abs().max()).item()
+        assert err < grad_bound, (k, err)
+
+
 def ss2d_against_reference(backend: str, b: int, n: int, h: int, w: int, d: int):
-    """ss2d_scan's output and every input's gradient (for a random linear loss) on fresh
-    random inputs: float64 on ``ref``, float32 on ``backend``; as (y, grads) per backend."""
+    """ss2d_scan on fresh random inputs against the float64 reference (see against_float64_reference)."""
     from mambastyle.layers.ss2d import ss2d_scan
 
     length = h * w
@@ -109,26 +131,15 @@ def ss2d_against_reference(backend: str, b: int, n: int, h: int, w: int, d: int)
         "D": torch.randn(4, d, dtype=torch.float64),
         "dt_bias": torch.randn(4, d, dtype=torch.float64),
     }
-    weight = torch.randn(b, length, d, dtype=torch.float64)
-    results = []
-    for name, dtype in (("ref", torch.float64), (backend, torch.float32)):
-        xs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-        y = ss2d_scan(**xs, h=h, w=w, backend=name)
-        (y.double() * weight).sum().backward()
-        results.append((y.detach().double(), {k: v.grad.double() for k, v in xs.items()}))
-    return results
+    return against_float64_reference(ss2d_scan, backend, inputs, h, w)
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
 @pytest.mark.parametrize("h,w,d", [(9, 13, 6), (16, 4, 6), (1, 70, 6), (5, 7, 37)])
 def test_fused_ss2d_scan_matches_cross_scan_reference(h, w, d):
-    (ref_y, ref_g), (got_y, got_g) = ss2d_against_reference("cpu", 2, 5, h, w, d)
     # bound: float32 vs float64 over <= 70 steps: measured (30 seeds) y <= 3.2e-7 and gradients <= 1.9e-6
     # of max |ref|, >= 30x under 1e-5 / 1e-4
-    assert ((got_y - ref_y).abs().max() / ref_y.abs().max()) < 1e-5
-    for k in ref_g:
-        err = ((got_g[k] - ref_g[k]).abs().max() / ref_g[k].abs().max()).item()
-        assert err < 1e-4, (k, err)
+    assert_matches_reference(ss2d_against_reference("cpu", 2, 5, h, w, d))
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
@@ -180,27 +191,18 @@ def test_scan_backends_reports_what_each_model_runs():
 
 
 def projected_against_reference(b: int, n: int, r: int, h: int, w: int, d: int):
-    """ss2d_scan_projected on ``cpu`` (float32) and on ``ref`` (float64) on fresh random
-    inputs, with every input's gradient for a random linear loss: (y, grads) per backend."""
+    """ss2d_scan_projected on ``cpu`` on fresh random inputs against the float64 reference."""
     from mambastyle.layers.ss2d import ss2d_scan_projected
 
-    length = h * w
     inputs = {
-        "x": torch.randn(b, length, d, dtype=torch.float64),
-        "proj": torch.randn(b, length, 4, r + 2 * n, dtype=torch.float64),
+        "x": torch.randn(b, h * w, d, dtype=torch.float64),
+        "proj": torch.randn(b, h * w, 4, r + 2 * n, dtype=torch.float64),
         "dt_weight": torch.randn(4, d, r, dtype=torch.float64) / r**0.5,
         "A": -torch.rand(4, d, n, dtype=torch.float64) * 8,
         "D": torch.randn(4, d, dtype=torch.float64),
         "dt_bias": torch.randn(4, d, dtype=torch.float64),
     }
-    weight = torch.randn(b, length, d, dtype=torch.float64)
-    results = []
-    for name, dtype in (("ref", torch.float64), ("cpu", torch.float32)):
-        xs = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-        y = ss2d_scan_projected(**xs, h=h, w=w, backend=name)
-        (y.double() * weight).sum().backward()
-        results.append((y.detach().double(), {k: v.grad.double() for k, v in xs.items()}))
-    return results
+    return against_float64_reference(ss2d_scan_projected, "cpu", inputs, h, w)
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
@@ -211,13 +213,9 @@ def test_projected_ss2d_scan_matches_reference_in_image_groups(monkeypatch, b, h
     from mambastyle.layers import ss2d
 
     monkeypatch.setattr(ss2d, "STEP_BUFFER_ELEMENTS", 4 * d * h * w * group)
-    (ref_y, ref_g), (got_y, got_g) = projected_against_reference(b, 5, 3, h, w, d)
     # bound: float32 vs float64 over <= 70 steps: measured (30 seeds) y <= 3.0e-7 and gradients <= 4.2e-6
     # of max |ref|, >= 20x under 1e-5 / 1e-4
-    assert ((got_y - ref_y).abs().max() / ref_y.abs().max()) < 1e-5
-    for k in ref_g:
-        err = ((got_g[k] - ref_g[k]).abs().max() / ref_g[k].abs().max()).item()
-        assert err < 1e-4, (k, err)
+    assert_matches_reference(projected_against_reference(b, 5, 3, h, w, d))
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")
