@@ -54,10 +54,10 @@ def direction_order(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def _check_scan_shapes(x, A, h, w, **got) -> None:
     b, length, d = x.shape
     n = A.shape[-1] if A.dim() == 3 else -1
-    r = got.pop("rank", None)
+    r = got["dt_weight"].shape[-1] if "dt_weight" in got else 0
     shapes = {"A": (K_DIRECTIONS, d, n), "D": (K_DIRECTIONS, d), "dt_bias": (K_DIRECTIONS, d),
               "dts": (K_DIRECTIONS, d, b, length), "B": (b, K_DIRECTIONS, n, length),
-              "C": (b, K_DIRECTIONS, n, length), "proj": (b, length, K_DIRECTIONS, (r or 0) + 2 * n),
+              "C": (b, K_DIRECTIONS, n, length), "proj": (b, length, K_DIRECTIONS, r + 2 * n),
               "dt_weight": (K_DIRECTIONS, d, r)}  # fmt: skip
     got = {"A": A, **got}
     bad = [f"{name} {tuple(t.shape)} (expected {shapes[name]})" for name, t in got.items()
@@ -143,15 +143,20 @@ def ss2d_scan_projected(
     reused between calls) and bfloat16 inputs are read as they are; other backends get them
     materialised for :func:`ss2d_scan`.
     """
-    rank = dt_weight.shape[-1]
-    _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias, rank=rank)
+    _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias)
     n = A.shape[-1]
     if resolve_backend(backend, x.device) == "cpu":
         return _SS2DScanCPU.apply(x, proj, None, dt_weight, dt_bias, A, D.sum(0), h, w)
-    dts = torch.einsum("kdr,blkr->kdbl", dt_weight.to(proj.dtype), proj[..., :rank])
-    bc = proj[..., rank:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
+    dts = _step_sizes(dt_weight.to(proj.dtype), proj)
+    bc = proj[..., dt_weight.shape[-1] :].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
     B, C = bc[:, :, :n].contiguous(), bc[:, :, n:].contiguous()
     return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
+
+
+def _step_sizes(dt_weight: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """Raw step sizes (4, d, B, L) from their low-rank form: ``dt_weight`` (4, d, R) times the
+    first R columns of ``proj`` (B, L, 4, >= R)."""
+    return torch.einsum("kdr,blkr->kdbl", dt_weight, proj[..., : dt_weight.shape[-1]])
 
 
 # Step sizes the cpu backend materialises at once, in elements: images are scanned in groups
@@ -188,10 +193,10 @@ class _SS2DScanCPU(torch.autograd.Function):
         chunk = CHUNK if any(ctx.needs_input_grad) else length
         y = torch.empty(b, length, d)
         ckpt = torch.empty(b, k, d, math.ceil(length / chunk), n)
-        small = [t.detach().float().contiguous().numpy() for t in (bias, A, dsum)]
+        bias_k, A_k, dsum_k = (t.detach().float().contiguous().numpy() for t in (bias, A, dsum))
         xk, bck = _kernel_array(x.detach()), _kernel_array(bc.detach())
         if dt_weight is None:
-            kern.ss2d_fwd(xk, _kernel_array(dts.detach()), small[0], small[1], bck, 0, small[2], h, w, chunk,
+            kern.ss2d_fwd(xk, _kernel_array(dts.detach()), bias_k, A_k, bck, 0, dsum_k, h, w, chunk,
                           y.numpy(), ckpt.numpy())  # fmt: skip
         else:
             low = bc.detach()[..., :rank]  # (B, L, 4, R)
@@ -203,8 +208,8 @@ class _SS2DScanCPU(torch.autograd.Function):
                 factors = low[b0 : b0 + g].to(weight.dtype).permute(2, 3, 0, 1).reshape(k, rank, g * length)
                 steps = buffer[: k * d * g * length].view(k, d, g * length)
                 torch.bmm(weight, factors, out=steps)
-                kern.ss2d_fwd(xk[b0 : b0 + g], _kernel_array(steps.view(k, d, g, length)), small[0], small[1],
-                              bck[b0 : b0 + g], rank, small[2], h, w, chunk, y[b0 : b0 + g].numpy(),
+                kern.ss2d_fwd(xk[b0 : b0 + g], _kernel_array(steps.view(k, d, g, length)), bias_k, A_k,
+                              bck[b0 : b0 + g], rank, dsum_k, h, w, chunk, y[b0 : b0 + g].numpy(),
                               ckpt[b0 : b0 + g].numpy())  # fmt: skip
         ctx.save_for_backward(x, bc, dts, dt_weight, bias, A, dsum, ckpt)
         ctx.hw = (h, w)
@@ -226,7 +231,7 @@ class _SS2DScanCPU(torch.autograd.Function):
         if dt_weight is None:
             dts = dts.float().contiguous()
         else:
-            dts = torch.einsum("kdr,blkr->kdbl", dt_weight.float(), bc[..., :rank]).contiguous()
+            dts = _step_sizes(dt_weight.float(), bc).contiguous()
         Bm = bc[..., rank : rank + n].transpose(1, 2).contiguous()  # (B, 4, L, N)
         Cm = bc[..., rank + n :].transpose(1, 2).contiguous()
         parts = max(1, min(d, 2 * torch.get_num_threads() // b))
