@@ -579,7 +579,8 @@ def _data_commands(nouns) -> None:
     p.add_argument("--workers", type=int, help="local processes (default: prepare.workers)")
     p.add_argument("--mode", choices=["sync", "extend"],
                    help="over existing shards, only new inputs are processed; removed ones leave the "
-                        "shards (sync) or stay (extend) (default: prepare.mode)")  # fmt: skip
+                        "shards and ones rewritten in place are processed again (sync), or both stay as "
+                        "they were (extend) (default: prepare.mode)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the run's statistics as one JSON object")
     p.set_defaults(func=cmd_data_prepare)
     p = verbs.add_parser("verify", help="re-hash shards against their manifest")

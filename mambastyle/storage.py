@@ -141,13 +141,28 @@ def exists(loc: Location) -> bool:
 
 def list_files(loc: Location, recursive: bool = True) -> list[str]:
     """Paths of the files below ``loc`` (sorted); empty when it does not exist."""
+    return [path for path, _ in list_versions(loc, recursive)]
+
+
+def list_versions(loc: Location, recursive: bool = True) -> list[tuple[str, str]]:
+    """(path, version) of the files below ``loc`` (sorted by path; empty when it does not exist).
+
+    A version is the file's size and modification time as the listing reports them (an S3
+    object's last-modified time): it changes when the file is rewritten, so an earlier run's
+    record of it tells whether the file is still the one that run read, without reading it.
+    """
     info = loc.fs.get_file_info(loc.path)
     if info.type == pafs.FileType.File:
-        return [loc.path]
+        return [(loc.path, _version(info))]
     if info.type == pafs.FileType.NotFound:
         return []
     selector = pafs.FileSelector(loc.path, recursive=recursive, allow_not_found=True)
-    return sorted(i.path for i in loc.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+    infos = [i for i in loc.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+    return sorted((i.path, _version(i)) for i in infos)
+
+
+def _version(info: pafs.FileInfo) -> str:
+    return f"{info.size}:{info.mtime_ns}"
 
 
 def delete(loc: Location) -> None:

@@ -16,7 +16,7 @@ from mambastyle.data.faces import PrepareConfig
 from mambastyle.data.inputs import make_key, split_of
 from mambastyle.data.prepare import inputs_from_source, prepare
 from mambastyle.data.shards import register_webdataset_s3, shard_urls, verify
-from mambastyle.storage import StorageOptions, resolve, write_bytes
+from mambastyle.storage import StorageOptions, list_versions, resolve, write_bytes
 
 CONFIG = PrepareConfig(output_size=32, min_face_size=80, shard_max_samples=8)
 
@@ -265,6 +265,9 @@ def test_ffhq_metadata_source_uses_its_landmarks(tmp_path):
 
     refs = inputs_from_source(str(root / "ffhq-dataset-v2.json"))
     assert [r.key for r in refs] == ["ffhq_0", "ffhq_1", "ffhq_2"]
+    folder = resolve(str(root / "in-the-wild-images" / "00000"))
+    listed = dict(list_versions(folder))
+    assert [r.version for r in refs] == [listed[r.loc.path] for r in refs[:2]] + [None]  # gone.png: none
     manifest = prepare(refs, resolve(str(tmp_path / "out")), CONFIG)
     assert manifest["counts"] == {**manifest["counts"], "inputs": 3, "written": 2, "quarantined": 1}
     assert manifest["counts"]["quarantine_reasons"] == {"missing": 1}
@@ -575,3 +578,70 @@ def test_extend_and_sync_process_new_inputs_only_and_keep_unchanged_shards(demo_
     stats = RunStats("prepare")
     prepare(kept, resolve(str(root)), dataclasses.replace(CONFIG, output_size=16), workers=2, stats=stats)
     assert stats.computed == len(kept)
+
+
+def test_sync_processes_inputs_rewritten_in_place_again_and_extend_keeps_them(tmp_path):
+    import os
+    import shutil
+
+    from mambastyle.runstats import RunStats
+
+    files = demo_files()
+    src, root = tmp_path / "photos", tmp_path / "data"
+    names = ["astronaut/original.jpg", "astronaut/flip.png", "grace_hopper/original.jpg",
+             "grace_hopper/jpeg_q25.jpg", "bad/cat.jpg"]  # fmt: skip
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(files[name])
+
+    def run(mode):
+        stats = RunStats("prepare")
+        manifest = prepare(inputs_from_source(str(src)), resolve(str(root)), CONFIG, stats=stats, mode=mode)
+        return manifest, stats
+
+    first, _ = run("sync")
+    assert first["counts"]["quarantined"] == 1 and set(first["input_versions"]) == {
+        make_key(n) for n in names
+    }  # fmt: skip
+    before, faces_before = _files(root, first), _samples(root)
+    # rewritten in place: a face photo with another face, the photo without a face with one;
+    # and a photo touched (its bytes written again a second later): listed anew, not rewritten
+    (src / names[0]).write_bytes(files["grace_hopper/crop.jpg"])
+    (src / names[4]).write_bytes(files["astronaut/gray.png"])
+    then = os.stat(src / names[3]).st_mtime_ns
+    os.utime(src / names[3], ns=(then, then + 10**9))
+    rewritten = {make_key(n) for n in (names[0], names[4])}
+    # extend only adds: nothing is processed and the dataset stays as it was
+    extended, stats = run("extend")
+    assert (stats.computed, stats.reused) == (0, len(names))
+    assert _files(root, extended) == before and extended["input_versions"] == first["input_versions"]
+    # sync processes the rewritten ones again (extend left their recorded versions, so sync sees them)
+    synced, stats = run("sync")
+    assert (stats.computed, stats.reused) == (len(rewritten), len(names) - len(rewritten))
+    fresh_root = tmp_path / "fresh"
+    shutil.copytree(src, tmp_path / "src_copy")
+    fresh = prepare(inputs_from_source(str(tmp_path / "src_copy")), resolve(str(fresh_root)), CONFIG)
+    assert synced["counts"] == fresh["counts"] and synced["counts"]["quarantined"] == 0
+    faces = _samples(root)
+    assert faces == _samples(fresh_root)  # the same faces as one run over the folder as it is now
+    assert faces[make_key(names[0])] != faces_before[make_key(names[0])]
+    holders = {e["path"] for e in first["shards"] if rewritten & set(e["inputs"])}
+    after = _files(root, synced)
+    assert {p: after[p] for p in before if p not in holders} == {
+        p: before[p] for p in before if p not in holders
+    }
+    listed = {r.key: r.version for r in inputs_from_source(str(src))}
+    assert (
+        synced["input_versions"] == listed != first["input_versions"]
+    )  # the touched one: not read next time
+    assert synced["input_sha256"] == fresh["input_sha256"] != first["input_sha256"]
+    # nothing changed since: the next sync processes nothing
+    again, stats = run("sync")
+    assert stats.computed == 0 and _files(root, again) == after
+    # a dataset recorded without versions: its inputs are taken as unchanged, their versions recorded
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    del manifest["input_versions"]
+    (root / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    again, stats = run("sync")
+    assert stats.computed == 0 and again["input_versions"] == synced["input_versions"]
+    assert again["input_sha256"] == synced["input_sha256"]

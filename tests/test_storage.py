@@ -6,7 +6,16 @@ import boto3
 import pyarrow.fs as pafs
 import pytest
 
-from mambastyle.storage import StorageOptions, delete, exists, list_files, read_bytes, resolve, write_bytes
+from mambastyle.storage import (
+    StorageOptions,
+    delete,
+    exists,
+    list_files,
+    list_versions,
+    read_bytes,
+    resolve,
+    write_bytes,
+)
 
 
 def test_local_round_trip_and_atomic_write(tmp_path):
@@ -41,8 +50,32 @@ def test_s3_round_trip_against_moto(s3):
     )
     assert body == b"\x00payload"
     assert list_files(root) == [f"{bucket}/prefix/x/y.bin"]
+    [(path, version)] = list_versions(root)
+    write_bytes(obj, b"\x00payload, rewritten")
+    assert list_versions(root) != [(path, version)] and list_versions(root)[0][0] == path
     delete(obj)
     assert not exists(obj)
+
+
+def test_a_files_version_changes_when_it_is_rewritten_and_only_then(tmp_path):
+    import os
+
+    for name in ("b.bin", "a/c.bin", "a.bin"):
+        write_bytes(resolve(str(tmp_path / name)), name.encode())
+    root = resolve(str(tmp_path))
+    listed = list_versions(root)
+    assert [p for p, _ in listed] == list_files(root) == sorted(list_files(root))
+    assert list_versions(root) == listed  # listing again changes nothing
+    assert list_versions(root.join("a.bin")) == [listed[0]]  # a file lists itself
+    assert [p for p, _ in list_versions(root, recursive=False)] == [
+        root.join(n).path for n in ("a.bin", "b.bin")
+    ]
+    write_bytes(root.join("b.bin"), b"longer content")  # another size
+    then = os.stat(tmp_path / "a.bin").st_mtime_ns
+    os.utime(tmp_path / "a.bin", ns=(then, then + 10**9))  # same bytes, written again a second later
+    now = dict(list_versions(root))
+    changed = {p for p, v in listed if now[p] != v}
+    assert changed == {root.join("b.bin").path, root.join("a.bin").path}
 
 
 def test_bad_uris():

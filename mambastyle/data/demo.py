@@ -6,6 +6,7 @@ the prepare stage runs. Nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import zlib
@@ -100,6 +101,11 @@ def demo_files() -> dict[str, bytes]:
 def demo_inputs() -> list[InputRef]:
     """The demo set as inputs of the prepare stage (URIs ``demo://name``)."""
     return [
-        InputRef(make_key(f"demo/{name}"), f"demo://{name}", data=data)
+        InputRef(
+            make_key(f"demo/{name}"),
+            f"demo://{name}",
+            data=data,
+            version=hashlib.sha256(data).hexdigest()[:16],
+        )
         for name, data in sorted(demo_files().items())
     ]

@@ -68,10 +68,17 @@ class Outcome:
     samples: list[Sample] = field(default_factory=list)
     reason: str | None = None
     message: str | None = None
+    sha256: str | None = None  # of the bytes read (first 16 hex digits); None when none were read
+
+
+def input_sha256(data: bytes) -> str:
+    """What the manifest records of an input's bytes: enough to tell a rewrite from a touch."""
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
     """Decode, detect, align one input. Never raises for bad data: failures are outcomes."""
+    digest = None
     try:
         if ref.error is not None:
             raise InputRejected(*ref.error)
@@ -79,6 +86,7 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
             data = ref.read()
         except FileNotFoundError as exc:
             raise InputRejected("missing", str(exc)) from None
+        digest = input_sha256(data)
         img, original_size = decode_image(data, config.max_pixels)
         pixels = np.asarray(img)  # one copy, shared by detection and alignment
         if ref.landmarks is not None:  # a known face: no detection
@@ -122,13 +130,15 @@ def process_input(ref: InputRef, config: PrepareConfig) -> Outcome:
                 **dict(ref.extra),
             }
             samples.append(Sample.of(key, split, png, meta))
-        return Outcome(ref.uri, samples)
+        return Outcome(ref.uri, samples, sha256=digest)
     except InputRejected as exc:
-        return Outcome(ref.uri, reason=exc.reason, message=exc.message)
+        return Outcome(ref.uri, reason=exc.reason, message=exc.message, sha256=digest)
     except (AlignmentUnavailable, MemoryError, OSError):
         # The environment, not the input: storage errors that outlived the client's retries,
         # a missing model, memory. Quarantining would drop inputs silently; stop instead.
         raise
     except Exception as exc:  # an unexpected failure on one input must not stop the batch
         log.exception("unexpected error on %s", ref.uri)
-        return Outcome(ref.uri, reason="internal_error", message=f"{type(exc).__name__}: {exc}")
+        return Outcome(
+            ref.uri, reason="internal_error", message=f"{type(exc).__name__}: {exc}", sha256=digest
+        )

@@ -7,9 +7,9 @@ import hashlib
 import json
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mambastyle.storage import Location, list_files, read_bytes
+from mambastyle.storage import Location, list_versions, read_bytes
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class InputRef:
     box: tuple[int, int, int, int] | None = None
     extra: tuple[tuple[str, str], ...] = ()  # more provenance for the sample's JSON
     error: tuple[str, str] | None = None  # (reason, message): known bad before reading
+    # The bytes' version as listed (size and modification time, or a hash of in-memory data):
+    # an incremental run compares it with the one recorded to find inputs rewritten in place.
+    # None: unknown (the input is taken as unchanged).
+    version: str | None = None
 
     def read(self) -> bytes:
         if self.data is not None:
@@ -52,15 +56,15 @@ def split_of(key: str, fractions: tuple[float, float, float]) -> str:
 
 def list_inputs(source: Location) -> list[InputRef]:
     """Every file below ``source`` (recursive, sorted): a folder or an S3 prefix."""
-    files = list_files(source)
+    files = list_versions(source)
     if not files:
         raise FileNotFoundError(f"no input files under {source.uri}")
     base = source.path.rstrip("/") + "/"
     refs = []
-    for path in files:
+    for path, version in files:
         rel = path[len(base) :] if path.startswith(base) else path.rsplit("/", 1)[-1]
         uri = source.uri.rstrip("/") + "/" + rel if path != source.path else source.uri
-        refs.append(InputRef(make_key(rel), uri, loc=Location(source.fs, path, uri)))
+        refs.append(InputRef(make_key(rel), uri, loc=Location(source.fs, path, uri), version=version))
     return refs
 
 
@@ -95,4 +99,14 @@ def ffhq_inputs(metadata: Location) -> list[InputRef]:
         refs.append(InputRef(f"ffhq_{index}", loc.uri, loc=loc, landmarks=landmarks, box=box, extra=extra))
     if not refs:
         raise FileNotFoundError(f"{metadata.uri}: no entries with in-the-wild images")
-    return refs
+    return _with_versions(refs)
+
+
+def _with_versions(refs: list[InputRef]) -> list[InputRef]:
+    """``refs`` with the versions of their files, from one listing per folder they lie in (a
+    file the listing lacks keeps None: reading it fails later, with the reason)."""
+    folders = {posixpath.dirname(r.loc.path): r.loc for r in refs if r.loc is not None}
+    versions: dict[str, str] = {}
+    for folder, loc in folders.items():
+        versions.update(list_versions(Location(loc.fs, folder, folder), recursive=False))
+    return [replace(r, version=versions.get(r.loc.path)) if r.loc is not None else r for r in refs]

@@ -19,12 +19,13 @@ import posixpath
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from mambastyle import __version__
 from mambastyle.codegraph import source_hash
 from mambastyle.data.executors import Executor, isolated, run_inputs
-from mambastyle.data.faces import Outcome, PrepareConfig
+from mambastyle.data.faces import Outcome, PrepareConfig, input_sha256
 from mambastyle.data.inputs import InputRef, ffhq_inputs, list_inputs
 from mambastyle.data.shards import (
     SPLITS,
@@ -80,15 +81,16 @@ def _unit_name(index: int, refs: list[InputRef], config: PrepareConfig) -> str:
     h = hashlib.sha256(config.params_hash().encode())
     h.update(_code_hash().encode())
     for r in refs:
-        h.update(f"\0{r.key}\0{r.uri}\0{r.landmarks}\0{r.box}\0{r.error}".encode())
+        h.update(f"\0{r.key}\0{r.uri}\0{r.version}\0{r.landmarks}\0{r.box}\0{r.error}".encode())
     return f"unit-{index:06d}-{h.hexdigest()[:16]}.tar"
 
 
 def _save_unit(loc: Location, outcomes: list[Outcome]) -> None:
     index = [
-        {"uri": o.uri, "reason": o.reason, "message": o.message, "samples": [s.key for s in o.samples]}
+        {"uri": o.uri, "reason": o.reason, "message": o.message, "sha256": o.sha256,
+         "samples": [s.key for s in o.samples]}
         for o in outcomes
-    ]
+    ]  # fmt: skip
     samples = [s for o in outcomes for s in o.samples]
     write_bytes(loc, tar_chunks([("_outcomes.json", json.dumps(index).encode()), *sample_members(samples)]))
 
@@ -104,7 +106,9 @@ def _load_unit(loc: Location) -> list[Outcome] | None:
             for key in entry["samples"]:
                 meta_json = files[f"{key}.json"]
                 samples.append(Sample(key, json.loads(meta_json)["split"], files[f"{key}.png"], meta_json))
-            outcomes.append(Outcome(entry["uri"], samples, entry["reason"], entry["message"]))
+            outcomes.append(
+                Outcome(entry["uri"], samples, entry["reason"], entry["message"], entry["sha256"])
+            )
         return outcomes
     except (OSError, KeyError, ValueError, TypeError, AttributeError, tarfile.TarError):
         return None  # missing or unusable: the unit is recomputed
@@ -128,9 +132,12 @@ def prepare(
     Where the shards already hold a dataset made with the same settings and code, the run is
     incremental: only inputs whose key is new are processed, into new shards appended after
     the existing ones, which stay byte-identical. ``mode`` says what happens to inputs that
-    left the source: ``sync`` removes their faces (what else a shard holding them held is
-    written as a new shard, and the old one deleted), ``extend`` keeps them. Otherwise every
-    input is processed.
+    left the source or were rewritten in place (listed with another version than the manifest
+    records, see ``InputRef``, and bytes whose sha256 differs from the recorded one):
+    ``sync`` removes the faces of both (what else a shard holding them held is written as a
+    new shard, and the old one deleted) and processes the rewritten ones again; ``extend``
+    only adds, keeping both as they were (and the recorded versions, so a later ``sync``
+    still sees the rewrites). Otherwise every input is processed.
 
     Returns the manifest (also written, last, to ``out/shards/manifest.json``); the run's
     statistics go to ``stats`` (when given) and, after the commit, to ``out/shards/stats.json``.
@@ -147,14 +154,30 @@ def prepare(
     # so shards are written as soon as they fill and only one per split is held in memory.
     refs = sorted(refs, key=lambda r: r.key)
     shards_root = out.join("shards")
-    entries, quarantine = _base(shards_root, config)
+    entries, quarantine, versions, digests = _base(shards_root, config)
     known = {k for e in entries for k in e["inputs"]} | {q["key"] for q in quarantine}
-    todo = [r for r in refs if r.key not in known]
-    removed = known - set(keys) if mode == "sync" else set()
+    relisted = [r for r in refs if r.key in known and None not in (r.version, versions.get(r.key))
+                and r.version != versions[r.key]]  # fmt: skip
+    if mode == "sync":
+        rewritten = _rewritten(relisted, digests)
+        removed = (known - set(keys)) | rewritten
+        todo = [r for r in refs if r.key not in known or r.key in rewritten]
+    else:
+        rewritten, removed, todo = set(), set(), [r for r in refs if r.key not in known]
     stats.reused += len(refs) - len(todo)
     if known:
-        log.info("incremental (%s): %d new inputs, %d unchanged, %d removed", mode, len(todo),
-                 len(refs) - len(todo), len(removed))  # fmt: skip
+        new, left = sum(r.key not in known for r in refs), len(known - set(keys))
+        changed = f"{len(rewritten)} rewritten" if mode == "sync" else f"{len(relisted)} listed anew (kept)"
+        log.info("incremental (%s): %d new inputs, %s, %d left the source%s", mode, new, changed, left,
+                 "" if mode == "sync" else " (kept)")  # fmt: skip
+    # What the new manifest records of each input: sync records every version as listed now (a
+    # relisted input whose bytes are unchanged is not read again next time); extend keeps the
+    # recorded ones, so a later sync still compares against what was read.
+    versions = {k: v for k, v in versions.items() if k not in removed}
+    digests = {k: v for k, v in digests.items() if k not in removed}
+    for r in refs:
+        if r.version is not None and (mode == "sync" or r.key not in versions):
+            versions[r.key] = r.version
     start = _next_index(entries)
     outcomes = _outcomes(todo, shards_root.join("_work"), config, workers, executor, progress, stats)
     if not known:
@@ -172,13 +195,23 @@ def prepare(
                 record = {"source": outcome.uri, "key": ref.key, "reason": outcome.reason}
                 quarantine.append(record | {"message": outcome.message})
                 stats.quarantined[outcome.reason] = stats.quarantined.get(outcome.reason, 0) + 1
+            if outcome.sha256 is not None:
+                digests[ref.key] = outcome.sha256
             for sample in outcome.samples:
                 writer.add(sample, ref.key)
         entries = sorted(entries + writer.close(), key=lambda e: (SPLITS.index(e["split"]), e["path"]))
     with stats.phase("commit"):
         inputs = len(known - removed) + len(todo)
+        in_dataset = {k for e in entries for k in e["inputs"]} | {q["key"] for q in quarantine}
         manifest = build_manifest(
-            dataclasses.asdict(config), config.params_hash(), __version__, inputs, quarantine, entries
+            dataclasses.asdict(config),
+            config.params_hash(),
+            __version__,
+            inputs,
+            quarantine,
+            entries,
+            {k: v for k, v in versions.items() if k in in_dataset},
+            {k: v for k, v in digests.items() if k in in_dataset},
         )
         manifest["code_sha256"] = _code_hash()
         commit(shards_root, manifest, quarantine)
@@ -187,14 +220,15 @@ def prepare(
     return manifest
 
 
-def _base(shards_root: Location, config: PrepareConfig) -> tuple[list[dict], list[dict]]:
+def _base(shards_root: Location, config: PrepareConfig) -> tuple[list[dict], list[dict], dict, dict]:
     """The committed dataset an incremental run builds on: (its shard entries, its quarantine
-    records), or nothing when there is none or it was made with other settings or code, lacks
-    the per-shard input lists, or a shard it lists is missing or of another size."""
+    records, its inputs' recorded versions and sha256s), or nothing when there is none or it was
+    made with other settings or code, lacks the per-shard input lists, or a shard it lists is
+    missing or of another size."""
     try:
         manifest = json.loads(read_bytes(shards_root.join("manifest.json")))
     except (FileNotFoundError, ValueError):
-        return [], []
+        return [], [], {}, {}
     why = None
     if manifest.get("params_hash") != config.params_hash():
         why = "the prepare settings changed"
@@ -217,8 +251,35 @@ def _base(shards_root: Location, config: PrepareConfig) -> tuple[list[dict], lis
             why = "its quarantine list has no input keys"
     if why is not None:
         log.info("processing every input: %s since %s", why, shards_root.join("manifest.json").uri)
-        return [], []
-    return list(manifest["shards"]), quarantine
+        return [], [], {}, {}
+    recorded = [manifest.get(name) for name in ("input_versions", "input_sha256")]
+    versions, digests = (
+        {str(k): str(v) for k, v in m.items()} if isinstance(m, dict) else {} for m in recorded
+    )
+    if not versions:
+        log.info("%s records no input versions: inputs are taken as unchanged, their versions recorded now",
+                 shards_root.join("manifest.json").uri)  # fmt: skip
+    return list(manifest["shards"]), quarantine, versions, digests
+
+
+def _rewritten(relisted: list[InputRef], digests: dict[str, str]) -> set[str]:
+    """The keys of ``relisted`` (inputs listed with another version than recorded) whose bytes
+    are not the ones recorded: each read and hashed, a few at a time (a touched or copied file
+    is no rewrite). One without a recorded sha256 or that cannot be read counts as rewritten:
+    processing it again records what it is now, or quarantines it with the reason."""
+
+    def differs(ref: InputRef) -> bool:
+        if ref.key not in digests:
+            return True
+        try:
+            return input_sha256(ref.read()) != digests[ref.key]
+        except OSError:
+            return True
+
+    if not relisted:
+        return set()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return {r.key for r, differ in zip(relisted, pool.map(differs, relisted), strict=True) if differ}
 
 
 def _next_index(entries: list[dict]) -> dict[str, int]:

@@ -162,8 +162,11 @@ class ShardWriter:
 
 
 def build_manifest(params: dict, params_hash: str, version: str, inputs: int, quarantine: list[dict],
-                   entries: list[dict]) -> dict:  # fmt: skip
-    """The manifest of a finished run (``entries`` from :class:`ShardWriter`); its counts add up."""
+                   entries: list[dict], input_versions: dict[str, str] | None = None,
+                   input_sha256: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """The manifest of a finished run (``entries`` from :class:`ShardWriter`); its counts add up.
+    ``input_versions``: input key -> its version as listed when read (``InputRef.version``);
+    ``input_sha256``: input key -> the first 16 hex digits of the sha256 of the bytes read."""
     reasons: dict[str, int] = {}
     for q in quarantine:
         reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
@@ -188,6 +191,8 @@ def build_manifest(params: dict, params_hash: str, version: str, inputs: int, qu
             for split in SPLITS
         },
         "shards": entries,
+        "input_versions": dict(sorted((input_versions or {}).items())),
+        "input_sha256": dict(sorted((input_sha256 or {}).items())),
     }
     if manifest["counts"]["written"] < 0:
         raise ValueError(f"{len(quarantine)} quarantined out of {inputs} inputs")
