@@ -10,7 +10,7 @@ over a latent table of ``--units`` source shards, a tar of ``--images-per-shard`
 actor call. Target ratio >= 0.85.
 
 Usage:
-    .venv/bin/python benchmarks/edit.py [--rows 128] [--strengths 4] [--resolution 128]
+    .venv/bin/python benchmarks/edit.py [--rows 512] [--strengths 4] [--resolution 128]
                                         [--style-dim 256] [--batch-size 16] [--threads 2]
                                         [--actors 1] [--units 4] [--images-per-shard 64]
 """
@@ -52,7 +52,9 @@ def main() -> int:
 
     restart_with_allocator_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=128, help="selected rows")
+    parser.add_argument(
+        "--rows", type=int, default=512, help="selected rows (x strengths: images to amortise start-up)"
+    )
     parser.add_argument("--strengths", type=int, default=4, help="strengths per row (images per row)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--style-dim", type=int, default=256)
