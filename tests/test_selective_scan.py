@@ -198,6 +198,54 @@ def test_fast_exp2_matches_numpy():
     assert np.isfinite(fast_exp2(np.float32(1000.0)))
 
 
+@pytest.mark.skipif(not FAST_CPU, reason="needs numba")
+@pytest.mark.parametrize(("nd", "n_state"), [(16, 16), (5, 3), (16, 1)])
+def test_vector_time_step_is_the_scalar_recurrence_bit_for_bit(rng, nd, n_state):
+    # The backward recomputes the forward's states with the scalar fast_exp2, so the forward's
+    # vector step must produce exactly the same state bits (last state and chunk states), also
+    # for padding lanes, strided B/C and decays beyond the clamp.
+    import numba
+    import numpy as np
+
+    from mambastyle.layers._scan_cpu import FASTMATH, LANES, LOG2E, fast_exp2, lane_buffers, scan_lanes
+
+    @numba.njit(fastmath=FASTMATH)  # the backward kernels' flags
+    def scalar_scan(order, dl, xl, A, Bk, Ck, T, hs, yl, ck):
+        nd, n_state = A.shape
+        for t in range(order.shape[0]):
+            p = order[t]
+            if t % T == 0:
+                for j in range(nd):
+                    for n in range(n_state):
+                        ck[j, t // T, n] = hs[n, j]
+            for j in range(LANES):
+                acc = np.float32(0.0)
+                for n in range(n_state):
+                    a = A[j, n] * LOG2E if j < nd else np.float32(0.0)
+                    hs[n, j] = fast_exp2(dl[p, j] * a) * hs[n, j] + dl[p, j] * xl[p, j] * Bk[p, n]
+                    acc += Ck[p, n] * hs[n, j]
+                yl[p, j] += acc
+
+    length, chunk = 77, 16
+    order = rng.permutation(length)
+    dl, xl, yl, a2, hs = lane_buffers(length, n_state)
+    dl[:, :nd] = rng.random((length, nd), dtype=np.float32) * 2
+    dl[rng.integers(0, length, 5), 0] = 1e4  # decays far below 2^-125: clamped alike
+    xl[:, :nd] = rng.standard_normal((length, nd), dtype=np.float32)
+    A = -rng.random((nd, n_state), dtype=np.float32) * 8
+    bc = rng.standard_normal((2, length, 2 * n_state), dtype=np.float32)
+    Bk, Ck = bc[0, :, ::2], bc[1, :, 1::2]  # strided rows
+    ck = np.zeros((nd, -(-length // chunk), n_state), np.float32)
+    want_y, want_h, want_ck = yl.copy(), hs.copy(), ck.copy()
+    scalar_scan(order, dl, xl, A, Bk, Ck, chunk, want_h, want_y, want_ck)
+    scan_lanes(order, dl, xl, A, Bk, Ck, chunk, a2, hs, yl, ck)
+    np.testing.assert_array_equal(hs, want_h)
+    np.testing.assert_array_equal(ck, want_ck)
+    # bound: the sum over states may be reassociated in the reference (fastmath); float32 rounding
+    np.testing.assert_allclose(yl, want_y, rtol=1e-5, atol=1e-5 * np.abs(want_y).max())
+    assert not yl[:, nd:].any() and not hs[:, nd:].any()  # padding lanes stay zero
+
+
 def test_wide_vectors_only_where_the_user_left_numba_alone(monkeypatch):
     pytest.importorskip("numba")
     import numba

@@ -25,7 +25,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 LANES = 16  # channels stepped through time together in the forward kernels, one per SIMD lane
@@ -79,6 +80,17 @@ def _float32_bits_as_int(typingctx, f):
     return sig, codegen
 
 
+# Degree-5 minimax polynomial for 2**r on [-0.5, 0.5], highest power first: shared by the
+# scalar fast_exp2 and its vector form in the forward kernel's time step, so that the
+# forward's decays are bit for bit the ones the backward recomputes.
+EXP2_POLY = tuple(
+    np.float32(c)
+    for c in (1.326472731307149e-3, 9.671512991189957e-3, 5.550733581185341e-2, 2.4022242426872253e-1,
+              6.931470036506653e-1, 1.0)
+)  # fmt: skip
+EXP2_RANGE = (np.float32(-125.0), np.float32(127.0))
+
+
 @nb.njit(inline="always", fastmath=FASTMATH)
 def fast_exp2(x):  # pragma: no cover - compiled
     """float32 2**x in 13 vectorisable operations: the scan's decays, exp(dt * A) = 2**(dt * A log2 e).
@@ -87,15 +99,15 @@ def fast_exp2(x):  # pragma: no cover - compiled
     relative error 2e-7 in float32), and k added to its exponent bits. Inputs are clamped
     to [-125, 127]: below, the result is ~2e-38 instead of a denormal; above, finite.
     """
-    x = min(max(x, np.float32(-125.0)), np.float32(127.0))
+    x = min(max(x, EXP2_RANGE[0]), EXP2_RANGE[1])
     k = np.rint(x)
     r = x - k
-    p = np.float32(1.326472731307149e-3)
-    p = p * r + np.float32(9.671512991189957e-3)
-    p = p * r + np.float32(5.550733581185341e-2)
-    p = p * r + np.float32(2.4022242426872253e-1)
-    p = p * r + np.float32(6.931470036506653e-1)
-    p = p * r + np.float32(1.0)
+    p = EXP2_POLY[0]
+    p = p * r + EXP2_POLY[1]
+    p = p * r + EXP2_POLY[2]
+    p = p * r + EXP2_POLY[3]
+    p = p * r + EXP2_POLY[4]
+    p = p * r + EXP2_POLY[5]
     return _int_bits_as_float32(_float32_bits_as_int(p) + (np.int32(k) << 23))
 
 
@@ -125,6 +137,123 @@ def lane_buffers(length, n_state):  # pragma: no cover - compiled
     return dl, xl, yl, a2, hs
 
 
+# --------------------------------------------------------------------------- one time step, in IR
+#
+# The time step is written as LLVM IR on <LANES x float> vectors rather than as numba loops:
+# the per-state loop sums C[n] * h[n] over the states, and in a numba array that running
+# sum stays in memory (LLVM cannot prove the state rows written in the same loop do not
+# alias it), so every state's update waited on a store-to-load round trip. As an SSA
+# vector the sum lives in a register and the step is bound by arithmetic alone.
+
+_F32 = ir.FloatType()
+_VEC = ir.VectorType(_F32, LANES)
+_IVEC = ir.VectorType(ir.IntType(32), LANES)
+_I64 = ir.IntType(64)
+FMULADD = f"llvm.fmuladd.v{LANES}f32"  # a * b + c, fused where the CPU has FMA
+
+
+def _vconst(value) -> ir.Constant:
+    return ir.Constant(_VEC, [float(np.float32(value))] * LANES)
+
+
+def _vcall(builder, name, *args):
+    """Calls the LLVM intrinsic ``name`` on vectors of LANES float32."""
+    fnty = ir.FunctionType(_VEC, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _vsplat(builder, scalar):
+    vec = builder.insert_element(ir.Constant(_VEC, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vec, ir.Constant(_VEC, ir.Undefined), ir.Constant(_IVEC, [0] * LANES))
+
+
+def _vexp2(builder, x):
+    """:func:`fast_exp2` of every lane: the same clamp, rounding, polynomial and exponent bits."""
+    x = _vcall(builder, f"llvm.maxnum.v{LANES}f32", x, _vconst(EXP2_RANGE[0]))
+    x = _vcall(builder, f"llvm.minnum.v{LANES}f32", x, _vconst(EXP2_RANGE[1]))
+    k = _vcall(builder, f"llvm.rint.v{LANES}f32", x)
+    r = builder.fsub(x, k)
+    p = _vconst(EXP2_POLY[0])
+    for c in EXP2_POLY[1:]:
+        p = _vcall(builder, FMULADD, p, r, _vconst(c))
+    scale = builder.shl(builder.fptosi(k, _IVEC), ir.Constant(_IVEC, [23] * LANES))
+    return builder.bitcast(builder.add(builder.bitcast(p, _IVEC), scale), _VEC)
+
+
+def _lane_rows_type(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 2 and t.layout == "C"
+
+
+@intrinsic
+def lane_step(typingctx, hs, a2, dl, xl, bk, ck, yl, p):
+    """One time step of a block of LANES channels at token p, for every state n:
+
+        h[n] = 2^(dl[p] * a2[n]) * h[n] + dl[p] * xl[p] * bk[p, n]
+        yl[p] += sum over n of ck[p, n] * h[n]
+
+    hs, a2 (N, LANES) and dl, xl, yl (L, LANES): C-contiguous float32 (as
+    :func:`lane_buffers` makes them); bk, ck (L, N) float32, any strides.
+    """
+    if not all(_lane_rows_type(t) for t in (hs, a2, dl, xl, yl)):
+        raise TypingError("lane_step: hs, a2, dl, xl and yl must be C-contiguous 2-D float32 arrays")
+    if not all(isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 2 for t in (bk, ck)):
+        raise TypingError("lane_step: bk and ck must be 2-D float32 arrays")
+    if not isinstance(p, types.Integer):
+        raise TypingError("lane_step: p must be an integer")
+    sig = types.void(hs, a2, dl, xl, bk, ck, yl, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arrays = [
+            context.make_array(t)(context, builder, v)
+            for t, v in zip(signature.args[:7], args[:7], strict=True)
+        ]
+        hs_p, a2_p, dl_p, xl_p, bk_a, ck_a, yl_p = arrays
+        token = args[7]
+        vptr = _VEC.as_pointer()
+
+        def row(array, index):  # pointer to LANES floats at row `index` of a (*, LANES) buffer
+            start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
+            return builder.bitcast(start, vptr)
+
+        def element(array, n):  # bk[token, n] / ck[token, n] through the array's byte strides
+            s0, s1 = cgutils.unpack_tuple(builder, array.strides, 2)
+            at = builder.add(builder.mul(token, s0), builder.mul(n, s1))
+            raw = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [at])
+            return builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4)
+
+        n_state = cgutils.unpack_tuple(builder, bk_a.shape, 2)[1]
+        step = builder.load(row(dl_p, token), align=4)
+        drive = builder.fmul(step, builder.load(row(xl_p, token), align=4))
+        entry = builder.block
+        body = builder.append_basic_block("lane_step.state")
+        done = builder.append_basic_block("lane_step.done")
+        builder.cbranch(builder.icmp_signed(">", n_state, ir.Constant(_I64, 0)), body, done)
+        builder.position_at_end(body)
+        n = builder.phi(_I64)
+        acc = builder.phi(_VEC)
+        n.add_incoming(ir.Constant(_I64, 0), entry)
+        acc.add_incoming(_vconst(0.0), entry)
+        state = row(hs_p, n)
+        decay = _vexp2(builder, builder.fmul(step, builder.load(row(a2_p, n), align=4)))
+        new = _vcall(builder, FMULADD, decay, builder.load(state, align=4),
+                     builder.fmul(drive, _vsplat(builder, element(bk_a, n))))  # fmt: skip
+        builder.store(new, state, align=4)
+        summed = _vcall(builder, FMULADD, _vsplat(builder, element(ck_a, n)), new, acc)
+        n_next = builder.add(n, ir.Constant(_I64, 1))
+        n.add_incoming(n_next, body)
+        acc.add_incoming(summed, body)
+        builder.cbranch(builder.icmp_signed("<", n_next, n_state), body, done)
+        builder.position_at_end(done)
+        total = builder.phi(_VEC)
+        total.add_incoming(_vconst(0.0), entry)
+        total.add_incoming(summed, body)
+        out = row(yl_p, token)
+        builder.store(builder.fadd(builder.load(out, align=4), total), out, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def scan_lanes(order, dl, xl, A, Bk, Ck, T, a2, hs, yl, ck):  # pragma: no cover - compiled
     """Steps one block of channels through time from a zero state; lane j holds channel j.
@@ -141,8 +270,6 @@ def scan_lanes(order, dl, xl, A, Bk, Ck, T, a2, hs, yl, ck):  # pragma: no cover
         for n in range(n_state):
             a2[n, j] = A[j, n] * LOG2E
     hs[:] = 0.0
-    xv = np.empty(LANES, dtype=np.float32)
-    acc = np.empty(LANES, dtype=np.float32)
     c = 0
     for t in range(length):
         p = order[t]
@@ -151,18 +278,7 @@ def scan_lanes(order, dl, xl, A, Bk, Ck, T, a2, hs, yl, ck):  # pragma: no cover
                 for n in range(n_state):
                     ck[j, c, n] = hs[n, j]
             c += 1
-        for j in range(LANES):
-            xv[j] = dl[p, j] * xl[p, j]
-            acc[j] = 0.0
-        for n in range(n_state):
-            bn = Bk[p, n]
-            cn = Ck[p, n]
-            for j in range(LANES):
-                hn = fast_exp2(dl[p, j] * a2[n, j]) * hs[n, j] + xv[j] * bn
-                hs[n, j] = hn
-                acc[j] += cn * hn
-        for j in range(LANES):
-            yl[p, j] += acc[j]
+        lane_step(hs, a2, dl, xl, Bk, Ck, yl, p)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
