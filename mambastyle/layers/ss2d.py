@@ -338,7 +338,9 @@ class SS2D(nn.Module):
             w,
             backend=self.scan_backend,
         )  # (B, L, d), summed over directions
-        y = self.out_norm(y.view(b, h, w, d))
+        # The gate in z's precision: under bfloat16 autocast the product would otherwise be
+        # formed in float32 (LayerNorm's output) only to be cast back for out_proj.
+        y = self.out_norm(y.view(b, h, w, d)).to(z.dtype)
         return self.out_proj(y * F.silu(z))
 
 
