@@ -8,7 +8,8 @@ the median ms/image over all of an encoder's calls, printed with the spread (10t
 percentile). Precisions: fp32, and bf16 autocast where the CPU has bf16 instructions (AMX or
 AVX512-BF16; the codes' largest deviation from fp32 on the same images is printed). Both
 encoders are built for a 1024-px generator (18 styles) with random weights, in eval mode,
-with the stages' allocator settings and the same threads. Prints the psp / mambastyle ratio
+placed as the stages load them (``on_device``: channels-last convolutions on CPU), with the
+stages' allocator settings and the same threads. Prints the psp / mambastyle ratio
 per batch and precision (> 1: MambaStyle is faster); targets >= 1.75 at batch 1, >= 1.5 at 8.
 The small and tiny variants' parameters are listed for reference.
 
@@ -42,9 +43,9 @@ def measure(name: str, precision: str, calls: int) -> dict:
     codes' deviation from fp32."""
     import torch
 
-    from mambastyle.models.encoders import build_encoder
+    from mambastyle.models.encoders import build_encoder, on_device
 
-    enc = build_encoder(name, 1024, seed=0).eval()
+    enc = on_device(build_encoder(name, 1024, seed=0), "cpu").eval()  # as the stages load them
     bf16 = precision == "bf16"
     out: dict = {"calls_ms_per_image": {}}
     gen = torch.Generator().manual_seed(0)

@@ -46,7 +46,7 @@ def pipeline_vs_bare(args) -> None:
     from mambastyle.checkpoints import save_encoder
     from mambastyle.data.shards import manifest_shards
     from mambastyle.invert.pipeline import InvertJob, run_inversion
-    from mambastyle.models.encoders import build_encoder
+    from mambastyle.models.encoders import build_encoder, on_device
     from mambastyle.models.inversion import invert_batch
     from mambastyle.runtime import connect_ray
     from mambastyle.storage import StorageOptions, resolve
@@ -60,7 +60,7 @@ def pipeline_vs_bare(args) -> None:
         per = 256
         counts = [min(per, args.images - i) for i in range(0, args.images, per)]
         write_shards(root, {"train": counts}, size=args.size)
-        enc = build_encoder(args.encoder, 1024, seed=0, input_size=args.size).eval()
+        enc = on_device(build_encoder(args.encoder, 1024, seed=0, input_size=args.size), "cpu").eval()
         buf = io.BytesIO()
         save_encoder(enc, buf)
         (Path(tmp) / "enc.pt").write_bytes(buf.getvalue())

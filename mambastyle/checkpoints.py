@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import torch
 
 from mambastyle.errors import CheckpointError, InvalidConfig
-from mambastyle.models.encoders import Encoder, EncoderConfig, build_encoder_from_config
+from mambastyle.models.encoders import Encoder, EncoderConfig, build_encoder_from_config, on_device
 from mambastyle.models.stylegan2 import (
     Generator,
     GeneratorConfig,
@@ -398,7 +398,7 @@ def _encoder_from(ckpt: Any, name: str, scan_backend: str, device) -> Encoder:
     _load_strict(encoder, sd, f"{name}: weights do not match the stored {encoder.config.arch} config")
     if latent_avg is not None:
         _set_latent_avg(encoder, latent_avg, name)
-    return encoder.to(device).eval()
+    return on_device(encoder, device).eval()
 
 
 def _load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
@@ -594,7 +594,7 @@ def _official_encoder(ckpt: Mapping, name: str, scan_backend: str, device, n_ite
         "step": int(ckpt.get("global_step") or 0),
         "ignored": sorted({k.split(".", 1)[0] for k in sd if not k.startswith(("encoder.", "decoder."))}),
     }
-    return encoder.to(device).eval(), meta
+    return on_device(encoder, device).eval(), meta
 
 
 def check_encoder_generator(

@@ -136,3 +136,22 @@ def test_subsample_shortcut_equals_one_by_one_max_pool():
     x = torch.randn(2, 3, 9, 8)
     for stride in (1, 2, 3):
         assert torch.equal(Subsample(stride)(x), torch.nn.MaxPool2d(1, stride)(x))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_channels_last_placement_computes_the_same_codes(monkeypatch, name):
+    from mambastyle.models import encoders
+
+    enc = build_encoder(name, 256, seed=0, input_size=64).eval()
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(encoders, "cpu_layout", lambda t: t)  # every activation NCHW, as built
+        want, want_feats = enc(x, return_features=True)
+    placed = encoders.on_device(enc, "cpu")
+    convs = [mod for mod in placed.modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        got, feats = placed(x, return_features=True)
+    # bound: the same float32 arithmetic summed in another order; measured <= 2e-6 relative
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(feats, want_feats, rtol=1e-5, atol=1e-5 * want_feats.abs().max().item())

@@ -222,6 +222,26 @@ def run_body(
     return out
 
 
+def cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """An image-shaped activation in the memory layout the encoders' CPU kernels want: channels
+    last. oneDNN's convolutions then read and write NHWC without reordering, the FPN's bilinear
+    upsampling takes its vectorised channels-last path (an order of magnitude faster than on
+    NCHW), and the VSS blocks' (B, H, W, C) views need no copy. Values are unchanged; other
+    devices keep what they are given."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+def on_device(encoder: nn.Module, device: str | torch.device) -> nn.Module:
+    """``encoder`` moved to ``device``; on a CPU its convolution weights are stored channels
+    last too (see :func:`cpu_layout`), so no convolution reorders its weights per call."""
+    encoder = encoder.to(device)
+    if torch.device(device).type == "cpu":
+        for module in encoder.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    return encoder
+
+
 def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Bilinearly upsamples x to y's size and adds y (the FPN merge)."""
     return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
@@ -275,7 +295,7 @@ class Encoder(nn.Module):
         """x: (B, 3, S, S) -> W+ (B, n_styles, D); with ``return_features`` also the
         (B, fpn_dim, S/4, S/4) feature map for feature-space (F-space) refinement."""
         self._check_input(x)
-        codes, feats = self.offsets(x, return_features)
+        codes, feats = self.offsets(cpu_layout(x), return_features)
         w_plus = codes + self.latent_avg
         return (w_plus, feats) if return_features else w_plus
 
@@ -359,7 +379,11 @@ class MambaStyleEncoder(Encoder):
 
     @staticmethod
     def _vss(block: VSSBlock, x: torch.Tensor) -> torch.Tensor:
-        return block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()  # channels-last inside
+        """The block on (B, H, W, C) views of a (B, C, H, W) map; the output in the map's layout
+        (a free view when the map is channels-last, as on CPU)."""
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return out.contiguous(memory_format=layout or torch.contiguous_format)
 
     def offsets(self, x: torch.Tensor, features: bool = False):
         pos = self.new_ps(self.averagepooling(self.proj(x)))
@@ -500,7 +524,7 @@ class ReStyleEncoder(Encoder):
         return F.adaptive_avg_pool2d(y, self.config.input_size)
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(self.input_layer(x))
+        h = self.body(self.input_layer(cpu_layout(x)))
         if not self.progressive:
             return torch.stack([blk(h) for blk in self.styles], dim=1)
         w0 = self.styles[0](h)
