@@ -381,9 +381,9 @@ class MambaStyleEncoder(Encoder):
     def _vss(block: VSSBlock, x: torch.Tensor) -> torch.Tensor:
         """The block on (B, H, W, C) views of a (B, C, H, W) map; the output in the map's layout
         (a free view when the map is channels-last, as on CPU)."""
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-        out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return out.contiguous(memory_format=layout or torch.contiguous_format)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
     def offsets(self, x: torch.Tensor, features: bool = False):
         pos = self.new_ps(self.averagepooling(self.proj(x)))
