@@ -6,7 +6,9 @@
 2. Scan speed: forward + backward ms of each GPU backend at an SS2D-sized problem (batch 8,
    4 x 384 channels, N 16, L 1024), and the fused SS2D scan (`triton`) against cross-scan
    copies through the plain scan (`cuda`); the triton/cuda ratio (target <= 1.5).
-3. SS2D on the GPU with each backend vs `ref`, forward and backward.
+3. SS2D on the GPU with each backend vs `ref`, forward and backward; SS2D without gradients
+   (the encoders' path): agreement, and ms per call at the encoder's first level per backend
+   and per kernel variant.
 4. Encoder forward latency, ms/image at batch 1, 8 and 32, fp32 and bf16 autocast:
    mambastyle with each GPU backend, and psp (256x256 input, 1024-px generator),
    CUDA-synchronised; the psp/mambastyle ratios (target >= 1 at batch 8 and 32).
@@ -19,6 +21,7 @@
    (`mambastyle` encoder, 256-px generator with 512-d W, reconstructions and metrics on).
 
 Exits non-zero if an agreement check fails. Usage: python benchmarks/gpu_check.py [--json out.json]
+[--sections scan_vs_ref,ss2d_vs_ref,...] [--profile kernels.txt]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -150,6 +154,72 @@ def check_ss2d(device: str) -> dict:
 
 
 @torch.no_grad()
+def ss2d_inference(device: str) -> dict:
+    """SS2D's scan without gradients, as the encoders run it: the stepping kernel against the
+    float64 reference on a small map, then ms per call at the encoder's first level (d 1024,
+    N 16, 64x64 tokens, bf16 inputs as under autocast) for the projected scan on each GPU
+    backend, the stepping kernel per channel block, and the chunked (training) kernel."""
+    from mambastyle.layers.ss2d import ss2d_scan, ss2d_scan_projected
+
+    out = {}
+    g = torch.Generator().manual_seed(2)
+    b, d, n, h, w = 2, 96, 16, 20, 12
+    small = {"x": torch.randn(b, h * w, d, generator=g), "dts": torch.randn(4, d, b, h * w, generator=g),
+             "A": -torch.rand(4, d, n, generator=g) * 8, "B": torch.randn(b, 4, n, h * w, generator=g),
+             "C": torch.randn(b, 4, n, h * w, generator=g), "D": torch.randn(4, d, generator=g),
+             "dt_bias": torch.randn(4, d, generator=g) * 0.1}  # fmt: skip
+    want = ss2d_scan(**{k: v.double().to(device) for k, v in small.items()}, h=h, w=w, backend="ref")
+    r = 6
+    low = {"x": small["x"], "proj": torch.randn(b, h * w, 4, r + 2 * n, generator=g),
+           "dt_weight": torch.randn(4, d, r, generator=g) / r**0.5,
+           **{k: small[k] for k in ("A", "D", "dt_bias")}}  # fmt: skip
+    want_low = ss2d_scan_projected(
+        **{k: v.double().to(device) for k, v in low.items()}, h=h, w=w, backend="ref"
+    )
+    errs = {}
+    for backend in GPU_BACKENDS:
+        if backend in available_backends(device):
+            got = ss2d_scan(**{k: v.to(device) for k, v in small.items()}, h=h, w=w, backend=backend)
+            errs[backend] = rel_err(got, want)
+            got = ss2d_scan_projected(**{k: v.to(device) for k, v in low.items()}, h=h, w=w, backend=backend)
+            errs[f"projected[{backend}]"] = rel_err(got, want_low)
+    out["relative_errors_vs_ref"] = errs
+    out["ok"] = max(errs.values()) < 1e-4
+    for b in (1, 8, 32):
+        out[f"batch_{b}_ms"] = _ss2d_times(device, b)
+        torch.cuda.empty_cache()
+    return out
+
+
+def _ss2d_times(device: str, b: int, d: int = 1024, n: int = 16, r: int = 32, h: int = 64, w: int = 64):
+    from mambastyle.layers.selective_scan import _triton_kernels
+    from mambastyle.layers.ss2d import _step_sizes, ss2d_scan_projected
+
+    kernels = _triton_kernels()
+    x = torch.randn(b, h * w, d, device=device, dtype=torch.bfloat16)
+    proj = torch.randn(b, h * w, 4, r + 2 * n, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(4, d, r, device=device) / r**0.5
+    A = -torch.rand(4, d, n, device=device) * 8
+    D, bias = torch.randn(4, d, device=device), torch.randn(4, d, device=device) * 0.1
+    times = {}
+    for backend in GPU_BACKENDS:
+        if backend in available_backends(device):
+            times[f"projected[{backend}]"] = cuda_ms(
+                lambda backend=backend: ss2d_scan_projected(x, proj, weight, A, D, bias, h, w, backend)
+            )
+    dts = torch.einsum("kdr,blkr->kbld", weight.bfloat16(), proj[..., :r]).permute(0, 3, 1, 2)
+    B, C = proj[..., r : r + n].permute(0, 2, 3, 1), proj[..., r + n :].permute(0, 2, 3, 1)
+    for block in (16, 32, 64):
+        times[f"stepping[block_d={block}]"] = cuda_ms(
+            lambda block=block: kernels.ss2d_infer(x, dts, bias, A, B, C, h, w, block)
+        )
+    dts, B, C = _step_sizes(weight.bfloat16(), proj), B.contiguous(), C.contiguous()
+    times["chunked"] = cuda_ms(lambda: kernels.SS2DScan.apply(x, dts, bias, A, B, C, h, w))
+    times["default_block_d"] = kernels._infer_block(b, d, n)
+    return times
+
+
+@torch.no_grad()
 def encoder_latency(device: str) -> dict:
     """ms/image per encoder (mambastyle once per GPU scan backend), batch and precision."""
     models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
@@ -262,32 +332,79 @@ def invert_actor(device: str, n: int = 32, timed: int = 512) -> dict:
     }
 
 
+@torch.no_grad()
+def encoder_profile(device: str, batch: int = 32) -> dict:
+    """Where each encoder's GPU time goes: the profiler's top kernels by self CUDA time for one
+    bf16-autocast forward at ``batch`` (after warm-up), per encoder and scan backend."""
+    from torch.profiler import ProfilerActivity, profile
+
+    models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
+    out = {}
+    for name, backend in models:
+        enc = build_encoder(name, 1024, seed=0, scan_backend=backend).to(device).eval()
+        x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(3):
+                enc(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                enc(x)
+                torch.cuda.synchronize()
+        label = name if name == "psp" else f"mambastyle[{backend}]"
+        averages = prof.key_averages()
+        out[label] = averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90)
+        del enc
+        torch.cuda.empty_cache()
+    return out
+
+
+SECTIONS = {
+    "scan_vs_ref": check_scan,
+    "scan_speed": scan_speed,
+    "ss2d_vs_ref": check_ss2d,
+    "ss2d_inference": ss2d_inference,
+    "encoder_latency": encoder_latency,
+    "train_steps_amp": train_steps,
+    "invert_actor": invert_actor,
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma-separated subset")
+    parser.add_argument("--profile", help="also write the encoders' top GPU kernels (batch 32, bf16) here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
     device = "cuda"
-    report = {
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "scan_vs_ref": check_scan(device),
-        "scan_speed": scan_speed(device),
-        "ss2d_vs_ref": check_ss2d(device),
-        "encoder_latency": encoder_latency(device),
-        "train_steps_amp": train_steps(device),
-        "invert_actor": invert_actor(device),
-    }
-    print(json.dumps(report, indent=2))
+    chosen = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "backends": available_backends(device)}  # fmt: skip
+    for name in chosen:
+        t0 = time.perf_counter()
+        try:
+            report[name] = SECTIONS[name](device)
+        except Exception as exc:  # one broken section must not lose the others' figures
+            traceback.print_exc()
+            report[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        report[name]["seconds"] = time.perf_counter() - t0
+        print(name, json.dumps(report[name], indent=2), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    failed = [
-        k
-        for k in ("scan_vs_ref", "ss2d_vs_ref", "train_steps_amp", "invert_actor")
-        if report[k].get("ok") is False
-    ]
+    if args.profile:
+        try:
+            tables = encoder_profile(device)
+            Path(args.profile).write_text("".join(f"== {k}\n{table}\n" for k, table in tables.items()))
+        except Exception:
+            traceback.print_exc()
+    failed = [k for k in report if isinstance(report[k], dict) and report[k].get("ok") is False]
+    if failed:
+        print("failed:", ", ".join(failed))
     return 1 if failed else 0
 
 

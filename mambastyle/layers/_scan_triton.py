@@ -22,6 +22,13 @@ into the next chunk. Decays are in (0, 1] and nothing divides by a product of th
   the other and adds each into y (and, backwards, into dx), so the sum over directions
   needs no atomics and is deterministic.
 
+Inference (no gradients) of SS2D takes another kernel, :func:`_ss2d_infer`: a program owns
+one batch element, one direction and ``BLOCK_D`` channels, holds their (BLOCK_D, N) state in
+registers and walks the tokens one step at a time. The chunked scan spends several warp
+shuffles per state update on its prefix scan; stepping costs one exp and two multiply-adds,
+and the four directions run side by side (each into its own slice of a (4, B, L, d) buffer,
+summed afterwards, so the result does not depend on the order programs finish in).
+
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
 g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse prefix scan, chunk by chunk from the end.
@@ -242,6 +249,97 @@ def _scan_bwd(
             tl.debug_barrier()  # the next direction adds to the dx this one stored
 
 
+@triton.jit
+def _ss2d_infer(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr,
+    L, W, DK, NS,
+    sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sB_b, sB_k, sB_l, sB_n, sy_k, sy_b, sy_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Direction ``program_id(2)``'s scan of SS2D for one batch element and BLOCK_D channels,
+    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32."""
+    b = tl.program_id(0).to(tl.int64)  # offsets of big batches pass 2**31
+    k = tl.program_id(2)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mc = c < DK
+    mn = n < NS
+    ch = k * DK + c
+    # exp(delta A) as exp2(delta A log2 e): one multiply fewer per state update.
+    A2 = tl.load(A_ptr + ch[:, None] * NS + n[None, :], mask=mc[:, None] & mn[None, :], other=0.0)
+    A2 = A2.to(tl.float32) * 1.4426950408889634
+    bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32)
+    # Token order by stepping: rows (+1), columns (+W, wrapping to the next column's top by
+    # 1 - L), and both reversed; a row-major walk never leaves [0, L), so it never wraps.
+    step = tl.where(k == 0, 1, tl.where(k == 1, W, tl.where(k == 2, -1, -W)))
+    wrap = tl.where(k == 1, 1 - L, tl.where(k == 3, L - 1, 0))
+    pos = tl.where(k >= 2, L - 1, 0)
+    x_row = x_ptr + b * sx_b + c
+    dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c * sdt_d
+    bc_row = b * sB_b + k * sB_k + n * sB_n
+    y_row = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + c
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for _ in range(L):
+        u = tl.load(x_row + pos * sx_l, mask=mc, other=0.0).to(tl.float32)
+        raw = tl.load(dt_row + pos * sdt_l, mask=mc, other=0.0).to(tl.float32) + bias
+        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
+        Bv = tl.load(B_ptr + bc_row + pos * sB_l, mask=mn, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + bc_row + pos * sB_l, mask=mn, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bv[None, :]
+        tl.store(y_row + pos * sy_l, tl.sum(h * Cv[None, :], axis=1), mask=mc)
+        pos += step
+        pos = tl.where((pos < 0) | (pos >= L), pos + wrap, pos)
+
+
+def _stepping_pays(b: int, dk: int) -> bool:
+    """Whether the stepping kernel beats the chunked one for ``b`` images of ``dk`` channels.
+    Each stepping program walks every token of its direction alone, one dependent step after
+    another, so it needs enough programs to hide that latency: measured at d 1024 on 64x64 maps
+    (benchmarks/gpu_check.py), stepping took 4.1 vs 11.3 ms at batch 8 and 10.1 vs 46.8 at 32,
+    but 3.4 vs 2.8 ms at batch 1 (128 programs)."""
+    return b * 4 * triton.cdiv(dk, 32) >= 1024
+
+
+def _infer_block(b: int, dk: int, ns: int) -> int:
+    """Channels per stepping program: 64 (8 states per thread of a 4-warp program) once that
+    still gives 2048 programs, else 32 (measured best at batch 32 and at batch 8 and 1)."""
+    block = 64 if b * 4 * triton.cdiv(dk, 64) >= 2048 else 32
+    return max(1, min(block, triton.next_power_of_2(dk), 4096 // triton.next_power_of_2(ns)))
+
+
+def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
+    """The SS2D scan without gradients (see :class:`SS2DScan` for the arguments): (B, L, d)
+    float32, summed over directions. ``dts``, B and C may be any strided views (B and C with
+    the same strides). ``block_d`` forces the stepping kernel with that many channels per
+    program; by default small grids take the chunked kernel (no chunk states stored)."""
+    b, length, d = x.shape
+    ns = A.shape[-1]
+    x = x.contiguous()
+    A, bias = A.contiguous(), bias.contiguous()
+    if B.stride() != C.stride():
+        B, C = B.contiguous(), C.contiguous()
+    if block_d is None and not _stepping_pays(b, d):
+        block_d, block_n, _ = _blocks(d, ns, d)
+        n_chunks = triton.cdiv(length, BLOCK_T)
+        y = x.new_empty(b, length, d, dtype=torch.float32)
+        last = x.new_empty(b, 4 * d, ns, dtype=torch.float32)
+        _launch(_scan_fwd, (b, triton.cdiv(d, block_d)), (x, dts, A, B, C, x, bias, x, y, last, last),
+                *_cross_geometry(x, dts, B, h, w, ns, n_chunks), K=4, CROSS=True, HAS_D=False, HAS_Z=False,
+                HAS_BIAS=True, SOFTPLUS=True, SAVE_CKPT=False, BLOCK_D=block_d, BLOCK_N=block_n,
+                BLOCK_T=BLOCK_T)  # fmt: skip
+        return y
+    block_d = block_d or _infer_block(b, d, ns)
+    y = x.new_empty(4, b, length, d, dtype=torch.float32)
+    sdt = dts.stride()  # (4, d, B, L)
+    sB = B.stride()  # (B, 4, N, L)
+    strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], sB[0], sB[1], sB[3], sB[2],
+               b * length * d, length * d, d)  # fmt: skip
+    grid = (b, triton.cdiv(d, block_d), 4)
+    _launch(_ss2d_infer, grid, (x, dts, A, B, C, bias, y), (length, w, d, ns), strides, BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(ns))  # fmt: skip
+    return y.sum(0)
+
+
 def _blocks(dk: int, ns: int, cpg: int) -> tuple[int, int, bool]:
     """(BLOCK_D, BLOCK_N, ONE_GROUP) for ``dk`` channels per direction, ``ns`` states and
     ``cpg`` channels per B/C group: the largest channel block within the register budget,
@@ -264,17 +362,18 @@ def _launch(kernel, grid, tensors, sizes, strides, **flags):
 
 
 class SelectiveScan(torch.autograd.Function):
-    """y, last_state = selective scan of (Bt, D, L) inputs with (Bt, G, N, L) B and C."""
+    """y, last_state = selective scan of (Bt, D, L) inputs with (Bt, G, N, L) B and C; ``save``:
+    whether a backward pass can follow (chunk states are stored only then)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, save):
         bt, d, length = u.shape
         groups, ns = B.shape[1], A.shape[1]
         u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
         D, z, delta_bias = (None if t is None else t.contiguous() for t in (D, z, delta_bias))
         block_d, block_n, one_group = _blocks(d, ns, d // groups)
         n_chunks = triton.cdiv(length, BLOCK_T)
-        save = any(ctx.needs_input_grad)
+        save = save and any(ctx.needs_input_grad)  # the caller knows whether grad mode is on
         y = torch.empty_like(u)
         last = u.new_empty(bt, d, ns, dtype=torch.float32)
         ckpt = u.new_empty(bt, d, n_chunks, ns, dtype=torch.float32) if save else last
@@ -309,7 +408,7 @@ class SelectiveScan(torch.autograd.Function):
         dD = None if D is None else dD.to(D.dtype)
         dz = None if z is None else dz.to(z.dtype)
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                dD, dz, dbias, None)  # fmt: skip
+                dD, dz, dbias, None, None)  # fmt: skip
 
 
 def _or(t, fallback):
@@ -342,7 +441,7 @@ class SS2DScan(torch.autograd.Function):
         last = x.new_empty(b, 4 * d, ns, dtype=torch.float32)
         ckpt = x.new_empty(b, 4 * d, n_chunks, ns, dtype=torch.float32) if save else last
         grid = (b, triton.cdiv(d, block_d))
-        geometry = _cross_geometry(x, h, w, ns, n_chunks)
+        geometry = _cross_geometry(x, dts, B, h, w, ns, n_chunks)
         _launch(_scan_fwd, grid, (x, dts, A, B, C, x, bias, x, y, ckpt, last), *geometry, K=4, CROSS=True,
                 HAS_D=False, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True, SAVE_CKPT=save, BLOCK_D=block_d,
                 BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
@@ -367,10 +466,11 @@ class SS2DScan(torch.autograd.Function):
                 dB.to(B.dtype), dC.to(C.dtype), None, None)  # fmt: skip
 
 
-def _cross_geometry(x, h: int, w: int, ns: int, n_chunks: int):
-    """Sizes and strides of SS2D: x, y (B, L, d); step sizes (4, d, B, L); B, C (B, 4, N, L)."""
+def _cross_geometry(x, dts, B, h: int, w: int, ns: int, n_chunks: int):
+    """Sizes and strides of SS2D: x, y (B, L, d) contiguous; step sizes (4, d, B, L) and B, C
+    (B, 4, N, L) as strided as they come."""
     b, length, d = x.shape
+    sdt, sB = dts.stride(), B.stride()
     sizes = (length, h, w, d, d, ns, n_chunks)
-    strides = (length * d, 1, d, d * b * length, length, b * length, 1,
-               4 * ns * length, ns * length, length, 1)  # fmt: skip
+    strides = (length * d, 1, d, sdt[0], sdt[2], sdt[1], sdt[3], *sB)
     return sizes, strides

@@ -167,7 +167,8 @@ def selective_scan(
     if name == "triton":
         grouped = (B, C) if B.dim() == 4 else (B[:, None], C[:, None])
         scan = _triton_kernels().SelectiveScan
-        y, last = scan.apply(u, delta, A, *grouped, D, z, delta_bias, delta_softplus)
+        save = needs_grad(u, delta, A, B, C, D, z, delta_bias)
+        y, last = scan.apply(u, delta, A, *grouped, D, z, delta_bias, delta_softplus, save)
         return (y, last) if return_last_state else y
     dtype_in = u.dtype
     work = torch.float64 if dtype_in == torch.float64 and name == "ref" else torch.float32
@@ -189,6 +190,13 @@ def selective_scan(
         y = y * F.silu(z.to(work))
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on ``tensors`` (grad mode on and one requires grad).
+    Inside a custom Function's forward ``needs_input_grad`` cannot tell: it is set under
+    ``torch.no_grad()`` too."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.layers.selective_scan import CHUNK, Backend, resolve_backend, selective_scan
+from mambastyle.layers.selective_scan import CHUNK, Backend, needs_grad, resolve_backend, selective_scan
 
 K_DIRECTIONS = 4
 
@@ -104,7 +104,10 @@ def ss2d_scan(
     if name == "triton":
         from mambastyle.layers.selective_scan import _triton_kernels
 
-        return _triton_kernels().SS2DScan.apply(x, dts, dt_bias, A, B, C, h, w) + skip
+        kernels = _triton_kernels()
+        if needs_grad(x, dts, A, B, C, D, dt_bias):
+            return kernels.SS2DScan.apply(x, dts, dt_bias, A, B, C, h, w) + skip
+        return kernels.ss2d_infer(x, dts, dt_bias, A, B, C, h, w) + skip
     xs = cross_scan(x.transpose(1, 2).reshape(b, d, h, w))  # (B, 4, d, L)
     ys = selective_scan(
         xs.reshape(b, k * d, length),
@@ -147,10 +150,35 @@ def ss2d_scan_projected(
     n = A.shape[-1]
     if resolve_backend(backend, x.device) == "cpu":
         return _SS2DScanCPU.apply(x, proj, None, dt_weight, dt_bias, A, D.sum(0), h, w)
-    dts = _step_sizes(dt_weight.to(proj.dtype), proj)
     bc = proj[..., dt_weight.shape[-1] :].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
-    B, C = bc[:, :, :n].contiguous(), bc[:, :, n:].contiguous()
-    return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
+    if resolve_backend(backend, x.device) == "triton" and not needs_grad(x, proj, dt_weight, A, D, dt_bias):
+        # The inference kernel reads one token of every channel per step: step sizes token-major
+        # in memory (a (4, d, B, L) view of (4, B, L, d)), B and C straight from proj's rows.
+        dts = torch.einsum("kdr,blkr->kbld", dt_weight.to(proj.dtype), proj[..., : dt_weight.shape[-1]])
+        return ss2d_scan(x, dts.permute(0, 3, 1, 2), A, bc[:, :, :n], bc[:, :, n:], D, dt_bias, h, w, backend)
+    if resolve_backend(backend, x.device) == "triton":
+        dts = _step_sizes(dt_weight.to(proj.dtype), proj)
+        B, C = bc[:, :, :n].contiguous(), bc[:, :, n:].contiguous()
+        return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
+    # Scans of cross-scanned copies: the projections (R + 2N per token and direction, against
+    # d channels) are put in each direction's order, and the step sizes are formed from them
+    # in that order, straight into the (B, 4 d, L) layout the scan reads: no permuted copy of
+    # the (4, d, B, L) step sizes, the largest tensor of the layer.
+    b, length, d = x.shape
+    rank = dt_weight.shape[-1]
+    ordered = direction_order(proj.permute(0, 2, 3, 1), h, w)  # (B, 4, R + 2N, L)
+    dts = torch.matmul(dt_weight.to(proj.dtype), ordered[:, :, :rank])  # (B, 4, d, L)
+    ys = selective_scan(
+        cross_scan(x.transpose(1, 2).reshape(b, d, h, w)).view(b, K_DIRECTIONS * d, length),
+        dts.view(b, K_DIRECTIONS * d, length),
+        A.reshape(K_DIRECTIONS * d, n),
+        ordered[:, :, rank : rank + n].contiguous(),
+        ordered[:, :, rank + n :].contiguous(),
+        delta_bias=dt_bias.reshape(-1),
+        delta_softplus=True,
+        backend=backend,
+    )
+    return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w).transpose(1, 2) + x * D.sum(0)
 
 
 def _step_sizes(dt_weight: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
