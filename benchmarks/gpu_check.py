@@ -10,7 +10,8 @@
    (the encoders' path): agreement, and ms per call at the encoder's first level per backend
    and per kernel variant.
 4. Encoder forward latency, ms/image at batch 1, 8 and 32, fp32 and bf16 autocast:
-   mambastyle with each GPU backend, and psp (256x256 input, 1024-px generator),
+   mambastyle with each GPU backend, and psp (256x256 input, 1024-px generator), placed as
+   the stages load them (channels-last),
    CUDA-synchronised; the psp/mambastyle ratios (target >= 1 at batch 8 and 32).
 5. Training steps on the GPU with mixed precision (the params.yaml train section, the
    `mambastyle_small` encoder at 256 px against a 256-px random generator): losses finite,
@@ -37,7 +38,7 @@ import torch
 
 from mambastyle.layers.selective_scan import available_backends, resolve_backend, selective_scan
 from mambastyle.layers.ss2d import SS2D
-from mambastyle.models.encoders import build_encoder
+from mambastyle.models.encoders import build_encoder, on_device
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -225,7 +226,7 @@ def encoder_latency(device: str) -> dict:
     models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
     out = {}
     for name, backend in models:
-        enc = build_encoder(name, 1024, seed=0, scan_backend=backend).to(device).eval()
+        enc = on_device(build_encoder(name, 1024, seed=0, scan_backend=backend), device).eval()
         label = name if name == "psp" else f"mambastyle[{backend}]"
         out[label] = {}
         for precision in ("fp32", "bf16"):
@@ -341,7 +342,7 @@ def encoder_profile(device: str, batch: int = 32) -> dict:
     models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
     out = {}
     for name, backend in models:
-        enc = build_encoder(name, 1024, seed=0, scan_backend=backend).to(device).eval()
+        enc = on_device(build_encoder(name, 1024, seed=0, scan_backend=backend), device).eval()
         x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
         with torch.autocast("cuda", dtype=torch.bfloat16):
             for _ in range(3):

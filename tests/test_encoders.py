@@ -145,7 +145,7 @@ def test_channels_last_placement_computes_the_same_codes(monkeypatch, name):
     enc = build_encoder(name, 256, seed=0, input_size=64).eval()
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     with torch.no_grad(), monkeypatch.context() as m:
-        m.setattr(encoders, "cpu_layout", lambda t: t)  # every activation NCHW, as built
+        m.setattr(encoders, "fast_layout", lambda t: t)  # every activation NCHW, as built
         want, want_feats = enc(x, return_features=True)
     placed = encoders.on_device(enc, "cpu")
     convs = [mod for mod in placed.modules() if isinstance(mod, torch.nn.Conv2d)]

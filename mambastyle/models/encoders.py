@@ -222,20 +222,28 @@ def run_body(
     return out
 
 
-def cpu_layout(x: torch.Tensor) -> torch.Tensor:
-    """An image-shaped activation in the memory layout the encoders' CPU kernels want: channels
-    last. oneDNN's convolutions then read and write NHWC without reordering, the FPN's bilinear
-    upsampling takes its vectorised channels-last path (an order of magnitude faster than on
-    NCHW), and the VSS blocks' (B, H, W, C) views need no copy. Values are unchanged; other
+# Devices whose convolution libraries run NHWC natively: oneDNN on CPUs, cuDNN on NVIDIA GPUs.
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
+
+
+def fast_layout(x: torch.Tensor) -> torch.Tensor:
+    """An image-shaped activation in the memory layout the encoders' kernels want on CPUs and
+    GPUs: channels last. The convolutions then read and write NHWC without reordering (cuDNN's
+    bf16 tensor-core kernels are NHWC and would otherwise convert around every call), the FPN's
+    bilinear upsampling takes its channels-last kernels (on a GPU the NCHW kernel parallelises
+    over output pixels alone and loops over batch x channels: 5.6 ms per call at batch 32 on
+    an H200), and the VSS blocks' (B, H, W, C) views need no copy. Values are unchanged; other
     devices keep what they are given."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+    if x.device.type in CHANNELS_LAST_DEVICES:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def on_device(encoder: nn.Module, device: str | torch.device) -> nn.Module:
-    """``encoder`` moved to ``device``; on a CPU its convolution weights are stored channels
-    last too (see :func:`cpu_layout`), so no convolution reorders its weights per call."""
+    """``encoder`` moved to ``device``; on CPUs and GPUs its convolution weights are stored
+    channels last too (see :func:`fast_layout`), so no convolution reorders them per call."""
     encoder = encoder.to(device)
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type in CHANNELS_LAST_DEVICES:
         for module in encoder.modules():
             if isinstance(module, nn.Conv2d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
@@ -295,7 +303,7 @@ class Encoder(nn.Module):
         """x: (B, 3, S, S) -> W+ (B, n_styles, D); with ``return_features`` also the
         (B, fpn_dim, S/4, S/4) feature map for feature-space (F-space) refinement."""
         self._check_input(x)
-        codes, feats = self.offsets(cpu_layout(x), return_features)
+        codes, feats = self.offsets(fast_layout(x), return_features)
         w_plus = codes + self.latent_avg
         return (w_plus, feats) if return_features else w_plus
 
@@ -524,7 +532,7 @@ class ReStyleEncoder(Encoder):
         return F.adaptive_avg_pool2d(y, self.config.input_size)
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(self.input_layer(cpu_layout(x)))
+        h = self.body(self.input_layer(fast_layout(x)))
         if not self.progressive:
             return torch.stack([blk(h) for blk in self.styles], dim=1)
         w0 = self.styles[0](h)
