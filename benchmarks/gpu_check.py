@@ -156,10 +156,11 @@ def check_ss2d(device: str) -> dict:
 
 @torch.no_grad()
 def ss2d_inference(device: str) -> dict:
-    """SS2D's scan without gradients, as the encoders run it: the stepping kernel against the
-    float64 reference on a small map, then ms per call at the encoder's first level (d 1024,
-    N 16, 64x64 tokens, bf16 inputs as under autocast) for the projected scan on each GPU
-    backend, the stepping kernel per channel block, and the chunked (training) kernel."""
+    """SS2D's scan without gradients, as the encoders run it: each backend, the projected form
+    and the stepping kernel against the float64 reference on a small map, then ms per call at
+    the encoder's first level (d 1024, N 16, 64x64 tokens, bf16 inputs as under autocast) for
+    the projected scan on each GPU backend, the stepping kernel per channel block, and the
+    chunked (training) kernel."""
     from mambastyle.layers.ss2d import ss2d_scan, ss2d_scan_projected
 
     out = {}
@@ -184,6 +185,14 @@ def ss2d_inference(device: str) -> dict:
             errs[backend] = rel_err(got, want)
             got = ss2d_scan_projected(**{k: v.to(device) for k, v in low.items()}, h=h, w=w, backend=backend)
             errs[f"projected[{backend}]"] = rel_err(got, want_low)
+    if "triton" in available_backends(device):  # this small grid takes the chunked kernel: step too
+        from mambastyle.layers.selective_scan import _triton_kernels
+
+        xs = {k: v.to(device) for k, v in small.items()}
+        got = _triton_kernels().ss2d_infer(
+            xs["x"], xs["dts"], xs["dt_bias"], xs["A"], xs["B"], xs["C"], h, w, 32
+        )
+        errs["stepping[triton]"] = rel_err(got + xs["x"] * xs["D"].sum(0), want)
     out["relative_errors_vs_ref"] = errs
     out["ok"] = max(errs.values()) < 1e-4
     for b in (1, 8, 32):

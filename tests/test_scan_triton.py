@@ -143,18 +143,26 @@ def test_ss2d_module_on_triton_matches_ref(interpreted):
 
 
 @pytest.mark.parametrize(
-    "h,w,d,n,block_d,dtype",
+    "h,w,d,n,block_d,stepping,dtype",
     [
-        (3, 5, 4, 3, None, torch.float32),
-        (1, 9, 5, 2, 2, torch.float32),  # several channel blocks, the last one partial
-        (7, 2, 3, 4, 4, torch.bfloat16),  # a block wider than the channels; bf16 inputs
-        (4, 4, 6, 1, 4, torch.float32),
+        (3, 5, 4, 3, None, False, torch.float32),  # a small grid: the chunked kernel
+        (3, 5, 4, 3, None, True, torch.float32),  # the stepping kernel with its default block
+        (1, 9, 5, 3, 2, True, torch.float32),  # several channel blocks, the last one partial
+        (7, 2, 3, 4, 4, True, torch.bfloat16),  # a block wider than the channels; bf16 inputs
+        (4, 4, 6, 1, 4, True, torch.float32),
+        (5, 1, 6, 5, 4, True, torch.float32),  # one column; 5 states in a block of 8
     ],
 )
-def test_ss2d_inference_kernel_matches_reference(interpreted, h, w, d, n, block_d, dtype):
-    # Without gradients SS2D takes the stepping kernel, with step sizes token-major in memory
-    # and B/C strided views of the projections, as ss2d_scan_projected passes them.
+def test_ss2d_inference_kernel_matches_reference(
+    interpreted, monkeypatch, h, w, d, n, block_d, stepping, dtype
+):
+    # Without gradients SS2D steps through the tokens (on grids big enough to hide the latency;
+    # `stepping` stands in for that here) or runs the chunked kernel without chunk states, with
+    # step sizes token-major in memory and B/C strided views of the projections, as
+    # ss2d_scan_projected passes them.
     from mambastyle.layers.ss2d import ss2d_scan
+
+    monkeypatch.setattr(interpreted, "_stepping_pays", lambda b, dk: stepping)
 
     b, length = 2, h * w
     inputs = {

@@ -26,8 +26,9 @@ Inference (no gradients) of SS2D takes another kernel, :func:`_ss2d_infer`: a pr
 one batch element, one direction and ``BLOCK_D`` channels, holds their (BLOCK_D, N) state in
 registers and walks the tokens one step at a time. The chunked scan spends several warp
 shuffles per state update on its prefix scan; stepping costs one exp and two multiply-adds,
-and the four directions run side by side (each into its own slice of a (4, B, L, d) buffer,
-summed afterwards, so the result does not depend on the order programs finish in).
+and the four directions run side by side (each into its own slice of a (4, B, L, d) float32
+buffer, summed afterwards, so the result does not depend on the order programs finish in; the
+buffer is the price: four times the output, 2 GiB at the encoder's 64x64 level at batch 32).
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
@@ -270,12 +271,12 @@ def _ss2d_infer(
     A2 = A2.to(tl.float32) * 1.4426950408889634
     bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32)
     # Token order by stepping: rows (+1), columns (+W, wrapping to the next column's top by
-    # 1 - L), and both reversed; a row-major walk never leaves [0, L), so it never wraps.
+    # 1 - L), and both reversed; a row-major walk leaves [0, L) only after its last token.
     step = tl.where(k == 0, 1, tl.where(k == 1, W, tl.where(k == 2, -1, -W)))
     wrap = tl.where(k == 1, 1 - L, tl.where(k == 3, L - 1, 0))
     pos = tl.where(k >= 2, L - 1, 0)
     x_row = x_ptr + b * sx_b + c
-    dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c * sdt_d
+    dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d  # d * B * L may pass 2**31
     bc_row = b * sB_b + k * sB_k + n * sB_n
     y_row = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + c
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)

@@ -143,8 +143,9 @@ def ss2d_scan_projected(
         A, D, dt_bias: as in :func:`ss2d_scan`.
 
     On ``cpu`` the (4, d, B, L) step sizes exist only a few images at a time (bounded memory,
-    reused between calls) and bfloat16 inputs are read as they are; other backends get them
-    materialised for :func:`ss2d_scan`.
+    reused between calls) and bfloat16 inputs are read as they are. ``triton`` gets them
+    materialised for :func:`ss2d_scan` (token-major in memory without gradients); ``cuda`` and
+    ``ref`` form them in each direction's scan order for the scan of cross-scanned copies.
     """
     _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias)
     n = A.shape[-1]
