@@ -155,3 +155,29 @@ def test_channels_last_placement_computes_the_same_codes(monkeypatch, name):
     # bound: the same float32 arithmetic summed in another order; measured <= 2e-6 relative
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     torch.testing.assert_close(feats, want_feats, rtol=1e-5, atol=1e-5 * want_feats.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "shape,pool",
+    [
+        ((2, 512, 64, 64), (64, 9, 9)),  # MambaStyle's first head: overlapping spatial windows
+        ((3, 24, 7, 11), (5, 3, 4)),  # every window size uneven, channels too
+        ((1, 8, 5, 5), (8, 5, 5)),  # identity
+        ((2, 6, 4, 9), 2),  # one size for all three dimensions
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_space_pool_is_the_3d_adaptive_pool(shape, pool, channels_last):
+    from mambastyle.models.encoders import ChannelSpacePool
+
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.AdaptiveAvgPool3d(pool)(x.unsqueeze(1))
+    got = ChannelSpacePool(pool)(x.unsqueeze(1))
+    assert got.shape == want.shape
+    # bound: the same means summed in another order, in float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # other shapes (two input planes here) take the 3-D pool itself
+    two = torch.stack([x, 2 * x], dim=1)
+    assert torch.equal(ChannelSpacePool(pool)(two), torch.nn.AdaptiveAvgPool3d(pool)(two))

@@ -22,6 +22,7 @@ from mambastyle.errors import InvalidConfig, check_at_least
 from mambastyle.layers.selective_scan import Backend
 from mambastyle.layers.ss2d import VSSBlock
 from mambastyle.models.encoders import (
+    ChannelSpacePool,
     Encoder,
     GradualStyleBlock,
     _upsample_add,
@@ -83,7 +84,7 @@ class StyleHead(nn.Module):
     def __init__(self, in_channels: int, pool: tuple[int, int, int], n: int, style_dim: int):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
-        self.pool = nn.AdaptiveAvgPool3d(pool)
+        self.pool = ChannelSpacePool(pool)
         self.linear = nn.Linear(math.prod(pool), n * style_dim)
         self.n, self.style_dim = n, style_dim
 
