@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,8 +72,13 @@ def measure(name: str, precision: str, calls: int) -> dict:
 
 
 def run_worker(name: str, precision: str, calls: int) -> dict:
+    from mambastyle.runtime import worker_env
+
     cmd = [sys.executable, __file__, "--worker", name, precision, "--calls", str(calls)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # Each measuring process gets the allocator settings the stages' model workers run with
+    # (without them glibc gives large freed blocks back and faults them in on every pass).
+    env = {**os.environ, **worker_env()}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{name} {precision} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
