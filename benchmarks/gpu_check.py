@@ -217,7 +217,7 @@ def _ss2d_times(device: str, b: int, d: int = 1024, n: int = 16, r: int = 32, h:
             times[f"projected[{backend}]"] = cuda_ms(
                 lambda backend=backend: ss2d_scan_projected(x, proj, weight, A, D, bias, h, w, backend)
             )
-    dts = torch.einsum("kdr,blkr->kbld", weight.bfloat16(), proj[..., :r]).permute(0, 3, 1, 2)
+    dts = _step_sizes(weight.bfloat16(), proj, token_major=True)
     B, C = proj[..., r : r + n].permute(0, 2, 3, 1), proj[..., r + n :].permute(0, 2, 3, 1)
     for block in (16, 32, 64):
         times[f"stepping[block_d={block}]"] = cuda_ms(
@@ -229,14 +229,23 @@ def _ss2d_times(device: str, b: int, d: int = 1024, n: int = 16, r: int = 32, h:
     return times
 
 
+def gpu_encoders(device: str) -> list[tuple[str, str, str]]:
+    """(label, encoder name, scan backend): psp, then mambastyle once per GPU scan backend here."""
+    mamba = [(f"mambastyle[{b}]", "mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
+    return [("psp", "psp", "auto"), *mamba]
+
+
+def placed_encoder(name: str, backend: str, device: str) -> torch.nn.Module:
+    """A 1024-px generator's encoder with random weights, placed as the stages place them."""
+    return on_device(build_encoder(name, 1024, seed=0, scan_backend=backend), device).eval()
+
+
 @torch.no_grad()
 def encoder_latency(device: str) -> dict:
     """ms/image per encoder (mambastyle once per GPU scan backend), batch and precision."""
-    models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
     out = {}
-    for name, backend in models:
-        enc = on_device(build_encoder(name, 1024, seed=0, scan_backend=backend), device).eval()
-        label = name if name == "psp" else f"mambastyle[{backend}]"
+    for label, name, backend in gpu_encoders(device):
+        enc = placed_encoder(name, backend, device)
         out[label] = {}
         for precision in ("fp32", "bf16"):
             for batch in (1, 8, 32):
@@ -348,10 +357,9 @@ def encoder_profile(device: str, batch: int = 32) -> dict:
     bf16-autocast forward at ``batch`` (after warm-up), per encoder and scan backend."""
     from torch.profiler import ProfilerActivity, profile
 
-    models = [("psp", "auto")] + [("mambastyle", b) for b in GPU_BACKENDS if b in available_backends(device)]
     out = {}
-    for name, backend in models:
-        enc = on_device(build_encoder(name, 1024, seed=0, scan_backend=backend), device).eval()
+    for label, name, backend in gpu_encoders(device):
+        enc = placed_encoder(name, backend, device)
         x = torch.rand(batch, 3, 256, 256, device=device) * 2 - 1
         with torch.autocast("cuda", dtype=torch.bfloat16):
             for _ in range(3):
@@ -360,7 +368,6 @@ def encoder_profile(device: str, batch: int = 32) -> dict:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 enc(x)
                 torch.cuda.synchronize()
-        label = name if name == "psp" else f"mambastyle[{backend}]"
         averages = prof.key_averages()
         out[label] = averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90)
         del enc

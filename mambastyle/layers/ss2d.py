@@ -149,24 +149,23 @@ def ss2d_scan_projected(
     """
     _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias)
     n = A.shape[-1]
-    if resolve_backend(backend, x.device) == "cpu":
+    name = resolve_backend(backend, x.device)
+    if name == "cpu":
         return _SS2DScanCPU.apply(x, proj, None, dt_weight, dt_bias, A, D.sum(0), h, w)
-    bc = proj[..., dt_weight.shape[-1] :].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
-    if resolve_backend(backend, x.device) == "triton" and not needs_grad(x, proj, dt_weight, A, D, dt_bias):
-        # The inference kernel reads one token of every channel per step: step sizes token-major
-        # in memory (a (4, d, B, L) view of (4, B, L, d)), B and C straight from proj's rows.
-        dts = torch.einsum("kdr,blkr->kbld", dt_weight.to(proj.dtype), proj[..., : dt_weight.shape[-1]])
-        return ss2d_scan(x, dts.permute(0, 3, 1, 2), A, bc[:, :, :n], bc[:, :, n:], D, dt_bias, h, w, backend)
-    if resolve_backend(backend, x.device) == "triton":
-        dts = _step_sizes(dt_weight.to(proj.dtype), proj)
-        B, C = bc[:, :, :n].contiguous(), bc[:, :, n:].contiguous()
-        return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
+    b, length, d = x.shape
+    rank = dt_weight.shape[-1]
+    if name == "triton":
+        # Without gradients the stepping kernel reads one token of every channel per step: step
+        # sizes token-major in memory, B and C straight from proj's rows (the training kernels
+        # take contiguous copies themselves).
+        token_major = not needs_grad(x, proj, dt_weight, A, D, dt_bias)
+        dts = _step_sizes(dt_weight.to(proj.dtype), proj, token_major)
+        bc = proj[..., rank:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
+        return ss2d_scan(x, dts, A, bc[:, :, :n], bc[:, :, n:], D, dt_bias, h, w, backend)
     # Scans of cross-scanned copies: the projections (R + 2N per token and direction, against
     # d channels) are put in each direction's order, and the step sizes are formed from them
     # in that order, straight into the (B, 4 d, L) layout the scan reads: no permuted copy of
     # the (4, d, B, L) step sizes, the largest tensor of the layer.
-    b, length, d = x.shape
-    rank = dt_weight.shape[-1]
     ordered = direction_order(proj.permute(0, 2, 3, 1), h, w)  # (B, 4, R + 2N, L)
     dts = torch.matmul(dt_weight.to(proj.dtype), ordered[:, :, :rank])  # (B, 4, d, L)
     ys = selective_scan(
@@ -182,10 +181,14 @@ def ss2d_scan_projected(
     return cross_merge(ys.view(b, K_DIRECTIONS, d, length), h, w).transpose(1, 2) + x * D.sum(0)
 
 
-def _step_sizes(dt_weight: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+def _step_sizes(dt_weight: torch.Tensor, proj: torch.Tensor, token_major: bool = False) -> torch.Tensor:
     """Raw step sizes (4, d, B, L) from their low-rank form: ``dt_weight`` (4, d, R) times the
-    first R columns of ``proj`` (B, L, 4, >= R)."""
-    return torch.einsum("kdr,blkr->kdbl", dt_weight, proj[..., : dt_weight.shape[-1]])
+    first R columns of ``proj`` (B, L, 4, >= R). ``token_major``: as a view of a (4, B, L, d)
+    tensor (each token's channels adjacent in memory)."""
+    low = proj[..., : dt_weight.shape[-1]]
+    if token_major:
+        return torch.einsum("kdr,blkr->kbld", dt_weight, low).permute(0, 3, 1, 2)
+    return torch.einsum("kdr,blkr->kdbl", dt_weight, low)
 
 
 # Step sizes the cpu backend materialises at once, in elements: images are scanned in groups
