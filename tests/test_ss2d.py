@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mambastyle.layers.selective_scan import available_backends
-from mambastyle.layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan
+from mambastyle.layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan, token_linear
 
 
 def test_cross_scan_orders_of_a_known_tensor():
@@ -81,6 +81,26 @@ def test_ss2d_backends_agree_forward_and_backward():
     torch.testing.assert_close(out["cpu"][1], out["ref"][1], rtol=1e-4, atol=1e-5)
     for name, g in out["ref"][2].items():
         torch.testing.assert_close(out["cpu"][2][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24), (3, 1, 1, 24), (1, 1, 9, 24), (2, 4, 4, 24)])
+def test_token_linear_is_the_linear_map_on_every_layout(shape):
+    """On CPU it runs as a 1x1 convolution: the values and gradients of F.linear, for contiguous
+    maps, channel slices (as SS2D's chunked in_proj output) and maps with unit sides."""
+    wide = torch.randn(*shape[:3], 2 * shape[3], dtype=torch.float64)
+    weight = torch.randn(40, shape[3], dtype=torch.float64)
+    for x in (wide[..., : shape[3]].contiguous(), wide[..., shape[3] :]):
+        results = []
+        for f in (F.linear, token_linear):
+            xs, ws = x.float().requires_grad_(), weight.float().requires_grad_()
+            y = f(xs, ws)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            results.append((y.detach(), xs.grad, ws.grad))
+        assert results[1][0].shape == (*shape[:3], 40)
+        # bound: float32 sums of <= 24 products (and of <= 126 for the weight's gradient) in
+        # another order: ~1e-6 relative; the tolerances are 10x that
+        for want, got in zip(results[0], results[1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_vss_block_shapes_and_gradients():

@@ -51,6 +51,19 @@ def direction_order(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack([rows, cols, rev_rows, rev_cols], dim=1)
 
 
+def token_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a (B, H, W, C) map of tokens -> (B, H, W, O).
+
+    On CPU it runs as a 1x1 convolution of the channels-last map: oneDNN's convolution
+    kernels use the full vector width of every x86 CPU, where the BLAS behind ``F.linear``
+    falls back to narrower code paths on some (2x slower in float32 on AMD's Zen CPUs).
+    The result is the same matrix product (float32 accumulation either way).
+    """
+    if x.device.type != "cpu" or x.dim() != 4:
+        return F.linear(x, weight)
+    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None]).permute(0, 2, 3, 1)
+
+
 def _check_scan_shapes(x, A, h, w, **got) -> None:
     b, length, d = x.shape
     n = A.shape[-1] if A.dim() == 3 else -1
@@ -351,14 +364,15 @@ class SS2D(nn.Module):
         """x: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, _ = x.shape
         k, d, n, r = K_DIRECTIONS, self.d_inner, self.d_state, self.dt_rank
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d) each
+        x, z = token_linear(x, self.in_proj.weight).chunk(2, dim=-1)  # (B, H, W, d) each
         x = x.permute(0, 3, 1, 2)  # (B, d, H, W)
         if self.conv2d is not None:
             x = self.conv2d(x)
         x = F.silu(x).permute(0, 2, 3, 1).reshape(b, h * w, d)  # (B, L, d), row-major tokens
         # Projections are per token, so they are computed once in row-major order (one matmul
         # for all four directions); the scan visits the tokens in each direction's order.
-        proj = F.linear(x, self.x_proj_weight.view(k * (r + 2 * n), d)).view(b, h * w, k, r + 2 * n)
+        weight = self.x_proj_weight.view(k * (r + 2 * n), d)
+        proj = token_linear(x.view(b, h, w, d), weight).reshape(b, h * w, k, r + 2 * n)
         y = ss2d_scan_projected(
             x,
             proj,
@@ -373,7 +387,7 @@ class SS2D(nn.Module):
         # The gate in z's precision: under bfloat16 autocast the product would otherwise be
         # formed in float32 (LayerNorm's output) only to be cast back for out_proj.
         y = self.out_norm(y.view(b, h, w, d)).to(z.dtype)
-        return self.out_proj(y * F.silu(z))
+        return token_linear(y * F.silu(z), self.out_proj.weight)
 
 
 class VSSBlock(nn.Module):
