@@ -137,6 +137,35 @@ def lane_buffers(length, n_state):  # pragma: no cover - compiled
     return dl, xl, yl, a2, hs
 
 
+@nb.njit(inline="always")
+def load_lanes(dst, src, d0, nd):  # pragma: no cover - compiled
+    """dst[p, j] = src[p, d0 + j] for the block's nd channels: (L, D) channels-last rows
+    (float32 or bfloat16 bits) into an (L, LANES) buffer. A full block takes the loop with a
+    constant trip count, which compiles to one vector per token (the general loop does not)."""
+    if nd == LANES:
+        for p in range(dst.shape[0]):
+            for j in range(LANES):
+                dst[p, j] = to_f32(src[p, d0 + j])
+    else:
+        for p in range(dst.shape[0]):
+            for j in range(nd):
+                dst[p, j] = to_f32(src[p, d0 + j])
+
+
+@nb.njit(inline="always")
+def store_lanes(dst, d0, nd, yl, xl, dsum):  # pragma: no cover - compiled
+    """dst[p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]: a block's outputs, plus the skip
+    term, back into (L, D) channels-last rows (vector per token, as :func:`load_lanes`)."""
+    if nd == LANES:
+        for p in range(yl.shape[0]):
+            for j in range(LANES):
+                dst[p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]
+    else:
+        for p in range(yl.shape[0]):
+            for j in range(nd):
+                dst[p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]
+
+
 # --------------------------------------------------------------------------- one time step, in IR
 #
 # The time step is written as LLVM IR on <LANES x float> vectors rather than as numba loops:
@@ -249,6 +278,104 @@ def lane_step(typingctx, hs, a2, dl, xl, bk, ck, yl, p):
         total.add_incoming(summed, body)
         out = row(yl_p, token)
         builder.store(builder.fadd(builder.load(out, align=4), total), out, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def lane_dt(typingctx, dl, wt, bv, lk, p):
+    """One token's raw step sizes for a block of LANES channels:
+
+        dl[p] = bv + sum over r of wt[r] * lk[p, r]
+
+    dl (L, LANES), wt (R, LANES) and bv (LANES,): C-contiguous float32; lk (L, R) float32,
+    any strides. The sum runs in four independent vector accumulators (factors r, r + 1,
+    r + 2, r + 3), so consecutive factors do not wait on each other's multiply-add.
+    """
+    if not all(_lane_rows_type(t) for t in (dl, wt)):
+        raise TypingError("lane_dt: dl and wt must be C-contiguous 2-D float32 arrays")
+    if not (isinstance(bv, types.Array) and bv.dtype == types.float32 and bv.ndim == 1 and bv.layout == "C"):
+        raise TypingError("lane_dt: bv must be a C-contiguous 1-D float32 array")
+    if not (isinstance(lk, types.Array) and lk.dtype == types.float32 and lk.ndim == 2):
+        raise TypingError("lane_dt: lk must be a 2-D float32 array")
+    if not isinstance(p, types.Integer):
+        raise TypingError("lane_dt: p must be an integer")
+    sig = types.void(dl, wt, bv, lk, types.int64)
+    sums = 4
+
+    def codegen(context, builder, signature, args):
+        dl_a, wt_a, bv_a, lk_a = (
+            context.make_array(t)(context, builder, v)
+            for t, v in zip(signature.args[:4], args[:4], strict=True)
+        )
+        token = args[4]
+        vptr = _VEC.as_pointer()
+
+        def row(array, index):  # pointer to LANES floats at row `index` of a (*, LANES) buffer
+            start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
+            return builder.bitcast(start, vptr)
+
+        def factor(r):  # lk[token, r], splat over the lanes, times wt's row r
+            s0, s1 = cgutils.unpack_tuple(builder, lk_a.strides, 2)
+            at = builder.add(builder.mul(token, s0), builder.mul(r, s1))
+            raw = builder.gep(builder.bitcast(lk_a.data, ir.IntType(8).as_pointer()), [at])
+            value = builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4)
+            return builder.load(row(wt_a, r), align=4), _vsplat(builder, value)
+
+        rank = cgutils.unpack_tuple(builder, wt_a.shape, 2)[0]
+        step = ir.Constant(_I64, sums)
+        start = [builder.load(builder.bitcast(bv_a.data, vptr), align=4)] + [_vconst(0.0)] * (sums - 1)
+        entry = builder.block
+        grouped = builder.append_basic_block("lane_dt.grouped")
+        rest = builder.append_basic_block("lane_dt.rest")
+        single = builder.append_basic_block("lane_dt.single")
+        done = builder.append_basic_block("lane_dt.done")
+        builder.cbranch(builder.icmp_signed(">=", rank, step), grouped, rest)
+        # factors in groups of `sums`, one per accumulator
+        builder.position_at_end(grouped)
+        r = builder.phi(_I64)
+        accs = [builder.phi(_VEC) for _ in range(sums)]
+        r.add_incoming(ir.Constant(_I64, 0), entry)
+        summed = []
+        for q, acc in enumerate(accs):
+            acc.add_incoming(start[q], entry)
+            summed.append(_vcall(builder, FMULADD, *factor(builder.add(r, ir.Constant(_I64, q))), acc))
+        r_next = builder.add(r, step)
+        r.add_incoming(r_next, grouped)
+        for acc, value in zip(accs, summed, strict=True):
+            acc.add_incoming(value, grouped)
+        builder.cbranch(builder.icmp_signed("<=", builder.add(r_next, step), rank), grouped, rest)
+        # the last rank % sums factors, one at a time into the first accumulator
+        builder.position_at_end(rest)
+        r_rest = builder.phi(_I64)
+        r_rest.add_incoming(ir.Constant(_I64, 0), entry)
+        r_rest.add_incoming(r_next, grouped)
+        partial = []
+        for q in range(sums):
+            acc = builder.phi(_VEC)
+            acc.add_incoming(start[q], entry)
+            acc.add_incoming(summed[q], grouped)
+            partial.append(acc)
+        builder.cbranch(builder.icmp_signed("<", r_rest, rank), single, done)
+        builder.position_at_end(single)
+        r1 = builder.phi(_I64)
+        acc1 = builder.phi(_VEC)
+        r1.add_incoming(r_rest, rest)
+        acc1.add_incoming(partial[0], rest)
+        added = _vcall(builder, FMULADD, *factor(r1), acc1)
+        r1_next = builder.add(r1, ir.Constant(_I64, 1))
+        r1.add_incoming(r1_next, single)
+        acc1.add_incoming(added, single)
+        builder.cbranch(builder.icmp_signed("<", r1_next, rank), single, done)
+        builder.position_at_end(done)
+        first = builder.phi(_VEC)
+        first.add_incoming(partial[0], rest)
+        first.add_incoming(added, single)
+        total = first
+        for acc in partial[1:]:
+            total = builder.fadd(total, acc)
+        builder.store(total, row(dl_a, token), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -423,52 +550,71 @@ def fast_sigmoid(v):  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def ss2d_fwd(x, dts, bias, A, bc, off, dsum, h, w, T, y, ckpt):  # pragma: no cover - compiled
-    """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; dts (K, D, Bt, L)
-    raw step sizes; bias (K, D); A (K, D, N); bc (Bt, L, K, >= off + 2N): per token and
-    direction, B in columns off..off+N-1 and C in the N after them; dsum (D,) -> y (Bt, L, D),
-    the sum over the four directions plus dsum * x, and ckpt (Bt, K, D, ceil(L / T), N),
-    the states entering each chunk of T steps. x, dts and bc may be float32 or bfloat16
-    (as int16 bits); arithmetic is float32.
+def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma: no cover - compiled
+    """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; bias (K, D);
+    A (K, D, N); bc (Bt, L, K, R + 2N): per token and direction, R step-size factors, then B,
+    then C; dsum (D,) -> y (Bt, L, D), the sum over the four directions plus dsum * x, and
+    ckpt (Bt, K, D, ceil(L / T), N), the states entering each chunk of T steps.
+
+    Raw step sizes (before ``softplus(. + bias)``) are ``dt_weight[k] @ factors`` with
+    dt_weight (K, D, R), formed here one token at a time (:func:`lane_dt`), so the (K, D, Bt, L)
+    step sizes never exist in memory; with R = 0 they are read from dts (K, D, Bt, L) instead.
+    x, dts and bc may be float32 or bfloat16 (as int16 bits); arithmetic is float32.
 
     Tasks are (batch, block of LANES channels); each runs the four directions over the
     block's (L, LANES) buffers with :func:`scan_lanes`, visiting tokens in each direction's
     order, and accumulates the four outputs before writing them once.
     """
     n_batch, length, n_chan = x.shape
-    n_dir = dts.shape[0]
-    n_state = A.shape[2]
+    n_dir, _, n_state = A.shape
+    rank = dt_weight.shape[2]
     blocks = (n_chan + LANES - 1) // LANES
     order = np.empty((n_dir, length), dtype=np.int64)
     for k in range(n_dir):
         for t in range(length):
             order[k, t] = _pos(k, t, h, w, length)
-    # B and C as contiguous float32 (L, N) rows per batch and direction, for every block.
+    # Step-size factors, B and C as contiguous float32 rows per batch and direction, for every block.
+    lows = np.empty((n_batch, n_dir, length, rank), dtype=np.float32)
     rows = np.empty((n_batch, n_dir, 2, length, n_state), dtype=np.float32)
     for bk in nb.prange(n_batch * n_dir):
         b = bk // n_dir
         k = bk - b * n_dir
         for p in range(length):
-            for n in range(2 * n_state):
-                rows[b, k, n // n_state, p, n % n_state] = to_f32(bc[b, p, k, off + n])
+            for r in range(rank):
+                lows[b, k, p, r] = to_f32(bc[b, p, k, r])
+            for n in range(n_state):
+                rows[b, k, 0, p, n] = to_f32(bc[b, p, k, rank + n])
+                rows[b, k, 1, p, n] = to_f32(bc[b, p, k, rank + n_state + n])
     for task in nb.prange(n_batch * blocks):
         b = task // blocks
         d0 = (task - b * blocks) * LANES
         nd = min(LANES, n_chan - d0)
-        dl, xl, yl, a2, hs = lane_buffers(length, n_state)  # dl: softplus(dts + bias)
-        for p in range(length):
-            for j in range(nd):
-                xl[p, j] = to_f32(x[b, p, d0 + j])
+        dl, xl, yl, a2, hs = lane_buffers(length, n_state)  # dl: softplus(raw step + bias)
+        wt = np.zeros((rank, LANES), dtype=np.float32)  # the block's dt_weight, factor-major
+        bv = np.zeros(LANES, dtype=np.float32)
+        load_lanes(xl, x[b], d0, nd)
         for k in range(n_dir):
-            for j in range(nd):
-                bj = bias[k, d0 + j]
+            if rank > 0:
+                for j in range(nd):
+                    bv[j] = bias[k, d0 + j]
+                    for r in range(rank):
+                        wt[r, j] = dt_weight[k, d0 + j, r]
                 for p in range(length):
-                    dl[p, j] = fast_softplus(to_f32(dts[k, d0 + j, b, p]) + bj)
+                    lane_dt(dl, wt, bv, lows[b, k], p)
+                for p in range(length):
+                    for j in range(LANES):
+                        dl[p, j] = fast_softplus(dl[p, j])
+                for p in range(length):  # padding lanes keep a zero step
+                    for j in range(nd, LANES):
+                        dl[p, j] = 0.0
+            else:
+                for j in range(nd):
+                    bj = bias[k, d0 + j]
+                    for p in range(length):
+                        dl[p, j] = fast_softplus(to_f32(dts[k, d0 + j, b, p]) + bj)
             scan_lanes(order[k], dl, xl, A[k, d0 : d0 + nd], rows[b, k, 0], rows[b, k, 1], T, a2, hs, yl,
                        ckpt[b, k, d0 : d0 + nd])  # fmt: skip
-        for p in range(length):
-            for j in range(nd):
-                y[b, p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]
+        store_lanes(y[b], d0, nd, yl, xl, dsum)
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,8 +156,9 @@ def ss2d_scan_projected(
         dt_weight: (4, d, R): direction k's raw step sizes are ``dt_weight[k] @ factors``.
         A, D, dt_bias: as in :func:`ss2d_scan`.
 
-    On ``cpu`` the (4, d, B, L) step sizes exist only a few images at a time (bounded memory,
-    reused between calls) and bfloat16 inputs are read as they are. ``triton`` gets them
+    On ``cpu`` the kernel forms each token's step sizes from the factors as it scans (in
+    float32; the (4, d, B, L) step sizes never exist in memory) and bfloat16 inputs are read
+    as they are. ``triton`` gets them
     materialised for :func:`ss2d_scan` (token-major in memory without gradients); ``cuda`` and
     ``ref`` form them in each direction's scan order for the scan of cross-scanned copies.
     """
@@ -204,11 +206,6 @@ def _step_sizes(dt_weight: torch.Tensor, proj: torch.Tensor, token_major: bool =
     return torch.einsum("kdr,blkr->kdbl", dt_weight, low)
 
 
-# Step sizes the cpu backend materialises at once, in elements: images are scanned in groups
-# whose (4, d, images, L) step sizes fit (at least one image; 64 MiB in float32).
-STEP_BUFFER_ELEMENTS = 1 << 24
-
-
 def _kernel_array(t: torch.Tensor):
     """A tensor as the cpu kernels read it: float32, or bfloat16 as its int16 bits (no copy)."""
     if t.dtype == torch.bfloat16:
@@ -233,29 +230,18 @@ class _SS2DScanCPU(torch.autograd.Function):
         _sync_threads()
         b, length, d = x.shape
         k, n = A.shape[0], A.shape[2]
-        rank = 0 if dt_weight is None else dt_weight.shape[-1]
         # Chunk states are only needed for the backward pass.
         chunk = CHUNK if any(ctx.needs_input_grad) else length
         y = torch.empty(b, length, d)
         ckpt = torch.empty(b, k, d, math.ceil(length / chunk), n)
         bias_k, A_k, dsum_k = (t.detach().float().contiguous().numpy() for t in (bias, A, dsum))
+        if dt_weight is None:  # raw step sizes, read as they are
+            steps, weight = _kernel_array(dts.detach()), np.zeros((k, d, 0), np.float32)
+        else:  # formed token by token inside the kernel, in float32
+            steps = np.zeros((1, 1, 1, 1), np.float32)
+            weight = dt_weight.detach().float().contiguous().numpy()
         xk, bck = _kernel_array(x.detach()), _kernel_array(bc.detach())
-        if dt_weight is None:
-            kern.ss2d_fwd(xk, _kernel_array(dts.detach()), bias_k, A_k, bck, 0, dsum_k, h, w, chunk,
-                          y.numpy(), ckpt.numpy())  # fmt: skip
-        else:
-            low = bc.detach()[..., :rank]  # (B, L, 4, R)
-            weight = dt_weight.detach().to(low.dtype if low.dtype == torch.bfloat16 else torch.float32)
-            group = max(1, min(b, STEP_BUFFER_ELEMENTS // (k * d * length)))
-            buffer = torch.empty(k * d * group * length, dtype=weight.dtype)
-            for b0 in range(0, b, group):
-                g = min(group, b - b0)
-                factors = low[b0 : b0 + g].to(weight.dtype).permute(2, 3, 0, 1).reshape(k, rank, g * length)
-                steps = buffer[: k * d * g * length].view(k, d, g * length)
-                torch.bmm(weight, factors, out=steps)
-                kern.ss2d_fwd(xk[b0 : b0 + g], _kernel_array(steps.view(k, d, g, length)), bias_k, A_k,
-                              bck[b0 : b0 + g], rank, dsum_k, h, w, chunk, y[b0 : b0 + g].numpy(),
-                              ckpt[b0 : b0 + g].numpy())  # fmt: skip
+        kern.ss2d_fwd(xk, steps, weight, bias_k, A_k, bck, dsum_k, h, w, chunk, y.numpy(), ckpt.numpy())
         ctx.save_for_backward(x, bc, dts, dt_weight, bias, A, dsum, ckpt)
         ctx.hw = (h, w)
         return y
