@@ -283,15 +283,20 @@ def lane_step(typingctx, hs, a2, dl, xl, bk, ck, yl, p):
     return sig, codegen
 
 
-@intrinsic
-def lane_dt(typingctx, dl, wt, bv, lk, p):
-    """One token's raw step sizes for a block of LANES channels:
+DT_TOKENS = 8  # tokens whose step sizes lane_dt forms together
 
-        dl[p] = bv + sum over r of wt[r] * lk[p, r]
+
+@intrinsic
+def lane_dt(typingctx, dl, wt, bv, lk, p, count):
+    """Raw step sizes of ``count`` consecutive tokens (1 or DT_TOKENS, a compile-time
+    literal) for a block of LANES channels:
+
+        dl[p + i] = bv + sum over r of wt[r] * lk[p + i, r]      (i < count)
 
     dl (L, LANES), wt (R, LANES) and bv (LANES,): C-contiguous float32; lk (L, R) float32,
-    any strides. The sum runs in four independent vector accumulators (factors r, r + 1,
-    r + 2, r + 3), so consecutive factors do not wait on each other's multiply-add.
+    any strides. Each token's sum is a chain of R multiply-adds; the tokens' chains are
+    independent, so forming DT_TOKENS at once keeps the FMA units busy (a single token's
+    chain waits on each multiply-add's latency), and each row of wt is loaded once for all.
     """
     if not all(_lane_rows_type(t) for t in (dl, wt)):
         raise TypingError("lane_dt: dl and wt must be C-contiguous 2-D float32 arrays")
@@ -301,81 +306,57 @@ def lane_dt(typingctx, dl, wt, bv, lk, p):
         raise TypingError("lane_dt: lk must be a 2-D float32 array")
     if not isinstance(p, types.Integer):
         raise TypingError("lane_dt: p must be an integer")
-    sig = types.void(dl, wt, bv, lk, types.int64)
-    sums = 4
+    if not (isinstance(count, types.IntegerLiteral) and count.literal_value in (1, DT_TOKENS)):
+        raise TypingError(f"lane_dt: count must be the literal 1 or {DT_TOKENS}")
+    tokens = count.literal_value
+    sig = types.void(dl, wt, bv, lk, types.int64, count)
 
     def codegen(context, builder, signature, args):
         dl_a, wt_a, bv_a, lk_a = (
             context.make_array(t)(context, builder, v)
             for t, v in zip(signature.args[:4], args[:4], strict=True)
         )
-        token = args[4]
+        first = args[4]
         vptr = _VEC.as_pointer()
 
         def row(array, index):  # pointer to LANES floats at row `index` of a (*, LANES) buffer
             start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
             return builder.bitcast(start, vptr)
 
-        def factor(r):  # lk[token, r], splat over the lanes, times wt's row r
-            s0, s1 = cgutils.unpack_tuple(builder, lk_a.strides, 2)
+        s0, s1 = cgutils.unpack_tuple(builder, lk_a.strides, 2)
+
+        def factor(token, r):  # lk[token, r], splat over the lanes
             at = builder.add(builder.mul(token, s0), builder.mul(r, s1))
             raw = builder.gep(builder.bitcast(lk_a.data, ir.IntType(8).as_pointer()), [at])
-            value = builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4)
-            return builder.load(row(wt_a, r), align=4), _vsplat(builder, value)
+            return _vsplat(builder, builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4))
 
+        token_ids = [builder.add(first, ir.Constant(_I64, i)) for i in range(tokens)]
         rank = cgutils.unpack_tuple(builder, wt_a.shape, 2)[0]
-        step = ir.Constant(_I64, sums)
-        start = [builder.load(builder.bitcast(bv_a.data, vptr), align=4)] + [_vconst(0.0)] * (sums - 1)
+        start = builder.load(builder.bitcast(bv_a.data, vptr), align=4)
         entry = builder.block
-        grouped = builder.append_basic_block("lane_dt.grouped")
-        rest = builder.append_basic_block("lane_dt.rest")
-        single = builder.append_basic_block("lane_dt.single")
+        body = builder.append_basic_block("lane_dt.factor")
         done = builder.append_basic_block("lane_dt.done")
-        builder.cbranch(builder.icmp_signed(">=", rank, step), grouped, rest)
-        # factors in groups of `sums`, one per accumulator
-        builder.position_at_end(grouped)
+        builder.cbranch(builder.icmp_signed(">", rank, ir.Constant(_I64, 0)), body, done)
+        builder.position_at_end(body)
         r = builder.phi(_I64)
-        accs = [builder.phi(_VEC) for _ in range(sums)]
+        accs = [builder.phi(_VEC) for _ in range(tokens)]
         r.add_incoming(ir.Constant(_I64, 0), entry)
+        weight = builder.load(row(wt_a, r), align=4)
         summed = []
-        for q, acc in enumerate(accs):
-            acc.add_incoming(start[q], entry)
-            summed.append(_vcall(builder, FMULADD, *factor(builder.add(r, ir.Constant(_I64, q))), acc))
-        r_next = builder.add(r, step)
-        r.add_incoming(r_next, grouped)
+        for token, acc in zip(token_ids, accs, strict=True):
+            acc.add_incoming(start, entry)
+            summed.append(_vcall(builder, FMULADD, weight, factor(token, r), acc))
+        r_next = builder.add(r, ir.Constant(_I64, 1))
+        r.add_incoming(r_next, body)
         for acc, value in zip(accs, summed, strict=True):
-            acc.add_incoming(value, grouped)
-        builder.cbranch(builder.icmp_signed("<=", builder.add(r_next, step), rank), grouped, rest)
-        # the last rank % sums factors, one at a time into the first accumulator
-        builder.position_at_end(rest)
-        r_rest = builder.phi(_I64)
-        r_rest.add_incoming(ir.Constant(_I64, 0), entry)
-        r_rest.add_incoming(r_next, grouped)
-        partial = []
-        for q in range(sums):
-            acc = builder.phi(_VEC)
-            acc.add_incoming(start[q], entry)
-            acc.add_incoming(summed[q], grouped)
-            partial.append(acc)
-        builder.cbranch(builder.icmp_signed("<", r_rest, rank), single, done)
-        builder.position_at_end(single)
-        r1 = builder.phi(_I64)
-        acc1 = builder.phi(_VEC)
-        r1.add_incoming(r_rest, rest)
-        acc1.add_incoming(partial[0], rest)
-        added = _vcall(builder, FMULADD, *factor(r1), acc1)
-        r1_next = builder.add(r1, ir.Constant(_I64, 1))
-        r1.add_incoming(r1_next, single)
-        acc1.add_incoming(added, single)
-        builder.cbranch(builder.icmp_signed("<", r1_next, rank), single, done)
+            acc.add_incoming(value, body)
+        builder.cbranch(builder.icmp_signed("<", r_next, rank), body, done)
         builder.position_at_end(done)
-        first = builder.phi(_VEC)
-        first.add_incoming(partial[0], rest)
-        first.add_incoming(added, single)
-        total = first
-        for acc in partial[1:]:
-            total = builder.fadd(total, acc)
-        builder.store(total, row(dl_a, token), align=4)
+        totals = [builder.phi(_VEC) for _ in range(tokens)]
+        for token, total, value in zip(token_ids, totals, summed, strict=True):
+            total.add_incoming(start, entry)
+            total.add_incoming(value, body)
+            builder.store(total, row(dl_a, token), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -599,8 +580,11 @@ def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma:
                     bv[j] = bias[k, d0 + j]
                     for r in range(rank):
                         wt[r, j] = dt_weight[k, d0 + j, r]
-                for p in range(length):
-                    lane_dt(dl, wt, bv, lows[b, k], p)
+                grouped = length - length % DT_TOKENS
+                for p in range(0, grouped, DT_TOKENS):
+                    lane_dt(dl, wt, bv, lows[b, k], p, DT_TOKENS)
+                for p in range(grouped, length):
+                    lane_dt(dl, wt, bv, lows[b, k], p, 1)
                 for p in range(length):
                     for j in range(LANES):
                         dl[p, j] = fast_softplus(dl[p, j])
