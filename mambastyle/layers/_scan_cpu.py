@@ -153,6 +153,15 @@ def load_lanes(dst, src, d0, nd):  # pragma: no cover - compiled
 
 
 @nb.njit(inline="always")
+def zero_padding(buffer, nd):  # pragma: no cover - compiled
+    """Zeroes lanes nd.. of an (L, LANES) buffer (a block with fewer than LANES channels)."""
+    if nd < LANES:
+        for p in range(buffer.shape[0]):
+            for j in range(nd, LANES):
+                buffer[p, j] = 0.0
+
+
+@nb.njit(inline="always")
 def store_lanes(dst, d0, nd, yl, xl, dsum):  # pragma: no cover - compiled
     """dst[p, d0 + j] = yl[p, j] + dsum[d0 + j] * xl[p, j]: a block's outputs, plus the skip
     term, back into (L, D) channels-last rows (vector per token, as :func:`load_lanes`)."""
@@ -570,10 +579,17 @@ def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma:
         b = task // blocks
         d0 = (task - b * blocks) * LANES
         nd = min(LANES, n_chan - d0)
-        dl, xl, yl, a2, hs = lane_buffers(length, n_state)  # dl: softplus(raw step + bias)
+        # Step sizes (softplus(raw + bias)) and inputs are written whole for every block
+        # (padding lanes zeroed below); only the outputs accumulate.
+        dl = np.empty((length, LANES), dtype=np.float32)
+        xl = np.empty((length, LANES), dtype=np.float32)
+        yl = np.zeros((length, LANES), dtype=np.float32)
+        a2 = np.zeros((n_state, LANES), dtype=np.float32)
+        hs = np.zeros((n_state, LANES), dtype=np.float32)
         wt = np.zeros((rank, LANES), dtype=np.float32)  # the block's dt_weight, factor-major
         bv = np.zeros(LANES, dtype=np.float32)
         load_lanes(xl, x[b], d0, nd)
+        zero_padding(xl, nd)
         for k in range(n_dir):
             if rank > 0:
                 for j in range(nd):
@@ -588,14 +604,12 @@ def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma:
                 for p in range(length):
                     for j in range(LANES):
                         dl[p, j] = fast_softplus(dl[p, j])
-                for p in range(length):  # padding lanes keep a zero step
-                    for j in range(nd, LANES):
-                        dl[p, j] = 0.0
             else:
                 for j in range(nd):
                     bj = bias[k, d0 + j]
                     for p in range(length):
                         dl[p, j] = fast_softplus(to_f32(dts[k, d0 + j, b, p]) + bj)
+            zero_padding(dl, nd)  # padding lanes keep a zero step and a zero state
             scan_lanes(order[k], dl, xl, A[k, d0 : d0 + nd], rows[b, k, 0], rows[b, k, 1], T, a2, hs, yl,
                        ckpt[b, k, d0 : d0 + nd])  # fmt: skip
         store_lanes(y[b], d0, nd, yl, xl, dsum)
