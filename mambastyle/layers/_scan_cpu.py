@@ -218,6 +218,42 @@ def _vexp2(builder, x):
     return builder.bitcast(builder.add(builder.bitcast(p, _IVEC), scale), _VEC)
 
 
+def _lane_row(builder, array, index):
+    """Pointer to the LANES floats of row ``index`` of a C-contiguous (*, LANES) float32 array."""
+    start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
+    return builder.bitcast(start, _VEC.as_pointer())
+
+
+def _strided_f32(builder, array, i, j):
+    """Loads ``array[i, j]`` of a 2-D float32 array through its byte strides (any layout)."""
+    s0, s1 = cgutils.unpack_tuple(builder, array.strides, 2)
+    at = builder.add(builder.mul(i, s0), builder.mul(j, s1))
+    raw = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [at])
+    return builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4)
+
+
+def _loop_open(builder, count, name):
+    """Opens ``for i in range(count)`` in IR: the loop's body block, entered only when
+    count > 0, with the builder in it. Returns (entry, body, done, i); the body's other phis
+    (created next, so that all phis come first) take their entry values from ``entry``."""
+    entry = builder.block
+    body = builder.append_basic_block(name)
+    done = builder.append_basic_block(f"{name}.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(_I64, 0)), body, done)
+    builder.position_at_end(body)
+    i = builder.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), entry)
+    return entry, body, done, i
+
+
+def _loop_close(builder, count, body, done, i):
+    """Closes a loop of :func:`_loop_open` (whose body is one block) and moves to ``done``."""
+    i_next = builder.add(i, ir.Constant(_I64, 1))
+    i.add_incoming(i_next, body)
+    builder.cbranch(builder.icmp_signed("<", i_next, count), body, done)
+    builder.position_at_end(done)
+
+
 def _lane_rows_type(t) -> bool:
     return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == 2 and t.layout == "C"
 
@@ -247,29 +283,18 @@ def lane_step(typingctx, hs, a2, dl, xl, bk, ck, yl, p):
         ]
         hs_p, a2_p, dl_p, xl_p, bk_a, ck_a, yl_p = arrays
         token = args[7]
-        vptr = _VEC.as_pointer()
 
-        def row(array, index):  # pointer to LANES floats at row `index` of a (*, LANES) buffer
-            start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
-            return builder.bitcast(start, vptr)
+        def row(array, index):
+            return _lane_row(builder, array, index)
 
-        def element(array, n):  # bk[token, n] / ck[token, n] through the array's byte strides
-            s0, s1 = cgutils.unpack_tuple(builder, array.strides, 2)
-            at = builder.add(builder.mul(token, s0), builder.mul(n, s1))
-            raw = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [at])
-            return builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4)
+        def element(array, n):  # bk[token, n] / ck[token, n]
+            return _strided_f32(builder, array, token, n)
 
         n_state = cgutils.unpack_tuple(builder, bk_a.shape, 2)[1]
         step = builder.load(row(dl_p, token), align=4)
         drive = builder.fmul(step, builder.load(row(xl_p, token), align=4))
-        entry = builder.block
-        body = builder.append_basic_block("lane_step.state")
-        done = builder.append_basic_block("lane_step.done")
-        builder.cbranch(builder.icmp_signed(">", n_state, ir.Constant(_I64, 0)), body, done)
-        builder.position_at_end(body)
-        n = builder.phi(_I64)
+        entry, body, done, n = _loop_open(builder, n_state, "lane_step.state")
         acc = builder.phi(_VEC)
-        n.add_incoming(ir.Constant(_I64, 0), entry)
         acc.add_incoming(_vconst(0.0), entry)
         state = row(hs_p, n)
         decay = _vexp2(builder, builder.fmul(step, builder.load(row(a2_p, n), align=4)))
@@ -277,11 +302,8 @@ def lane_step(typingctx, hs, a2, dl, xl, bk, ck, yl, p):
                      builder.fmul(drive, _vsplat(builder, element(bk_a, n))))  # fmt: skip
         builder.store(new, state, align=4)
         summed = _vcall(builder, FMULADD, _vsplat(builder, element(ck_a, n)), new, acc)
-        n_next = builder.add(n, ir.Constant(_I64, 1))
-        n.add_incoming(n_next, body)
         acc.add_incoming(summed, body)
-        builder.cbranch(builder.icmp_signed("<", n_next, n_state), body, done)
-        builder.position_at_end(done)
+        _loop_close(builder, n_state, body, done, n)
         total = builder.phi(_VEC)
         total.add_incoming(_vconst(0.0), entry)
         total.add_incoming(summed, body)
@@ -326,41 +348,26 @@ def lane_dt(typingctx, dl, wt, bv, lk, p, count):
             for t, v in zip(signature.args[:4], args[:4], strict=True)
         )
         first = args[4]
-        vptr = _VEC.as_pointer()
 
-        def row(array, index):  # pointer to LANES floats at row `index` of a (*, LANES) buffer
-            start = builder.gep(array.data, [builder.mul(index, ir.Constant(_I64, LANES))])
-            return builder.bitcast(start, vptr)
-
-        s0, s1 = cgutils.unpack_tuple(builder, lk_a.strides, 2)
+        def row(array, index):
+            return _lane_row(builder, array, index)
 
         def factor(token, r):  # lk[token, r], splat over the lanes
-            at = builder.add(builder.mul(token, s0), builder.mul(r, s1))
-            raw = builder.gep(builder.bitcast(lk_a.data, ir.IntType(8).as_pointer()), [at])
-            return _vsplat(builder, builder.load(builder.bitcast(raw, _F32.as_pointer()), align=4))
+            return _vsplat(builder, _strided_f32(builder, lk_a, token, r))
 
         token_ids = [builder.add(first, ir.Constant(_I64, i)) for i in range(tokens)]
         rank = cgutils.unpack_tuple(builder, wt_a.shape, 2)[0]
-        start = builder.load(builder.bitcast(bv_a.data, vptr), align=4)
-        entry = builder.block
-        body = builder.append_basic_block("lane_dt.factor")
-        done = builder.append_basic_block("lane_dt.done")
-        builder.cbranch(builder.icmp_signed(">", rank, ir.Constant(_I64, 0)), body, done)
-        builder.position_at_end(body)
-        r = builder.phi(_I64)
+        start = builder.load(builder.bitcast(bv_a.data, _VEC.as_pointer()), align=4)
+        entry, body, done, r = _loop_open(builder, rank, "lane_dt.factor")
         accs = [builder.phi(_VEC) for _ in range(tokens)]
-        r.add_incoming(ir.Constant(_I64, 0), entry)
         weight = builder.load(row(wt_a, r), align=4)
         summed = []
         for token, acc in zip(token_ids, accs, strict=True):
             acc.add_incoming(start, entry)
             summed.append(_vcall(builder, FMULADD, weight, factor(token, r), acc))
-        r_next = builder.add(r, ir.Constant(_I64, 1))
-        r.add_incoming(r_next, body)
         for acc, value in zip(accs, summed, strict=True):
             acc.add_incoming(value, body)
-        builder.cbranch(builder.icmp_signed("<", r_next, rank), body, done)
-        builder.position_at_end(done)
+        _loop_close(builder, rank, body, done, r)
         totals = [builder.phi(_VEC) for _ in range(tokens)]
         for token, total, value in zip(token_ids, totals, summed, strict=True):
             total.add_incoming(start, entry)
