@@ -554,8 +554,9 @@ def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma:
     ckpt (Bt, K, D, ceil(L / T), N), the states entering each chunk of T steps.
 
     Raw step sizes (before ``softplus(. + bias)``) are ``dt_weight[k] @ factors`` with
-    dt_weight (K, D, R), formed here one token at a time (:func:`lane_dt`), so the (K, D, Bt, L)
-    step sizes never exist in memory; with R = 0 they are read from dts (K, D, Bt, L) instead.
+    dt_weight (K, D, R), formed here as the block scans (:func:`lane_dt`, DT_TOKENS tokens at a
+    time), so the (K, D, Bt, L) step sizes never exist in memory; with R = 0 they are read from
+    dts (K, D, Bt, L) instead (the caller passes zeros for a rank-0 dt_weight).
     x, dts and bc may be float32 or bfloat16 (as int16 bits); arithmetic is float32.
 
     Tasks are (batch, block of LANES channels); each runs the four directions over the
