@@ -547,16 +547,16 @@ def fast_sigmoid(v):  # pragma: no cover - compiled
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=FASTMATH)
-def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma: no cover - compiled
+def ss2d_fwd(x, dts, dt_weight, factored, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma: no cover - compiled
     """Layouts (tokens row-major, L = h * w): x (Bt, L, D) channels-last; bias (K, D);
     A (K, D, N); bc (Bt, L, K, R + 2N): per token and direction, R step-size factors, then B,
     then C; dsum (D,) -> y (Bt, L, D), the sum over the four directions plus dsum * x, and
     ckpt (Bt, K, D, ceil(L / T), N), the states entering each chunk of T steps.
 
     Raw step sizes (before ``softplus(. + bias)``) are ``dt_weight[k] @ factors`` with
-    dt_weight (K, D, R), formed here as the block scans (:func:`lane_dt`, DT_TOKENS tokens at a
-    time), so the (K, D, Bt, L) step sizes never exist in memory; with R = 0 they are read from
-    dts (K, D, Bt, L) instead (the caller passes zeros for a rank-0 dt_weight).
+    dt_weight (K, D, R) when ``factored``, formed here as the block scans (:func:`lane_dt`,
+    DT_TOKENS tokens at a time; R may be 0), so the (K, D, Bt, L) step sizes never exist in
+    memory; otherwise they are read from dts (K, D, Bt, L) and dt_weight is unused.
     x, dts and bc may be float32 or bfloat16 (as int16 bits); arithmetic is float32.
 
     Tasks are (batch, block of LANES channels); each runs the four directions over the
@@ -599,7 +599,7 @@ def ss2d_fwd(x, dts, dt_weight, bias, A, bc, dsum, h, w, T, y, ckpt):  # pragma:
         load_lanes(xl, x[b], d0, nd)
         zero_padding(xl, nd)
         for k in range(n_dir):
-            if rank > 0:
+            if factored:
                 for j in range(nd):
                     bv[j] = bias[k, d0 + j]
                     for r in range(rank):

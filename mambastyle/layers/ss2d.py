@@ -237,13 +237,12 @@ class _SS2DScanCPU(torch.autograd.Function):
         bias_k, A_k, dsum_k = (t.detach().float().contiguous().numpy() for t in (bias, A, dsum))
         if dt_weight is None:  # raw step sizes, read as they are
             steps, weight = _kernel_array(dts.detach()), np.zeros((k, d, 0), np.float32)
-        elif dt_weight.shape[-1] == 0:  # rank 0: every raw step size is 0
-            steps, weight = np.zeros((k, d, b, length), np.float32), np.zeros((k, d, 0), np.float32)
         else:  # formed token by token inside the kernel, in float32
             steps = np.zeros((1, 1, 1, 1), np.float32)
             weight = dt_weight.detach().float().contiguous().numpy()
         xk, bck = _kernel_array(x.detach()), _kernel_array(bc.detach())
-        kern.ss2d_fwd(xk, steps, weight, bias_k, A_k, bck, dsum_k, h, w, chunk, y.numpy(), ckpt.numpy())
+        kern.ss2d_fwd(xk, steps, weight, dt_weight is not None, bias_k, A_k, bck, dsum_k, h, w, chunk,
+                      y.numpy(), ckpt.numpy())  # fmt: skip
         ctx.save_for_backward(x, bc, dts, dt_weight, bias, A, dsum, ckpt)
         ctx.hw = (h, w)
         return y
