@@ -185,7 +185,7 @@ def ss2d_inference(device: str) -> dict:
             errs[backend] = rel_err(got, want)
             got = ss2d_scan_projected(**{k: v.to(device) for k, v in low.items()}, h=h, w=w, backend=backend)
             errs[f"projected[{backend}]"] = rel_err(got, want_low)
-    if "triton" in available_backends(device):  # this small grid takes the chunked kernel: step too
+    if "triton" in available_backends(device):  # the stepping kernel with one-warp programs too
         from mambastyle.layers.selective_scan import _triton_kernels
 
         xs = {k: v.to(device) for k, v in small.items()}
@@ -219,13 +219,13 @@ def _ss2d_times(device: str, b: int, d: int = 1024, n: int = 16, r: int = 32, h:
             )
     dts = _step_sizes(weight.bfloat16(), proj, token_major=True)
     B, C = proj[..., r : r + n].permute(0, 2, 3, 1), proj[..., r + n :].permute(0, 2, 3, 1)
-    for block in (16, 32, 64):
+    for block in (32, 64, 128):
         times[f"stepping[block_d={block}]"] = cuda_ms(
             lambda block=block: kernels.ss2d_infer(x, dts, bias, A, B, C, h, w, block)
         )
     dts, B, C = _step_sizes(weight.bfloat16(), proj), B.contiguous(), C.contiguous()
     times["chunked"] = cuda_ms(lambda: kernels.SS2DScan.apply(x, dts, bias, A, B, C, h, w))
-    times["default_block_d"] = kernels._infer_block(b, d, n)
+    times["default_block_d"] = kernels._infer_block(d)
     return times
 
 

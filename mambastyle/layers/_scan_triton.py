@@ -23,11 +23,12 @@ into the next chunk. Decays are in (0, 1] and nothing divides by a product of th
   needs no atomics and is deterministic.
 
 Inference (no gradients) of SS2D takes another kernel, :func:`_ss2d_infer`: a program owns
-one batch element, one direction and ``BLOCK_D`` channels, holds their (BLOCK_D, N) state in
-registers and walks the tokens one step at a time. The chunked scan spends several warp
-shuffles per state update on its prefix scan; stepping costs one exp and two multiply-adds,
-and the four directions run side by side (each into its own slice of a (4, B, L, d) float32
-buffer, summed afterwards, so the result does not depend on the order programs finish in; the
+one batch element, one direction and ``BLOCK_D`` channels, one channel per thread with all
+its N states in that thread's registers, and walks the tokens one step at a time. The
+chunked scan spends several warp shuffles per state update on its prefix scan; a step costs
+an exp2 and two multiply-adds per state and no communication between threads, and the four
+directions run side by side (each into its own slice of a (4, B, L, d) float32 buffer,
+summed afterwards, so the result does not depend on the order programs finish in; the
 buffer is the price: four times the output, 2 GiB at the encoder's 64x64 level at batch 32).
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
@@ -251,25 +252,57 @@ def _scan_bwd(
 
 
 @triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 of float32 ``x``: the GPU's approximate instruction (``FAST``; Triton's ``log2``
+    compiles to a longer accurate sequence), or ``tl.log2`` (the interpreter runs no PTX)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, EVEN_N: tl.constexpr):
+    """Token ``pos``'s x and raw step sizes (BLOCK_D,) and B and C rows (BLOCK_N,), as stored."""
+    u = tl.load(x_row + pos * sx_l, mask=mc, other=0.0)
+    raw = tl.load(dt_row + pos * sdt_l, mask=mc, other=0.0)
+    if EVEN_N:  # no mask: the rows load as whole vectors
+        return u, raw, tl.load(b_row + pos * sB_l), tl.load(c_row + pos * sB_l)
+    else:
+        Bv = tl.load(b_row + pos * sB_l, mask=mn, other=0.0)
+        return u, raw, Bv, tl.load(c_row + pos * sB_l, mask=mn, other=0.0)
+
+
+@triton.jit(do_not_specialize_on_alignment=["sA_n"])
 def _ss2d_infer(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr,
-    L, W, DK, NS,
+    L, W, DK, NS, sA_n,
     sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sB_b, sB_k, sB_l, sB_n, sy_k, sy_b, sy_l,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Direction ``program_id(2)``'s scan of SS2D for one batch element and BLOCK_D channels,
-    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32."""
+    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32.
+
+    Each thread owns whole channels: A is read through its (4, N, d) transpose (``sA_n``
+    apart per state), so the tile's threads run along channels and a channel's N states sit
+    in one thread's registers; the sum over states is then a thread's own adds, not warp
+    shuffles. ``sA_n`` is exempt from Triton's divisibility specialisation: with it, the
+    load of A would be vectorised along channels and spread the states over warps. B and C
+    rows are float32 and contiguous (``EVEN_N``: N is a power of two, no mask). A step reads
+    the next token's inputs before computing its own, so their latency overlaps the math.
+    """
     b = tl.program_id(0).to(tl.int64)  # offsets of big batches pass 2**31
     k = tl.program_id(2)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     mc = c < DK
     mn = n < NS
-    ch = k * DK + c
     # exp(delta A) as exp2(delta A log2 e): one multiply fewer per state update.
-    A2 = tl.load(A_ptr + ch[:, None] * NS + n[None, :], mask=mc[:, None] & mn[None, :], other=0.0)
+    A2 = tl.load(A_ptr + (k * NS + n[None, :]) * sA_n + c[:, None], mask=mc[:, None] & mn[None, :], other=0.0)
     A2 = A2.to(tl.float32) * 1.4426950408889634
-    bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + k * DK + c, mask=mc, other=0.0).to(tl.float32)
     # Token order by stepping: rows (+1), columns (+W, wrapping to the next column's top by
     # 1 - L), and both reversed; a row-major walk leaves [0, L) only after its last token.
     step = tl.where(k == 0, 1, tl.where(k == 1, W, tl.where(k == 2, -1, -W)))
@@ -277,67 +310,67 @@ def _ss2d_infer(
     pos = tl.where(k >= 2, L - 1, 0)
     x_row = x_ptr + b * sx_b + c
     dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d  # d * B * L may pass 2**31
-    bc_row = b * sB_b + k * sB_k + n * sB_n
+    b_row = B_ptr + b * sB_b + k * sB_k + n * sB_n
+    c_row = C_ptr + b * sB_b + k * sB_k + n * sB_n
     y_row = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + c
+    u_next, raw_next, B_next, C_next = _token_inputs(
+        x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
+    )  # fmt: skip
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for _ in range(L):
-        u = tl.load(x_row + pos * sx_l, mask=mc, other=0.0).to(tl.float32)
-        raw = tl.load(dt_row + pos * sdt_l, mask=mc, other=0.0).to(tl.float32) + bias
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(tl.minimum(raw, 20.0))))
-        Bv = tl.load(B_ptr + bc_row + pos * sB_l, mask=mn, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + bc_row + pos * sB_l, mask=mn, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u)[:, None] * Bv[None, :]
-        tl.store(y_row + pos * sy_l, tl.sum(h * Cv[None, :], axis=1), mask=mc)
-        pos += step
-        pos = tl.where((pos < 0) | (pos >= L), pos + wrap, pos)
+        u, raw, Bv, Cv = u_next, raw_next, B_next, C_next
+        nxt = pos + step
+        nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
+        ahead = tl.minimum(nxt, L - 1)  # after the last token: any valid row, never used
+        u_next, raw_next, B_next, C_next = _token_inputs(
+            x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
+        )  # fmt: skip
+        raw = raw.to(tl.float32) + bias
+        # softplus(raw) = log2(1 + 2^(raw log2 e)) ln 2
+        soft = _log2(1.0 + tl.exp2(tl.minimum(raw, 20.0) * 1.4426950408889634), FAST) * 0.6931471805599453
+        dt = tl.where(raw > 20.0, raw, soft)
+        h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+        tl.store(y_row + pos * sy_l, tl.sum(h * Cv.to(tl.float32)[None, :], axis=1), mask=mc)
+        pos = nxt
 
 
-def _stepping_pays(b: int, dk: int) -> bool:
-    """Whether the stepping kernel beats the chunked one for ``b`` images of ``dk`` channels.
-    Each stepping program walks every token of its direction alone, one dependent step after
-    another, so it needs enough programs to hide that latency: measured at d 1024 on 64x64 maps
-    (benchmarks/gpu_check.py), stepping took 4.1 vs 11.3 ms at batch 8 and 10.1 vs 46.8 at 32,
-    but 3.4 vs 2.8 ms at batch 1 (128 programs)."""
-    return b * 4 * triton.cdiv(dk, 32) >= 1024
+def _infer_block(dk: int) -> int:
+    """Channels per stepping program, one per thread: 64 (two warps), fewer for narrow layers."""
+    return min(64, triton.next_power_of_2(dk))
 
 
-def _infer_block(b: int, dk: int, ns: int) -> int:
-    """Channels per stepping program: 64 (8 states per thread of a 4-warp program) once that
-    still gives 2048 programs, else 32 (measured best at batch 32 and at batch 8 and 1)."""
-    block = 64 if b * 4 * triton.cdiv(dk, 64) >= 2048 else 32
-    return max(1, min(block, triton.next_power_of_2(dk), 4096 // triton.next_power_of_2(ns)))
+def _state_rows(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (B, 4, N, L) as the stepping kernel reads them: float32, each token's N values
+    adjacent, the same strides. bfloat16 projections are converted here, once per token,
+    rather than by every thread at every step (a third of the step's instructions)."""
+    if B.dtype == C.dtype == torch.float32 and B.stride() == C.stride() and B.stride(2) == 1:
+        return B, C
+    return tuple(t.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).transpose(2, 3)
+                 for t in (B, C))  # fmt: skip
 
 
 def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
     """The SS2D scan without gradients (see :class:`SS2DScan` for the arguments): (B, L, d)
-    float32, summed over directions. ``dts``, B and C may be any strided views (B and C with
-    the same strides). ``block_d`` forces the stepping kernel with that many channels per
-    program; by default small grids take the chunked kernel (no chunk states stored)."""
+    float32, summed over directions, by the stepping kernel (``block_d`` channels per program,
+    a power of two; by default :func:`_infer_block`). ``dts`` may be any strided view (token-
+    major, (4, B, L, d) in memory, reads coalesced); B and C are made float32 rows."""
     b, length, d = x.shape
     ns = A.shape[-1]
     x = x.contiguous()
-    A, bias = A.contiguous(), bias.contiguous()
-    if B.stride() != C.stride():
-        B, C = B.contiguous(), C.contiguous()
-    if block_d is None and not _stepping_pays(b, d):
-        block_d, block_n, _ = _blocks(d, ns, d)
-        n_chunks = triton.cdiv(length, BLOCK_T)
-        y = x.new_empty(b, length, d, dtype=torch.float32)
-        last = x.new_empty(b, 4 * d, ns, dtype=torch.float32)
-        _launch(_scan_fwd, (b, triton.cdiv(d, block_d)), (x, dts, A, B, C, x, bias, x, y, last, last),
-                *_cross_geometry(x, dts, B, h, w, ns, n_chunks), K=4, CROSS=True, HAS_D=False, HAS_Z=False,
-                HAS_BIAS=True, SOFTPLUS=True, SAVE_CKPT=False, BLOCK_D=block_d, BLOCK_N=block_n,
-                BLOCK_T=BLOCK_T)  # fmt: skip
-        return y
-    block_d = block_d or _infer_block(b, d, ns)
+    At = A.transpose(1, 2).contiguous()  # (4, N, d): see _ss2d_infer
+    bias = bias.contiguous()
+    B, C = _state_rows(B, C)
+    block_d = block_d or _infer_block(d)
+    block_n = triton.next_power_of_2(ns)
     y = x.new_empty(4, b, length, d, dtype=torch.float32)
     sdt = dts.stride()  # (4, d, B, L)
     sB = B.stride()  # (B, 4, N, L)
     strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], sB[0], sB[1], sB[3], sB[2],
                b * length * d, length * d, d)  # fmt: skip
     grid = (b, triton.cdiv(d, block_d), 4)
-    _launch(_ss2d_infer, grid, (x, dts, A, B, C, bias, y), (length, w, d, ns), strides, BLOCK_D=block_d,
-            BLOCK_N=triton.next_power_of_2(ns))  # fmt: skip
+    _launch(_ss2d_infer, grid, (x, dts, At, B, C, bias, y), (length, w, d, ns, d), strides,
+            BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=block_n == ns, FAST=x.is_cuda,
+            num_warps=max(1, block_d // 32))  # fmt: skip
     return y.sum(0)
 
 

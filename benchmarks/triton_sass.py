@@ -1,0 +1,193 @@
+"""The `triton` backend's SS2D kernels compiled for a GPU architecture on this machine (no GPU
+needed), and the instructions their loops issue per state update.
+
+The SS2D scans are bound by instruction issue and the SFU's exp2 rate once enough warps
+hide the memory latency; the compiled loop shows both. Each kernel is compiled exactly as
+the backend would launch it for the encoder's first level (d 1024, N 16, a 64x64 map, bf16
+inputs as under autocast): the wrappers run on CPU tensors with the launch intercepted, so
+arguments, strides, flags and Triton's specialisation of them (integers equal to 1 become
+constants, multiples of 16 and 16-byte-aligned pointers get divisibility hints) are the
+launch's, with the GPU-only flags set as on a GPU. Triton's own ``ptxas`` and ``cuobjdump``
+make the SASS.
+
+Per kernel: registers, the innermost loop's instructions per iteration and warp, its exp2
+(MUFU) and warp-shuffle counts, barriers, and warp instructions per 32 state updates (one per
+lane), then the ratio of the chunked forward's (what training runs) to the stepping
+kernel's (inference). Counts are a proxy for time, not a timing: `benchmarks/gpu_check.py`
+measures on a GPU.
+
+Usage: .venv/bin/python benchmarks/triton_sass.py [--arch 90] [--batch 2] [--dump DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+D_INNER, N_STATE, RANK, SIDE = 1024, 16, 32, 64
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _captured_launches(run) -> list[tuple]:
+    """(kernel, tensors, sizes, strides, flags) of every launch ``run()`` makes."""
+    from mambastyle.layers.selective_scan import _triton_kernels
+
+    kernels = _triton_kernels()
+    seen = []
+    original = kernels._launch
+    kernels._launch = lambda kernel, grid, tensors, sizes, strides, **flags: seen.append(
+        (kernel, grid, tensors, sizes, strides, flags)
+    )
+    try:
+        run()
+    except Exception as err:  # a wrapper reading outputs the intercepted launch never wrote
+        if not seen:
+            raise RuntimeError(f"no launch captured: {err}") from err
+    finally:
+        kernels._launch = original
+    return seen
+
+
+def _compile(kernel, tensors, sizes, strides, flags, arch: int):
+    """Compiles ``kernel`` for sm_``arch`` with the specialisation a launch of these arguments gets."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*tensors, *sizes, *strides, **flags)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, flags, bound, specialization, options)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nvidia
+
+    path = Path(nvidia.__file__).parent / "bin" / name
+    if not path.exists():
+        sys.exit(f"{path} is missing: this Triton wheel ships no {name}")
+    return str(path)
+
+
+def _sass_summary(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    dump = _tool("cuobjdump")
+    try:
+        sass = subprocess.run([dump, "-sass", f.name], capture_output=True, text=True, check=True)
+        usage = subprocess.run([dump, "-res-usage", f.name], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    code = [(int(a, 16), op, rest) for a, op, rest in INSTRUCTION.findall(sass.stdout)]
+    loops = []  # (start, end) of every backward branch
+    for addr, op, rest in code:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        raise RuntimeError("no loop found in the compiled kernel")
+    # The innermost loop: the one containing no other (the last-closing of the shortest).
+    start, end = min(loops, key=lambda span: span[1] - span[0])
+    body = [op.split(".")[0] for addr, op, _ in code if start <= addr <= end]
+    regs = re.search(r"REG:(\d+)", usage.stdout)
+    return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None,
+            "loop": collections.Counter(body), "loop_length": len(body)}  # fmt: skip
+
+
+def _inputs(batch: int) -> dict:
+    """The encoder's first-level SS2D scan inputs, as SS2D makes them under bf16 autocast."""
+    g = torch.Generator().manual_seed(0)
+    length = SIDE * SIDE
+    bf16 = {"dtype": torch.bfloat16}
+    return {
+        "x": torch.randn(batch, length, D_INNER, generator=g).to(**bf16),
+        "proj": torch.randn(batch, length, 4, RANK + 2 * N_STATE, generator=g).to(**bf16),
+        "dt_weight": torch.randn(4, D_INNER, RANK, generator=g) / RANK**0.5,
+        "A": -torch.rand(4, D_INNER, N_STATE, generator=g) * 8,
+        "dt_bias": torch.randn(4, D_INNER, generator=g) * 0.1,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+    parser.add_argument("--batch", type=int, default=2, help="batch of the captured launches (strides only)")
+    parser.add_argument("--dump", type=Path, help="write each kernel's SASS here")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be defined for compiling
+    from mambastyle.layers.selective_scan import _triton_kernels
+    from mambastyle.layers.ss2d import _step_sizes
+
+    kernels = _triton_kernels()
+    inp = _inputs(args.batch)
+    n = N_STATE
+    dts = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"], token_major=True)
+    bc = inp["proj"][..., RANK:].permute(0, 2, 3, 1)
+    B, C = bc[:, :, :n], bc[:, :, n:]
+    launches = {}
+    (kernel, _, tensors, sizes, strides, flags), = _captured_launches(
+        lambda: kernels.ss2d_infer(inp["x"], dts, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
+    )  # fmt: skip
+    flags = {**flags, "FAST": True}  # as on a GPU (x.is_cuda)
+    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]  # one token of every state of the block
+    launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
+    dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])
+
+    def chunked():
+        x = inp["x"].requires_grad_()
+        kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
+
+    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(chunked)
+    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * flags["BLOCK_T"]
+    launches["chunked forward (training)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
+
+    print(
+        f"triton SS2D kernels for sm_{args.arch}: d {D_INNER}, N {N_STATE}, {SIDE}x{SIDE} tokens, bf16 inputs"
+    )
+    per_update, report = {}, {}
+    for label, (kernel, tensors, sizes, strides, flags, updates) in launches.items():
+        compiled = _compile(kernel, tensors, sizes, strides, flags, args.arch)
+        summary = _sass_summary(compiled.asm["cubin"])
+        warps = flags.get("num_warps", 4)
+        loop = summary["loop"]
+        per_update[label] = summary["loop_length"] * warps * 32 / updates
+        report[label] = {
+            "registers": summary["registers"],
+            "warps": warps,
+            "loop": dict(loop),
+            "loop_length": summary["loop_length"],
+            "per_32_updates": per_update[label],
+        }
+        blocks = ", ".join(f"{k}={flags[k]}" for k in ("BLOCK_D", "BLOCK_N", "BLOCK_T") if k in flags)
+        print(f"{label}: {blocks}, {warps} warps, {summary['registers']} registers")
+        print(f"  innermost loop: {summary['loop_length']} instructions per iteration and warp "
+              f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR); "
+              f"{per_update[label]:.1f} warp instructions per 32 state updates")  # fmt: skip
+        print("  most frequent:", ", ".join(f"{op} {c}" for op, c in loop.most_common(8)))
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{kernel.__name__}.sass").write_text(summary["sass"])
+    labels = list(per_update)
+    ratio = per_update[labels[1]] / per_update[labels[0]]
+    print(f"{labels[1]} vs {labels[0]}: {ratio:.2f}x the instructions per state update")
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "kernels": report, "ratio": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
