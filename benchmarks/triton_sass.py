@@ -10,10 +10,12 @@ constants, multiples of 16 and 16-byte-aligned pointers get divisibility hints) 
 launch's, with the GPU-only flags set as on a GPU. Triton's own ``ptxas`` and ``cuobjdump``
 make the SASS.
 
-Per kernel: registers, the innermost loop's instructions per iteration and warp, its exp2
-(MUFU) and warp-shuffle counts, barriers, and warp instructions per 32 state updates (one per
-lane), then the ratio of the chunked forward's (what training runs) to the stepping
-kernel's (inference). Counts are a proxy for time, not a timing: `benchmarks/gpu_check.py`
+Per kernel (the inference scan, its merge/LayerNorm/gate pass and the chunked training
+forward): registers; for the scans the innermost loop's instructions per iteration and warp,
+its exp2 (MUFU) and warp-shuffle counts, barriers, and warp instructions per 32 state updates
+(one per lane); then the ratio of the chunked forward's (what training runs) to the stepping
+kernel's (inference). That every kernel compiles for the GPU is itself a check the
+interpreter-run tests cannot make. Counts are a proxy for time, not a timing: `benchmarks/gpu_check.py`
 measures on a GPU.
 
 Usage: .venv/bin/python benchmarks/triton_sass.py [--arch 90] [--batch 2] [--dump DIR] [--json out.json]
@@ -97,10 +99,8 @@ def _sass_summary(cubin: bytes) -> dict:
         target = re.search(r"0x([0-9a-f]+)", rest)
         if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
-    if not loops:
-        raise RuntimeError("no loop found in the compiled kernel")
-    # The innermost loop: the one containing no other (the last-closing of the shortest).
-    start, end = min(loops, key=lambda span: span[1] - span[0])
+    # The innermost loop: the shortest backward branch's span (none: a kernel without loops).
+    start, end = min(loops, key=lambda span: span[1] - span[0]) if loops else (1, 0)
     body = [op.split(".")[0] for addr, op, _ in code if start <= addr <= end]
     regs = re.search(r"REG:(\d+)", usage.stdout)
     return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None,
@@ -118,6 +118,8 @@ def _inputs(batch: int) -> dict:
         "dt_weight": torch.randn(4, D_INNER, RANK, generator=g) / RANK**0.5,
         "A": -torch.rand(4, D_INNER, N_STATE, generator=g) * 8,
         "dt_bias": torch.randn(4, D_INNER, generator=g) * 0.1,
+        "gate": tuple(torch.randn(D_INNER, generator=g) for _ in range(3)),  # D sum, norm weight, bias
+        "z": torch.randn(batch, SIDE, SIDE, 2 * D_INNER, generator=g).to(**bf16)[..., D_INNER:],
     }
 
 
@@ -139,12 +141,18 @@ def main() -> int:
     bc = inp["proj"][..., RANK:].permute(0, 2, 3, 1)
     B, C = bc[:, :, :n], bc[:, :, n:]
     launches = {}
-    (kernel, _, tensors, sizes, strides, flags), = _captured_launches(
-        lambda: kernels.ss2d_infer(inp["x"], dts, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
-    )  # fmt: skip
-    flags = {**flags, "FAST": True}  # as on a GPU (x.is_cuda)
-    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]  # one token of every state of the block
-    launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
+    gated = _captured_launches(
+        lambda: kernels.ss2d_infer_gated(
+            inp["x"], dts, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE, *inp["gate"], 1e-5, inp["z"]
+        )
+    )
+    for kernel, _, tensors, sizes, strides, flags in gated:
+        if "FAST" in flags:  # the stepping scan: GPU-only instructions as on a GPU (x.is_cuda)
+            flags = {**flags, "FAST": True}
+            per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]  # one token of every state of the block
+            launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
+        else:  # the directions' sum, LayerNorm and gate: no state updates
+            launches["merge, LayerNorm and gate (inference)"] = (kernel, tensors, sizes, strides, flags, 0)
     dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])
 
     def chunked():
@@ -164,26 +172,27 @@ def main() -> int:
         summary = _sass_summary(compiled.asm["cubin"])
         warps = flags.get("num_warps", 4)
         loop = summary["loop"]
-        per_update[label] = summary["loop_length"] * warps * 32 / updates
-        report[label] = {
-            "registers": summary["registers"],
-            "warps": warps,
-            "loop": dict(loop),
-            "loop_length": summary["loop_length"],
-            "per_32_updates": per_update[label],
-        }
-        blocks = ", ".join(f"{k}={flags[k]}" for k in ("BLOCK_D", "BLOCK_N", "BLOCK_T") if k in flags)
+        report[label] = {"registers": summary["registers"], "warps": warps}
+        blocks = ", ".join(
+            f"{k}={flags[k]}" for k in ("BLOCK", "BLOCK_D", "BLOCK_N", "BLOCK_T") if k in flags
+        )
         print(f"{label}: {blocks}, {warps} warps, {summary['registers']} registers")
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            (args.dump / f"{kernel.__name__}.sass").write_text(summary["sass"])
+        if not updates:
+            continue
+        per_update[label] = summary["loop_length"] * warps * 32 / updates
+        report[label].update(
+            loop=dict(loop), loop_length=summary["loop_length"], per_32_updates=per_update[label]
+        )
         print(f"  innermost loop: {summary['loop_length']} instructions per iteration and warp "
               f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR); "
               f"{per_update[label]:.1f} warp instructions per 32 state updates")  # fmt: skip
         print("  most frequent:", ", ".join(f"{op} {c}" for op, c in loop.most_common(8)))
-        if args.dump:
-            args.dump.mkdir(parents=True, exist_ok=True)
-            (args.dump / f"{kernel.__name__}.sass").write_text(summary["sass"])
-    labels = list(per_update)
-    ratio = per_update[labels[1]] / per_update[labels[0]]
-    print(f"{labels[1]} vs {labels[0]}: {ratio:.2f}x the instructions per state update")
+    stepping, chunked = "stepping (inference)", "chunked forward (training)"
+    ratio = per_update[chunked] / per_update[stepping]
+    print(f"{chunked} vs {stepping}: {ratio:.2f}x the instructions per state update")
     if args.json:
         args.json.write_text(json.dumps({"arch": args.arch, "kernels": report, "ratio": ratio}, indent=2))
     return 0

@@ -135,15 +135,47 @@ def test_fused_ss2d_matches_cross_scan_reference(interpreted, h, w, d):
         assert_close_rel(got_g[k], ref_g[k], 1e-4, f"d{k}")
 
 
-def test_ss2d_module_on_triton_matches_ref(interpreted):
-    block = SS2D(8, d_state=2, expand=1.0, scan_backend="triton")
-    x = torch.randn(1, 3, 4, 8)
-    with torch.no_grad():
-        got = block(x)
+@pytest.mark.parametrize(
+    "d_model,expand,n,side,autocast",
+    [
+        (8, 1.0, 2, (3, 4), False),
+        (8, 1.5, 3, (5, 3), False),  # 12 channels: a LayerNorm row narrower than its block
+        (6, 2.0, 4, (4, 4), True),  # bf16 autocast: the gate's output in bf16
+    ],
+)
+def test_ss2d_module_on_triton_matches_ref(interpreted, monkeypatch, d_model, expand, n, side, autocast):
+    # Without gradients the module runs the scan, its output LayerNorm and the gate fused on
+    # `triton`; with them (and on `ref`), the scan and then PyTorch's LayerNorm and gate.
+    block = SS2D(d_model, d_state=n, expand=expand, scan_backend="triton")
+    with torch.no_grad():  # a trained LayerNorm and skip term, not their identity init
+        block.out_norm.weight.normal_()
+        block.out_norm.bias.normal_()
+        block.Ds.normal_()
+    fused = []
+    gated = interpreted.ss2d_infer_gated
+    monkeypatch.setattr(interpreted, "ss2d_infer_gated", lambda *a: fused.append(1) or gated(*a))
+    x = torch.randn(2, *side, d_model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            got = block(x)
+        assert fused == [1]
+        with_grad = block(x)  # the unfused path on triton
         block.scan_backend = "ref"
-        want = block(x)
-    # bound: float32 both sides, different summation order: measured (20 seeds) <= 1e-7, 100x under
-    assert_close_rel(got.double(), want.double(), 1e-5, "SS2D output")
+        with torch.no_grad():
+            want = block(x)
+    assert fused == [1] and got.dtype == want.dtype == with_grad.dtype
+    if autocast:
+        # bound: the projections' bf16 products are the same on both sides; the unfused gate
+        # rounds the LayerNorm output, silu(z) and their product to bf16 (2**-8 relative each),
+        # the fused one rounds once, and out_proj's output is rounded to bf16: measured (20
+        # seeds) <= 0.0113 of max |ref| (three bf16 units), 2.6x under
+        bound = 0.03
+    else:
+        # bound: float32 both sides, different summation order: measured (20 seeds) <= 3.6e-7,
+        # 28x under
+        bound = 1e-5
+    assert_close_rel(got.double(), want.double(), bound, "SS2D output, fused")
+    assert_close_rel(with_grad.detach().double(), want.double(), bound, "SS2D output, with gradients")
 
 
 @pytest.mark.parametrize(
@@ -208,3 +240,4 @@ def test_inference_kernel_steps_without_communication(tmp_path):
     # one exp2 per state and lane, plus softplus' exp2 and log2: 16 states per thread here
     assert stepping["loop"]["MUFU"] == 16 + 2
     assert stepping["per_32_updates"] < kernels["chunked forward (training)"]["per_32_updates"]
+    assert kernels["merge, LayerNorm and gate (inference)"]["registers"] > 0  # it compiled too

@@ -349,11 +349,9 @@ def _state_rows(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.T
                  for t in (B, C))  # fmt: skip
 
 
-def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
-    """The SS2D scan without gradients (see :class:`SS2DScan` for the arguments): (B, L, d)
-    float32, summed over directions, by the stepping kernel (``block_d`` channels per program,
-    a power of two; by default :func:`_infer_block`). ``dts`` may be any strided view (token-
-    major, (4, B, L, d) in memory, reads coalesced); B and C are made float32 rows."""
+def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
+    """Each direction's scan output without gradients, (4, B, L, d) float32 (see
+    :func:`ss2d_infer` for the arguments)."""
     b, length, d = x.shape
     ns = A.shape[-1]
     x = x.contiguous()
@@ -371,7 +369,60 @@ def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None
     _launch(_ss2d_infer, grid, (x, dts, At, B, C, bias, y), (length, w, d, ns, d), strides,
             BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=block_n == ns, FAST=x.is_cuda,
             num_warps=max(1, block_d // 32))  # fmt: skip
-    return y.sum(0)
+    return y
+
+
+def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
+    """The SS2D scan without gradients (see :class:`SS2DScan` for the arguments): (B, L, d)
+    float32, summed over directions, by the stepping kernel (``block_d`` channels per program,
+    a power of two; by default :func:`_infer_block`). ``dts`` may be any strided view (token-
+    major, (4, B, L, d) in memory, reads coalesced); B and C are made float32 rows."""
+    return _ss2d_directions(x, dts, bias, A, B, C, h, w, block_d).sum(0)
+
+
+@triton.jit
+def _merge_norm_gate(
+    y_ptr, x_ptr, dsum_ptr, w_ptr, b_ptr, z_ptr, out_ptr, D, eps, sy_k, sz_r,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One token: s = sum over the four directions of y + dsum * x, LayerNorm(s) (weight w,
+    bias b), times z * sigmoid(z); float32 inside, stored in out's dtype."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < D
+    row = r * D + c
+    s = tl.load(y_ptr + row, mask=m, other=0.0) + tl.load(y_ptr + sy_k + row, mask=m, other=0.0)
+    s += tl.load(y_ptr + 2 * sy_k + row, mask=m, other=0.0) + tl.load(
+        y_ptr + 3 * sy_k + row, mask=m, other=0.0
+    )
+    s += tl.load(dsum_ptr + c, mask=m, other=0.0).to(tl.float32) * tl.load(x_ptr + row, mask=m, other=0.0).to(
+        tl.float32
+    )
+    mean = tl.sum(s, axis=0) / D
+    diff = tl.where(m, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    out = diff * rstd * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    out += tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + r * sz_r + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row, (out * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def ss2d_infer_gated(x, dts, bias, A, B, C, h: int, w: int, dsum, norm_weight, norm_bias, eps: float, z):
+    """SS2D's scan and its output gate without gradients: LayerNorm(scan + dsum * x) * silu(z)
+    as SS2D computes it, (B, L, d) in z's dtype, with the four directions' outputs summed,
+    normalised and gated in one pass over them (no (B, L, d) float32 intermediates). z:
+    (B, H, W, d) or (B, L, d), channels contiguous; the rest as in :func:`ss2d_infer`."""
+    b, length, d = x.shape
+    y = _ss2d_directions(x, dts, bias, A, B, C, h, w)
+    z = z.reshape(b * length, d)
+    if z.stride(1) != 1:
+        z = z.contiguous()
+    out = torch.empty(b, length, d, dtype=z.dtype, device=x.device)
+    block = triton.next_power_of_2(d)
+    tensors = (y, x.contiguous(), dsum.contiguous(), norm_weight, norm_bias, z, out)
+    _launch(_merge_norm_gate, (b * length,), tensors, (d, float(eps)), (b * length * d, z.stride(0)),
+            BLOCK=block, num_warps=max(1, min(8, block // 256)))  # fmt: skip
+    return out
 
 
 def _blocks(dk: int, ns: int, cpg: int) -> tuple[int, int, bool]:

@@ -170,13 +170,10 @@ def ss2d_scan_projected(
     b, length, d = x.shape
     rank = dt_weight.shape[-1]
     if name == "triton":
-        # Without gradients the stepping kernel reads one token of every channel per step: step
-        # sizes token-major in memory, B and C straight from proj's rows (the training kernels
-        # take contiguous copies themselves).
+        # Without gradients the stepping kernel reads one token of every channel per step.
         token_major = not needs_grad(x, proj, dt_weight, A, D, dt_bias)
-        dts = _step_sizes(dt_weight.to(proj.dtype), proj, token_major)
-        bc = proj[..., rank:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
-        return ss2d_scan(x, dts, A, bc[:, :, :n], bc[:, :, n:], D, dt_bias, h, w, backend)
+        dts, B, C = _triton_operands(dt_weight, proj, n, token_major)
+        return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
     # Scans of cross-scanned copies: the projections (R + 2N per token and direction, against
     # d channels) are put in each direction's order, and the step sizes are formed from them
     # in that order, straight into the (B, 4 d, L) layout the scan reads: no permuted copy of
@@ -360,11 +357,18 @@ class SS2D(nn.Module):
         # for all four directions); the scan visits the tokens in each direction's order.
         weight = self.x_proj_weight.view(k * (r + 2 * n), d)
         proj = token_linear(x.view(b, h, w, d), weight).reshape(b, h * w, k, r + 2 * n)
+        A = -torch.exp(self.A_logs.float()).view(k, d, n)
+        if self._fused_gate(x, proj, z):
+            # Inference on `triton`: the four directions' outputs go straight through the
+            # LayerNorm and the gate in one kernel.
+            gated = _triton_gated(x, proj, self.dt_projs_weight, A, self.Ds.float().view(k, d),
+                                  self.dt_projs_bias.float(), h, w, self.out_norm, z)  # fmt: skip
+            return token_linear(gated.view(b, h, w, d), self.out_proj.weight)
         y = ss2d_scan_projected(
             x,
             proj,
             self.dt_projs_weight,
-            -torch.exp(self.A_logs.float()).view(k, d, n),
+            A,
             self.Ds.float().view(k, d),
             self.dt_projs_bias.float(),
             h,
@@ -375,6 +379,49 @@ class SS2D(nn.Module):
         # formed in float32 (LayerNorm's output) only to be cast back for out_proj.
         y = self.out_norm(y.view(b, h, w, d)).to(z.dtype)
         return token_linear(y * F.silu(z), self.out_proj.weight)
+
+    def _fused_gate(self, x: torch.Tensor, proj: torch.Tensor, z: torch.Tensor) -> bool:
+        """Whether the scan, the output LayerNorm and the gate run fused: on the `triton`
+        backend, without gradients, with an affine LayerNorm."""
+        norm = self.out_norm
+        return (
+            resolve_backend(self.scan_backend, x.device) == "triton"
+            and type(norm) is nn.LayerNorm
+            and norm.weight is not None
+            and norm.bias is not None
+            and not needs_grad(
+                x,
+                proj,
+                z,
+                self.dt_projs_weight,
+                self.A_logs,
+                self.Ds,
+                self.dt_projs_bias,
+                norm.weight,
+                norm.bias,
+            )
+        )
+
+
+def _triton_gated(x, proj, dt_weight, A, D, dt_bias, h: int, w: int, norm: nn.LayerNorm, z) -> torch.Tensor:
+    """norm(ss2d_scan_projected(...)) * silu(z) on the `triton` backend without gradients,
+    (B, L, d) in z's dtype (see :func:`mambastyle.layers._scan_triton.ss2d_infer_gated`)."""
+    from mambastyle.layers.selective_scan import _triton_kernels
+
+    _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias)
+    dts, B, C = _triton_operands(dt_weight, proj, A.shape[-1], token_major=True)
+    return _triton_kernels().ss2d_infer_gated(
+        x, dts, dt_bias, A, B, C, h, w, D.sum(0), norm.weight, norm.bias, norm.eps, z
+    )
+
+
+def _triton_operands(dt_weight, proj, n: int, token_major: bool):
+    """Step sizes (4, d, B, L) and B, C (B, 4, N, L) for the `triton` SS2D kernels from the
+    projections: step sizes token-major in memory for the stepping kernel (``token_major``),
+    B and C as views of proj's rows (the training kernels take contiguous copies themselves)."""
+    dts = _step_sizes(dt_weight.to(proj.dtype), proj, token_major)
+    bc = proj[..., dt_weight.shape[-1] :].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
+    return dts, bc[:, :, :n], bc[:, :, n:]
 
 
 class VSSBlock(nn.Module):
