@@ -203,7 +203,28 @@ def ss2d_inference(device: str) -> dict:
     for b in (1, 8, 32):
         out[f"batch_{b}_ms"] = _ss2d_times(device, b)
         torch.cuda.empty_cache()
+    out["projection_ms"] = _projection_times(device)
     return out
+
+
+def _projection_times(device: str, b: int = 32, side: int = 64, c: int = 512, d: int = 1024) -> dict:
+    """ms of SS2D's in_proj at the encoder's first level (batch 32, channels-last map) as
+    ``F.linear`` (what ``token_linear`` runs on GPUs) and as a 1x1 convolution (what it runs on
+    CPUs), fp32 with PyTorch's default math settings (TF32 allowed for convolutions, not for
+    matmuls, so psp's convolutions and these differ there) and bf16."""
+    F = torch.nn.functional
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(b, side, side, c, device=device, dtype=dtype)
+        weight = torch.randn(2 * d, c, device=device, dtype=dtype) / c**0.5
+        name = str(dtype).removeprefix("torch.")
+        times[f"linear[{name}]"] = cuda_ms(lambda x=x, weight=weight: F.linear(x, weight))
+        times[f"conv1x1[{name}]"] = cuda_ms(
+            lambda x=x, weight=weight: F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None]).permute(
+                0, 2, 3, 1
+            )
+        )
+    return times
 
 
 def _ss2d_times(device: str, b: int, d: int = 1024, n: int = 16, r: int = 32, h: int = 64, w: int = 64):
