@@ -10,13 +10,15 @@ constants, multiples of 16 and 16-byte-aligned pointers get divisibility hints) 
 launch's, with the GPU-only flags set as on a GPU. Triton's own ``ptxas`` and ``cuobjdump``
 make the SASS.
 
-Per kernel (the inference scan, its merge/LayerNorm/gate pass and the chunked training
-forward): registers; for the scans the innermost loop's instructions per iteration and warp,
+Per kernel (SS2D's stepping scan for inference and for training, the inference's
+merge/LayerNorm/gate pass, and the plain scan's chunked training forward at the same size):
+registers; for the scans the innermost loop's instructions per iteration and warp,
 its exp2 (MUFU) and warp-shuffle counts, barriers, and warp instructions per 32 state updates
-(one per lane); then the ratio of the chunked forward's (what training runs) to the stepping
-kernel's (inference). That every kernel compiles for the GPU is itself a check the
-interpreter-run tests cannot make. Counts are a proxy for time, not a timing: `benchmarks/gpu_check.py`
-measures on a GPU.
+(one per lane) on the path every iteration takes (the training forward's store of chunk
+states, once in BLOCK_T steps, is a block a branch skips otherwise); then the ratio of the
+chunked forward's to the stepping kernel's. That every kernel compiles for the GPU is
+itself a check the interpreter-run tests cannot make. Counts are a proxy for time, not a
+timing: `benchmarks/gpu_check.py` measures on a GPU.
 
 Usage: .venv/bin/python benchmarks/triton_sass.py [--arch 90] [--batch 2] [--dump DIR] [--json out.json]
 """
@@ -94,17 +96,22 @@ def _sass_summary(cubin: bytes) -> dict:
     finally:
         os.unlink(f.name)
     code = [(int(a, 16), op, rest) for a, op, rest in INSTRUCTION.findall(sass.stdout)]
-    loops = []  # (start, end) of every backward branch
+    branches = []  # (from, to) of every branch with a literal target
     for addr, op, rest in code:
         target = re.search(r"0x([0-9a-f]+)", rest)
-        if op.startswith("BRA") and target and int(target.group(1), 16) < addr:
-            loops.append((int(target.group(1), 16), addr))
+        if op.startswith("BRA") and target:
+            branches.append((addr, int(target.group(1), 16)))
     # The innermost loop: the shortest backward branch's span (none: a kernel without loops).
+    loops = [(to, at) for at, to in branches if to < at]
     start, end = min(loops, key=lambda span: span[1] - span[0]) if loops else (1, 0)
+    # Blocks a forward branch inside the loop can skip (e.g. a store once in BLOCK_T steps).
+    skipped = [(at, to) for at, to in branches if start <= at < to <= end]
     body = [op.split(".")[0] for addr, op, _ in code if start <= addr <= end]
+    conditional = sum(1 for addr, _, _ in code if any(at < addr < to for at, to in skipped))
     regs = re.search(r"REG:(\d+)", usage.stdout)
     return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None,
-            "loop": collections.Counter(body), "loop_length": len(body)}  # fmt: skip
+            "loop": collections.Counter(body), "loop_length": len(body),
+            "conditional": conditional}  # fmt: skip
 
 
 def _inputs(batch: int) -> dict:
@@ -153,15 +160,39 @@ def main() -> int:
             launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
         else:  # the directions' sum, LayerNorm and gate: no state updates
             launches["merge, LayerNorm and gate (inference)"] = (kernel, tensors, sizes, strides, flags, 0)
-    dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])
+    dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])  # training's (4, d, B, L)
 
-    def chunked():
+    def ss2d_training():
         x = inp["x"].requires_grad_()
         kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
 
-    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(chunked)
+    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(ss2d_training)
+    flags = {**flags, "FAST": True}
+    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]
+    launches["stepping with chunk states (SS2D training forward)"] = (
+        kernel, tensors, sizes, strides, flags, per_iteration
+    )  # fmt: skip
+
+    def plain_training():  # the four directions' channels as one scan of (B, 4 d, L), 4 groups
+        length = SIDE * SIDE
+        u = inp["x"].transpose(1, 2).repeat(1, 4, 1)
+        bc = inp["proj"][..., RANK:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
+        kernels.SelectiveScan.apply(
+            u.requires_grad_(), dts_major.permute(2, 0, 1, 3).reshape(args.batch, 4 * D_INNER, length),
+            inp["A"].reshape(4 * D_INNER, n), bc[:, :, :n], bc[:, :, n:], None, None,
+            inp["dt_bias"].reshape(-1), True, True,
+        )  # fmt: skip
+
+    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(plain_training)
     per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * flags["BLOCK_T"]
-    launches["chunked forward (training)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
+    launches["chunked forward (plain scan, training)"] = (
+        kernel,
+        tensors,
+        sizes,
+        strides,
+        flags,
+        per_iteration,
+    )
 
     print(
         f"triton SS2D kernels for sm_{args.arch}: d {D_INNER}, N {N_STATE}, {SIDE}x{SIDE} tokens, bf16 inputs"
@@ -182,15 +213,18 @@ def main() -> int:
             (args.dump / f"{kernel.__name__}.sass").write_text(summary["sass"])
         if not updates:
             continue
-        per_update[label] = summary["loop_length"] * warps * 32 / updates
+        main = summary["loop_length"] - summary["conditional"]  # what every iteration issues
+        per_update[label] = main * warps * 32 / updates
         report[label].update(
-            loop=dict(loop), loop_length=summary["loop_length"], per_32_updates=per_update[label]
-        )
-        print(f"  innermost loop: {summary['loop_length']} instructions per iteration and warp "
-              f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR); "
-              f"{per_update[label]:.1f} warp instructions per 32 state updates")  # fmt: skip
+            loop=dict(loop), loop_length=summary["loop_length"], conditional=summary["conditional"],
+            per_32_updates=per_update[label],
+        )  # fmt: skip
+        print(f"  innermost loop: {summary['loop_length']} instructions per iteration and warp, "
+              f"{summary['conditional']} of them in blocks a branch skips "
+              f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR in all); "
+              f"{per_update[label]:.1f} warp instructions per 32 state updates, every iteration")  # fmt: skip
         print("  most frequent:", ", ".join(f"{op} {c}" for op, c in loop.most_common(8)))
-    stepping, chunked = "stepping (inference)", "chunked forward (training)"
+    stepping, chunked = "stepping (inference)", "chunked forward (plain scan, training)"
     ratio = per_update[chunked] / per_update[stepping]
     print(f"{chunked} vs {stepping}: {ratio:.2f}x the instructions per state update")
     if args.json:

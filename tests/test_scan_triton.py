@@ -221,11 +221,13 @@ def test_ss2d_inference_kernel_matches_reference(interpreted, h, w, d, n, block_
     assert_close_rel(via_module.double(), want, 1e-5, "ss2d_scan without gradients")
 
 
-def test_inference_kernel_steps_without_communication(tmp_path):
-    # The stepping kernel's speed rests on its layout: a thread owns whole channels, so a step
-    # needs no warp shuffles or barriers (states spread over threads needed 4 shuffle rounds
-    # and a shared-memory round trip per step). Compiled for sm_90 exactly as a launch would
-    # be, on this machine: Triton's wheel brings ptxas and cuobjdump.
+def test_stepping_kernels_need_no_communication(tmp_path):
+    # The stepping kernel's speed (SS2D's forward, for inference and for training) rests on its
+    # layout: a thread owns whole channels, so a step needs no warp shuffles or barriers
+    # (states spread over threads needed 4 shuffle rounds and a shared-memory round trip per
+    # step; a store of chunk states vectorised along channels spread them that way again).
+    # Compiled for sm_90 exactly as a launch would be, on this machine: Triton's wheel brings
+    # ptxas and cuobjdump.
     import triton.backends.nvidia as nvidia
 
     if not (Path(nvidia.__file__).parent / "bin" / "cuobjdump").exists():
@@ -235,9 +237,11 @@ def test_inference_kernel_steps_without_communication(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, str(script), "--json", str(out)], check=True, env=env, timeout=600)
     kernels = json.loads(out.read_text())["kernels"]
-    stepping = kernels["stepping (inference)"]
-    assert stepping["loop"].get("SHFL", 0) == 0 and stepping["loop"].get("BAR", 0) == 0, stepping["loop"]
-    # one exp2 per state and lane, plus softplus' exp2 and log2: 16 states per thread here
-    assert stepping["loop"]["MUFU"] == 16 + 2
-    assert stepping["per_32_updates"] < kernels["chunked forward (training)"]["per_32_updates"]
+    for label in ("stepping (inference)", "stepping with chunk states (SS2D training forward)"):
+        loop = kernels[label]["loop"]
+        assert loop.get("SHFL", 0) == 0 and loop.get("BAR", 0) == 0, (label, loop)
+        # an exp2 per state and lane (16 states per thread here), softplus' exp2 and log2
+        assert 16 <= loop["MUFU"] <= 20, (label, loop)
+        chunked = kernels["chunked forward (plain scan, training)"]["per_32_updates"]
+        assert kernels[label]["per_32_updates"] < chunked / 2, label
     assert kernels["merge, LayerNorm and gate (inference)"]["registers"] > 0  # it compiled too

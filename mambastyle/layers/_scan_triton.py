@@ -5,31 +5,33 @@ Only :mod:`mambastyle.layers.selective_scan` imports this module, on the first c
 module is imported whether its kernels compile for the GPU or run in its interpreter
 (``TRITON_INTERPRET=1``, CPU tensors), which is how the tests check them without a GPU.
 
-One kernel pair serves both callers. A program owns one batch element and a block of
-``BLOCK_D`` channels and walks time in chunks of ``BLOCK_T`` steps; within a chunk the
-recurrence h_t = a_t h_{t-1} + x_t (a_t = exp(delta_t A), x_t = delta_t u_t B_t) is a
-parallel prefix scan over the chunk's steps (``tl.associative_scan`` on (a, x) pairs) for
-all ``BLOCK_N`` states of every channel at once, and the state at the chunk's end carries
-into the next chunk. Decays are in (0, 1] and nothing divides by a product of them.
+The training kernels walk time in chunks of ``BLOCK_T`` steps: a program owns one batch
+element and a block of ``BLOCK_D`` channels; within a chunk the recurrence
+h_t = a_t h_{t-1} + x_t (a_t = exp(delta_t A), x_t = delta_t u_t B_t) is a parallel prefix
+scan over the chunk's steps (``tl.associative_scan`` on (a, x) pairs) for all ``BLOCK_N``
+states of every channel at once, and the state at the chunk's end carries into the next
+chunk. Decays are in (0, 1] and nothing divides by a product of them.
 
 - Selective scan (``CROSS=False``, ``K=1``): u, delta, z, y are (Bt, D, L); B, C are
   (Bt, G, N, L) and channel d reads group d // (D / G). softplus, delta_bias, D and the
-  z gate are applied in the kernel, as mamba-ssm's kernel does.
-- SS2D (``CROSS=True``, ``K=4``): x and y are (B, L, d) with tokens in row-major order and
-  the step sizes (4, d, B, L); direction k reads tokens in its own order (row-major,
-  column-major, both reversed) by index arithmetic, so the four scanned copies of the
-  sequence never exist in memory. A program scans its channels' four directions one after
-  the other and adds each into y (and, backwards, into dx), so the sum over directions
-  needs no atomics and is deterministic.
+  z gate are applied in the kernels, as mamba-ssm's kernel does.
+- SS2D's backward (``CROSS=True``, ``K=4``): x and dx are (B, L, d) with tokens in
+  row-major order and the step sizes (4, d, B, L); direction k reads tokens in its own order
+  (row-major, column-major, both reversed) by index arithmetic, so the four scanned copies
+  of the sequence never exist in memory. A program runs its channels' four directions one
+  after the other and adds each into dx, so the sum over directions needs no atomics and is
+  deterministic.
 
-Inference (no gradients) of SS2D takes another kernel, :func:`_ss2d_infer`: a program owns
-one batch element, one direction and ``BLOCK_D`` channels, one channel per thread with all
-its N states in that thread's registers, and walks the tokens one step at a time. The
-chunked scan spends several warp shuffles per state update on its prefix scan; a step costs
-an exp2 and two multiply-adds per state and no communication between threads, and the four
-directions run side by side (each into its own slice of a (4, B, L, d) float32 buffer,
-summed afterwards, so the result does not depend on the order programs finish in; the
-buffer is the price: four times the output, 2 GiB at the encoder's 64x64 level at batch 32).
+SS2D's forward, with or without gradients, takes another kernel, :func:`_ss2d_step`: a
+program owns one batch element, one direction and ``BLOCK_D`` channels, one channel per
+thread with all its N states in that thread's registers, and walks the tokens one step at a
+time, in the same index arithmetic. The chunked scan spends several warp shuffles per state
+update on its prefix scan; a step costs an exp2 and two multiply-adds per state and no
+communication between threads, and the four directions run side by side (each into its own
+slice of a (4, B, L, d) float32 buffer, summed afterwards, so the result does not depend on
+the order programs finish in; the buffer is the price: four times the output, 2 GiB at the
+encoder's 64x64 level at batch 32). Without gradients, the sum over directions, SS2D's
+output LayerNorm and its gate then run as one pass (:func:`ss2d_infer_gated`).
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
@@ -103,6 +105,16 @@ def _chunk(
 
 
 @triton.jit
+def _ckpt_offsets(b, k, ci, c, n, K: tl.constexpr, NS, N_CHUNKS, s_n):
+    """Offsets of the (BLOCK_D, BLOCK_N) state entering chunk ``ci`` of direction ``k`` in the
+    chunk states (Bt, K, N_CHUNKS, N, DK), ``s_n`` (= DK) apart per state: channels adjacent,
+    so that the stepping kernel, whose threads run along channels, stores them from its own
+    tile (it passes its alignment-exempt ``sA_n`` here, as for A)."""
+    row = (b.to(tl.int64) * K + k) * N_CHUNKS + ci
+    return (row * NS + n[None, :]) * s_n + c[:, None]
+
+
+@triton.jit
 def _states(dt, u, Bv, A, h0):
     """A chunk's states from the state ``h0`` before it: h_t = exp(delta_t A) h_{t-1} + x_t
     as a prefix scan over the chunk's steps. Returns (x, h), both (BLOCK_D, BLOCK_N, BLOCK_T)."""
@@ -117,48 +129,41 @@ def _scan_fwd(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, y_ptr, ckpt_ptr, last_ptr,
     L, H, W, DK, CPG, NS, N_CHUNKS,
     su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
-    K: tl.constexpr, CROSS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, SAVE_CKPT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SAVE_CKPT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
+    """The plain selective scan's forward (SS2D's steps through the tokens: :func:`_ss2d_step`)."""
     b = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # channels within a direction
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     j = tl.arange(0, BLOCK_T)
     mc = c < DK
     mcn = mc[:, None] & (n < NS)[None, :]
-    for k in tl.static_range(K):
-        ch = k * DK + c  # row of A, D, delta_bias
-        grp = k * (DK // CPG) + c // CPG
-        A = tl.load(A_ptr + ch[:, None] * NS + n[None, :], mask=mcn, other=0.0).to(tl.float32)
-        bias = tl.load(bias_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else None
-        Dv = tl.load(D_ptr + ch, mask=mc, other=0.0).to(tl.float32) if HAS_D else None
-        h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-        for ci in range(N_CHUNKS):
-            t = ci * BLOCK_T + j
-            _, m2, uo, u, _, dt, _, _, _, Bv, Cv = _chunk(
-                u_ptr, dt_ptr, B_ptr, C_ptr, bias, b, c, n, t, grp, mc, mcn, L, H, W,
-                su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
-                k, CROSS, HAS_BIAS, SOFTPLUS,
-            )  # fmt: skip
-            if SAVE_CKPT:
-                co = ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :]
-                tl.store(ckpt_ptr + co, h, mask=mcn)
-            _, hh = _states(dt, u, Bv, A, h)
-            y = tl.sum(hh * Cv, axis=1)
-            # Steps past L are no-ops (a = 1, x = 0): the last column is the last real state.
-            h = tl.sum(tl.where((j == BLOCK_T - 1)[None, None, :], hh, 0.0), axis=2)
-            if HAS_D:
-                y += Dv[:, None] * u
-            if HAS_Z:
-                z = tl.load(z_ptr + uo, mask=m2, other=0.0).to(tl.float32)
-                y = y * z * tl.sigmoid(z)
-            if k > 0:
-                y += tl.load(y_ptr + uo, mask=m2, other=0.0)
-            tl.store(y_ptr + uo, y, mask=m2)
-        tl.store(last_ptr + (b * K * DK + ch[:, None]) * NS + n[None, :], h, mask=mcn)
-        if k + 1 < K:
-            tl.debug_barrier()  # the next direction adds to what this one stored
+    grp = c // CPG
+    A = tl.load(A_ptr + c[:, None] * NS + n[None, :], mask=mcn, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + c, mask=mc, other=0.0).to(tl.float32) if HAS_BIAS else None
+    Dv = tl.load(D_ptr + c, mask=mc, other=0.0).to(tl.float32) if HAS_D else None
+    h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for ci in range(N_CHUNKS):
+        t = ci * BLOCK_T + j
+        _, m2, uo, u, _, dt, _, _, _, Bv, Cv = _chunk(
+            u_ptr, dt_ptr, B_ptr, C_ptr, bias, b, c, n, t, grp, mc, mcn, L, H, W,
+            su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
+            0, False, HAS_BIAS, SOFTPLUS,
+        )  # fmt: skip
+        if SAVE_CKPT:
+            tl.store(ckpt_ptr + _ckpt_offsets(b, 0, ci, c, n, 1, NS, N_CHUNKS, DK), h, mask=mcn)
+        _, hh = _states(dt, u, Bv, A, h)
+        y = tl.sum(hh * Cv, axis=1)
+        # Steps past L are no-ops (a = 1, x = 0): the last column is the last real state.
+        h = tl.sum(tl.where((j == BLOCK_T - 1)[None, None, :], hh, 0.0), axis=2)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + uo, mask=m2, other=0.0).to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + uo, y, mask=m2)
+    tl.store(last_ptr + (b * DK + c[:, None]) * NS + n[None, :], h, mask=mcn)
 
 
 @triton.jit
@@ -198,8 +203,7 @@ def _scan_bwd(
                 su_b, su_d, su_l, sdt_k, sdt_b, sdt_d, sdt_l, sB_b, sB_g, sB_n, sB_l,
                 k, CROSS, HAS_BIAS, SOFTPLUS,
             )  # fmt: skip
-            h0 = tl.load(ckpt_ptr + ((b * K * DK + ch[:, None]) * N_CHUNKS + ci) * NS + n[None, :],
-                         mask=mcn, other=0.0)  # fmt: skip
+            h0 = tl.load(ckpt_ptr + _ckpt_offsets(b, k, ci, c, n, K, NS, N_CHUNKS, DK), mask=mcn, other=0.0)
             x, hh = _states(dt, u, Bv, A, h0)
             dy = tl.load(dy_ptr + uo, mask=m2, other=0.0).to(tl.float32)
             if HAS_Z:
@@ -276,14 +280,17 @@ def _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, E
 
 
 @triton.jit(do_not_specialize_on_alignment=["sA_n"])
-def _ss2d_infer(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr,
-    L, W, DK, NS, sA_n,
+def _ss2d_step(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr, ckpt_ptr,
+    L, W, DK, NS, sA_n, N_CHUNKS,
     sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sB_b, sB_k, sB_l, sB_n, sy_k, sy_b, sy_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    SAVE_CKPT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Direction ``program_id(2)``'s scan of SS2D for one batch element and BLOCK_D channels,
-    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32.
+    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32. With
+    ``SAVE_CKPT`` it also stores the state entering every BLOCK_T steps of the direction, as
+    the chunked backward reads it (:func:`_ckpt_offsets`).
 
     Each thread owns whole channels: A is read through its (4, N, d) transpose (``sA_n``
     apart per state), so the tile's threads run along channels and a channel's N states sit
@@ -317,11 +324,15 @@ def _ss2d_infer(
         x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
     )  # fmt: skip
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for _ in range(L):
+    for i in range(L):
+        if SAVE_CKPT:
+            if i % BLOCK_T == 0:
+                co = _ckpt_offsets(b, k, i // BLOCK_T, c, n, 4, NS, N_CHUNKS, sA_n)
+                tl.store(ckpt_ptr + co, h, mask=mc[:, None] & mn[None, :])
         u, raw, Bv, Cv = u_next, raw_next, B_next, C_next
         nxt = pos + step
         nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
-        ahead = tl.minimum(nxt, L - 1)  # after the last token: any valid row, never used
+        ahead = tl.minimum(tl.maximum(nxt, 0), L - 1)  # past the last token: a valid row, never used
         u_next, raw_next, B_next, C_next = _token_inputs(
             x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
         )  # fmt: skip
@@ -332,6 +343,12 @@ def _ss2d_infer(
         h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
         tl.store(y_row + pos * sy_l, tl.sum(h * Cv.to(tl.float32)[None, :], axis=1), mask=mc)
         pos = nxt
+
+
+def _ptx(x: torch.Tensor) -> bool:
+    """Whether kernels on ``x`` compile to NVIDIA PTX (inline PTX allowed): CUDA tensors of a
+    CUDA build of torch; not ROCm's (also ``is_cuda``), not the interpreter's CPU tensors."""
+    return x.is_cuda and torch.version.hip is None
 
 
 def _infer_block(dk: int) -> int:
@@ -349,13 +366,14 @@ def _state_rows(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.T
                  for t in (B, C))  # fmt: skip
 
 
-def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None) -> torch.Tensor:
-    """Each direction's scan output without gradients, (4, B, L, d) float32 (see
-    :func:`ss2d_infer` for the arguments)."""
+def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None, ckpt=None):
+    """Each direction's scan output, (4, B, L, d) float32 (see :func:`ss2d_infer` for the
+    arguments); ``ckpt`` (B, 4, ceil(L / BLOCK_T), N, d) float32: filled with the states
+    entering each chunk of BLOCK_T steps, for the backward pass."""
     b, length, d = x.shape
     ns = A.shape[-1]
     x = x.contiguous()
-    At = A.transpose(1, 2).contiguous()  # (4, N, d): see _ss2d_infer
+    At = A.transpose(1, 2).contiguous()  # (4, N, d): see _ss2d_step
     bias = bias.contiguous()
     B, C = _state_rows(B, C)
     block_d = block_d or _infer_block(d)
@@ -366,8 +384,10 @@ def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None 
     strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], sB[0], sB[1], sB[3], sB[2],
                b * length * d, length * d, d)  # fmt: skip
     grid = (b, triton.cdiv(d, block_d), 4)
-    _launch(_ss2d_infer, grid, (x, dts, At, B, C, bias, y), (length, w, d, ns, d), strides,
-            BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=block_n == ns, FAST=x.is_cuda,
+    n_chunks = triton.cdiv(length, BLOCK_T)
+    _launch(_ss2d_step, grid, (x, dts, At, B, C, bias, y, y if ckpt is None else ckpt),
+            (length, w, d, ns, d, n_chunks), strides, BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=block_n == ns,
+            FAST=_ptx(x), SAVE_CKPT=ckpt is not None, BLOCK_T=BLOCK_T,
             num_warps=max(1, block_d // 32))  # fmt: skip
     return y
 
@@ -391,13 +411,11 @@ def _merge_norm_gate(
     c = tl.arange(0, BLOCK)
     m = c < D
     row = r * D + c
-    s = tl.load(y_ptr + row, mask=m, other=0.0) + tl.load(y_ptr + sy_k + row, mask=m, other=0.0)
-    s += tl.load(y_ptr + 2 * sy_k + row, mask=m, other=0.0) + tl.load(
-        y_ptr + 3 * sy_k + row, mask=m, other=0.0
-    )
-    s += tl.load(dsum_ptr + c, mask=m, other=0.0).to(tl.float32) * tl.load(x_ptr + row, mask=m, other=0.0).to(
-        tl.float32
-    )
+    sk = tl.cast(sy_k, tl.int64)  # 3 * B * L * d may pass 2**31
+    xv = tl.load(x_ptr + row, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(dsum_ptr + c, mask=m, other=0.0).to(tl.float32) * xv
+    for k in tl.static_range(4):
+        s += tl.load(y_ptr + k * sk + row, mask=m, other=0.0)
     mean = tl.sum(s, axis=0) / D
     diff = tl.where(m, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
@@ -461,13 +479,13 @@ class SelectiveScan(torch.autograd.Function):
         save = save and any(ctx.needs_input_grad)  # the caller knows whether grad mode is on
         y = torch.empty_like(u)
         last = u.new_empty(bt, d, ns, dtype=torch.float32)
-        ckpt = u.new_empty(bt, d, n_chunks, ns, dtype=torch.float32) if save else last
+        ckpt = u.new_empty(bt, n_chunks, ns, d, dtype=torch.float32) if save else last
         grid = (bt, triton.cdiv(d, block_d))
         flags = {"HAS_D": D is not None, "HAS_Z": z is not None, "HAS_BIAS": delta_bias is not None,
                  "SOFTPLUS": bool(softplus)}  # fmt: skip
         geometry = _plain_geometry(u, groups, ns, n_chunks)
         _launch(_scan_fwd, grid, (u, delta, A, B, C, _or(D, u), _or(delta_bias, u), _or(z, u), y, ckpt, last),
-                *geometry, K=1, CROSS=False, SAVE_CKPT=save, BLOCK_D=block_d, BLOCK_N=block_n,
+                *geometry, SAVE_CKPT=save, BLOCK_D=block_d, BLOCK_N=block_n,
                 BLOCK_T=BLOCK_T, **flags)  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
         ctx.setup = (grid, flags, geometry, one_group, block_d, block_n)
@@ -519,19 +537,19 @@ class SS2DScan(torch.autograd.Function):
         b, length, d = x.shape
         ns = A.shape[-1]
         x, dts, bias, A, B, C = (t.contiguous() for t in (x, dts, bias, A, B, C))
-        block_d, block_n, _ = _blocks(d, ns, d)
         n_chunks = triton.cdiv(length, BLOCK_T)
-        save = any(ctx.needs_input_grad)
-        y = x.new_empty(b, length, d, dtype=torch.float32)
-        last = x.new_empty(b, 4 * d, ns, dtype=torch.float32)
-        ckpt = x.new_empty(b, 4 * d, n_chunks, ns, dtype=torch.float32) if save else last
-        grid = (b, triton.cdiv(d, block_d))
-        geometry = _cross_geometry(x, dts, B, h, w, ns, n_chunks)
-        _launch(_scan_fwd, grid, (x, dts, A, B, C, x, bias, x, y, ckpt, last), *geometry, K=4, CROSS=True,
-                HAS_D=False, HAS_Z=False, HAS_BIAS=True, SOFTPLUS=True, SAVE_CKPT=save, BLOCK_D=block_d,
-                BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
+        # The forward steps through the tokens as inference does, storing the chunk states the
+        # chunked backward recomputes from.
+        ckpt = x.new_empty(b, 4, n_chunks, ns, d, dtype=torch.float32) if any(ctx.needs_input_grad) else None
+        y = _ss2d_directions(x, dts, bias, A, B, C, h, w, ckpt=ckpt).sum(0)
+        block_d, block_n, _ = _blocks(d, ns, d)
         ctx.save_for_backward(x, dts, bias, A, B, C, ckpt)
-        ctx.setup = (grid, geometry, block_d, block_n)
+        ctx.setup = (
+            (b, triton.cdiv(d, block_d)),
+            _cross_geometry(x, dts, B, h, w, ns, n_chunks),
+            block_d,
+            block_n,
+        )
         return y
 
     @staticmethod
