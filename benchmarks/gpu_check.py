@@ -122,9 +122,36 @@ def scan_speed(device: str) -> dict:
             ss2d_scan(**ys, h=h, w=w, backend=backend).sum().backward()
 
         out[backend] = {"scan_fwd_bwd_ms": cuda_ms(plain), "ss2d_fwd_bwd_ms": cuda_ms(fused)}
+        if backend == "triton":
+            out["triton_channel_blocks"] = _training_blocks(plain, fused)
     if "triton" in out and "cuda" in out:
         out["triton_over_cuda"] = {key: out["triton"][key] / out["cuda"][key] for key in out["cuda"]}
     return out
+
+
+def _training_blocks(plain, fused) -> dict:
+    """The same forward + backward ms with the chunked kernels' channel blocks capped at 2 and
+    4 (the default takes the largest within their register budget: 8 at N 16, where the
+    backward's compiled loop needs 255 registers and spills; at 4 it needs 168, but the
+    atomic adds of the B/C gradients, one set per block, double)."""
+    from mambastyle.layers.selective_scan import _triton_kernels
+
+    kernels = _triton_kernels()
+    default = kernels._blocks
+    times = {}
+    for cap in (2, 4):
+
+        def capped(dk, ns, cpg, cap=cap):
+            block_d, block_n, _ = default(dk, ns, cpg)
+            block_d = min(block_d, cap)
+            return block_d, block_n, cpg % block_d == 0
+
+        kernels._blocks = capped
+        try:
+            times[f"block_d<={cap}"] = {"scan_fwd_bwd_ms": cuda_ms(plain), "ss2d_fwd_bwd_ms": cuda_ms(fused)}
+        finally:
+            kernels._blocks = default
+    return times
 
 
 def check_ss2d(device: str) -> dict:
