@@ -7,7 +7,7 @@ the backend would launch it for the encoder's first level (d 1024, N 16, a 64x64
 inputs as under autocast): the wrappers run on CPU tensors with the launch intercepted, so
 arguments, strides, flags and Triton's specialisation of them (integers equal to 1 become
 constants, multiples of 16 and 16-byte-aligned pointers get divisibility hints) are the
-launch's, with the GPU-only flags set as on a GPU. Triton's own ``ptxas`` and ``cuobjdump``
+launch's. Triton's own ``ptxas`` and ``cuobjdump``
 make the SASS.
 
 Per kernel (SS2D's stepping scan for inference and for training, the inference's
@@ -154,8 +154,7 @@ def main() -> int:
         )
     )
     for kernel, _, tensors, sizes, strides, flags in gated:
-        if "FAST" in flags:  # the stepping scan: GPU-only instructions as on a GPU (x.is_cuda)
-            flags = {**flags, "FAST": True}
+        if "BLOCK_D" in flags:  # the stepping scan
             per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]  # one token of every state of the block
             launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
         else:  # the directions' sum, LayerNorm and gate: no state updates
@@ -167,7 +166,6 @@ def main() -> int:
         kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
 
     ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(ss2d_training)
-    flags = {**flags, "FAST": True}
     per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]
     launches["stepping with chunk states (SS2D training forward)"] = (
         kernel, tensors, sizes, strides, flags, per_iteration

@@ -221,6 +221,68 @@ def test_ss2d_inference_kernel_matches_reference(interpreted, h, w, d, n, block_
     assert_close_rel(via_module.double(), want, 1e-5, "ss2d_scan without gradients")
 
 
+def test_softplus_keeps_small_step_sizes_digits(interpreted):
+    # Trained Mamba layers have step sizes of 1e-3..1e-1 (raw values about -7..-2): log(1 + e)
+    # as written rounds 1 + e and loses them (all of them below raw -17).
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def softplus_of(x_ptr, y_ptr, count, fn: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < count
+        tl.store(y_ptr + i, fn(tl.load(x_ptr + i, mask=m, other=0.0)), mask=m)
+
+    x = torch.cat([torch.linspace(-30, 30, 6001), torch.tensor([-88.0, -1e-3, 0.0, 1e-3, 88.0])])
+    y = torch.empty_like(x)
+    softplus_of[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), interpreted._softplus, BLOCK=1024)
+    want = torch.nn.functional.softplus(x.double())
+    rel = (y.double() - want).abs() / want
+    # bound: exp's argument rounds to float32 (2**-24 of |x| log2(e), relative error of
+    # exp(-|x|)) and the series adds a few units in the last place: measured 5.4e-7 on
+    # [-10, 5], 1.8e-6 on [-30, -10] (log(1 + exp(x)) as written: 1.0, at x = -30)
+    typical = (x >= -10) & (x <= 5)
+    assert rel[typical].max() < 1e-6
+    assert rel.max() < 3e-6
+
+
+def test_scans_keep_small_step_sizes(interpreted):
+    # The same end to end: raw step sizes of trained layers, each triton path against float64.
+    from mambastyle.layers.ss2d import ss2d_scan
+
+    b, h, w, d, n = 2, 5, 7, 6, 4
+    length = h * w
+    inputs = {
+        "x": torch.randn(b, length, d),
+        "dts": torch.rand(4, d, b, length) * -4.6 - 2.3,  # step sizes 1e-3..1e-1
+        "A": -torch.rand(4, d, n) * 8,
+        "B": torch.randn(b, 4, n, length),
+        "C": torch.randn(b, 4, n, length),
+        "D": torch.zeros(4, d),
+        "dt_bias": torch.zeros(4, d),
+    }
+    want = ss2d_scan(**{k: v.double() for k, v in inputs.items()}, h=h, w=w, backend="ref")
+    with torch.no_grad():
+        inferred = ss2d_scan(**inputs, h=h, w=w, backend="triton")
+    trained = ss2d_scan(
+        **{k: v.clone().requires_grad_() for k, v in inputs.items()}, h=h, w=w, backend="triton"
+    )
+    u, delta = torch.randn(2, 8, 45), torch.rand(2, 8, 45) * -4.6 - 2.3
+    A, B, C = -torch.rand(8, n) * 8, torch.randn(2, 1, n, 45), torch.randn(2, 1, n, 45)
+    want_plain = selective_scan(
+        *(t.double() for t in (u, delta, A, B, C)), delta_softplus=True, backend="ref"
+    )
+    plain = selective_scan(u, delta, A, B, C, delta_softplus=True, backend="triton")
+    # bound: float32 against float64: measured (20 seeds) <= 3.7e-7 of max |ref| with the series
+    # (1.4e-6 with log(1 + exp) as written, and more through the GPU's approximate log2)
+    for got, ref, name in (
+        (inferred, want, "inference"),
+        (trained, want, "training"),
+        (plain, want_plain, "plain"),
+    ):
+        assert_close_rel(got.detach().double(), ref, 1e-6, name)
+
+
 def test_stepping_kernels_need_no_communication(tmp_path):
     # The stepping kernel's speed (SS2D's forward, for inference and for training) rests on its
     # layout: a thread owns whole channels, so a step needs no warp shuffles or barriers
