@@ -358,22 +358,14 @@ class SS2D(nn.Module):
         weight = self.x_proj_weight.view(k * (r + 2 * n), d)
         proj = token_linear(x.view(b, h, w, d), weight).reshape(b, h * w, k, r + 2 * n)
         A = -torch.exp(self.A_logs.float()).view(k, d, n)
+        D, dt_bias = self.Ds.float().view(k, d), self.dt_projs_bias.float()
         if self._fused_gate(x, proj, z):
             # Inference on `triton`: the four directions' outputs go straight through the
             # LayerNorm and the gate in one kernel.
-            gated = _triton_gated(x, proj, self.dt_projs_weight, A, self.Ds.float().view(k, d),
-                                  self.dt_projs_bias.float(), h, w, self.out_norm, z)  # fmt: skip
+            gated = _triton_gated(x, proj, self.dt_projs_weight, A, D, dt_bias, h, w, self.out_norm, z)
             return token_linear(gated.view(b, h, w, d), self.out_proj.weight)
         y = ss2d_scan_projected(
-            x,
-            proj,
-            self.dt_projs_weight,
-            A,
-            self.Ds.float().view(k, d),
-            self.dt_projs_bias.float(),
-            h,
-            w,
-            backend=self.scan_backend,
+            x, proj, self.dt_projs_weight, A, D, dt_bias, h, w, backend=self.scan_backend
         )  # (B, L, d), summed over directions
         # The gate in z's precision: under bfloat16 autocast the product would otherwise be
         # formed in float32 (LayerNorm's output) only to be cast back for out_proj.
