@@ -154,8 +154,8 @@ def main() -> int:
         )
     )
     for kernel, _, tensors, sizes, strides, flags in gated:
-        if "BLOCK_D" in flags:  # the stepping scan
-            per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]  # one token of every state of the block
+        if "BLOCK_D" in flags:  # the stepping scan: tokens of every state of the block
+            per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * kernels.STEPS_PER_ITERATION
             launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
         else:  # the directions' sum, LayerNorm and gate: no state updates
             launches["merge, LayerNorm and gate (inference)"] = (kernel, tensors, sizes, strides, flags, 0)
@@ -166,7 +166,7 @@ def main() -> int:
         kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
 
     ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(ss2d_training)
-    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"]
+    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * kernels.STEPS_PER_ITERATION
     launches["stepping with chunk states (SS2D training forward)"] = (
         kernel, tensors, sizes, strides, flags, per_iteration
     )  # fmt: skip
@@ -213,11 +213,13 @@ def main() -> int:
             continue
         main = summary["loop_length"] - summary["conditional"]  # what every iteration issues
         per_update[label] = main * warps * 32 / updates
+        tokens = updates // (flags["BLOCK_D"] * flags["BLOCK_N"])  # per iteration
         report[label].update(
             loop=dict(loop), loop_length=summary["loop_length"], conditional=summary["conditional"],
-            per_32_updates=per_update[label],
+            per_32_updates=per_update[label], tokens_per_iteration=tokens,
         )  # fmt: skip
-        print(f"  innermost loop: {summary['loop_length']} instructions per iteration and warp, "
+        print(f"  innermost loop ({tokens} tokens): {summary['loop_length']} instructions per iteration "
+              "and warp, "
               f"{summary['conditional']} of them in blocks a branch skips "
               f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR in all); "
               f"{per_update[label]:.1f} warp instructions per 32 state updates, every iteration")  # fmt: skip

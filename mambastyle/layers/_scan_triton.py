@@ -50,6 +50,8 @@ import triton.language as tl
 # tile; 4096 keeps a 4-warp program's tiles within its registers on current GPUs.
 TILE_BUDGET = 4096
 BLOCK_T = 32
+# Tokens per iteration of the stepping kernel's loop (see _ss2d_step).
+STEPS_PER_ITERATION = 2
 
 
 @triton.jit
@@ -274,22 +276,40 @@ def _scan_bwd(
 
 
 @triton.jit
-def _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, EVEN_N: tl.constexpr):
+def _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N: tl.constexpr):
     """Token ``pos``'s x and raw step sizes (BLOCK_D,) and B and C rows (BLOCK_N,), as stored."""
     u = tl.load(x_row + pos * sx_l, mask=mc, other=0.0)
     raw = tl.load(dt_row + pos * sdt_l, mask=mc, other=0.0)
     if EVEN_N:  # no mask: the rows load as whole vectors
-        return u, raw, tl.load(b_row + pos * sB_l), tl.load(c_row + pos * sB_l)
+        return u, raw, tl.load(b_row + pos * s_l), tl.load(c_row + pos * s_l)
     else:
-        Bv = tl.load(b_row + pos * sB_l, mask=mn, other=0.0)
-        return u, raw, Bv, tl.load(c_row + pos * sB_l, mask=mn, other=0.0)
+        Bv = tl.load(b_row + pos * s_l, mask=mn, other=0.0)
+        return u, raw, Bv, tl.load(c_row + pos * s_l, mask=mn, other=0.0)
+
+
+@triton.jit
+def _next_position(pos, step, wrap, L):
+    """The token after ``pos`` in a direction's order, and a row to prefetch from (the next
+    token, or a valid row never used once the walk has left [0, L))."""
+    nxt = pos + step
+    nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
+    return nxt, tl.minimum(tl.maximum(nxt, 0), L - 1)
+
+
+@triton.jit
+def _state_step(h, u, raw, Bv, Cv, bias, A2):
+    """One token of the recurrence for a block of channels: h <- exp(delta A) h + delta u B and
+    y = C . h."""
+    dt = _softplus(raw.to(tl.float32) + bias)
+    h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+    return h, tl.sum(h * Cv.to(tl.float32)[None, :], axis=1)
 
 
 @triton.jit(do_not_specialize_on_alignment=["sA_n"])
 def _ss2d_step(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, y_ptr, ckpt_ptr,
+    x_ptr, dt_ptr, A_ptr, bc_ptr, bias_ptr, y_ptr, ckpt_ptr,
     L, W, DK, NS, sA_n, N_CHUNKS,
-    sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sB_b, sB_k, sB_l, sB_n, sy_k, sy_b, sy_l,
+    sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sy_k, sy_b, sy_l,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     SAVE_CKPT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
@@ -302,9 +322,17 @@ def _ss2d_step(
     apart per state), so the tile's threads run along channels and a channel's N states sit
     in one thread's registers; the sum over states is then a thread's own adds, not warp
     shuffles. ``sA_n`` is exempt from Triton's divisibility specialisation: with it, the
-    load of A would be vectorised along channels and spread the states over warps. B and C
-    rows are float32 and contiguous (``EVEN_N``: N is a power of two, no mask). A step reads
-    the next token's inputs before computing its own, so their latency overlaps the math.
+    load of A would be vectorised along channels and spread the states over warps. A
+    token's B and C are one contiguous float32 row of bc (B, 4, L, 2N) (:func:`_state_rows`):
+    its loads share one address, where two tensors' rows took two register moves per vector
+    load (``EVEN_N``: N is a power of two, no mask).
+
+    Each loop iteration takes two tokens (``STEPS_PER_ITERATION``), and each token's inputs
+    are loaded one step before they are used, so their latency overlaps the math. With two
+    sets of input registers taking turns, a set is reloaded only once its token is done:
+    a one-token loop carries the prefetched inputs into the next iteration through register
+    copies (a sixth of its instructions). For an odd L the last iteration's second token is
+    a row already seen: its output is not stored and the state after it is never read.
     """
     b = tl.program_id(0).to(tl.int64)  # offsets of big batches pass 2**31
     k = tl.program_id(2)
@@ -323,29 +351,28 @@ def _ss2d_step(
     pos = tl.where(k >= 2, L - 1, 0)
     x_row = x_ptr + b * sx_b + c
     dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d  # d * B * L may pass 2**31
-    b_row = B_ptr + b * sB_b + k * sB_k + n * sB_n
-    c_row = C_ptr + b * sB_b + k * sB_k + n * sB_n
+    s_l = 2 * NS  # bc's rows
+    b_row = bc_ptr + (b * 4 + k) * L * s_l + n
+    if EVEN_N:
+        c_row = b_row + BLOCK_N
+    else:
+        c_row = b_row + NS
     y_row = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + c
-    u_next, raw_next, B_next, C_next = _token_inputs(
-        x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
-    )  # fmt: skip
+    u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
-    for i in range(L):
-        if SAVE_CKPT:
+    for i in range(0, L, 2):
+        if SAVE_CKPT:  # BLOCK_T is even: chunks start on the first of an iteration's tokens
             if i % BLOCK_T == 0:
                 co = _ckpt_offsets(b, k, i // BLOCK_T, c, n, 4, NS, N_CHUNKS, sA_n)
                 tl.store(ckpt_ptr + co, h, mask=mc[:, None] & mn[None, :])
-        u, raw, Bv, Cv = u_next, raw_next, B_next, C_next
-        nxt = pos + step
-        nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
-        ahead = tl.minimum(tl.maximum(nxt, 0), L - 1)  # past the last token: a valid row, never used
-        u_next, raw_next, B_next, C_next = _token_inputs(
-            x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, sB_l, mc, mn, EVEN_N
-        )  # fmt: skip
-        dt = _softplus(raw.to(tl.float32) + bias)
-        h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
-        tl.store(y_row + pos * sy_l, tl.sum(h * Cv.to(tl.float32)[None, :], axis=1), mask=mc)
-        pos = nxt
+        pos1, ahead = _next_position(pos, step, wrap, L)
+        u1, raw1, B1, C1 = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+        h, y = _state_step(h, u, raw, Bv, Cv, bias, A2)
+        tl.store(y_row + pos * sy_l, y, mask=mc)
+        pos, ahead = _next_position(pos1, step, wrap, L)
+        u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+        h, y = _state_step(h, u1, raw1, B1, C1, bias, A2)
+        tl.store(y_row + pos1 * sy_l, y, mask=mc & (i + 1 < L))
 
 
 def _infer_block(dk: int) -> int:
@@ -353,14 +380,16 @@ def _infer_block(dk: int) -> int:
     return min(64, triton.next_power_of_2(dk))
 
 
-def _state_rows(B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B and C (B, 4, N, L) as the stepping kernel reads them: float32, each token's N values
-    adjacent, the same strides. bfloat16 projections are converted here, once per token,
-    rather than by every thread at every step (a third of the step's instructions)."""
-    if B.dtype == C.dtype == torch.float32 and B.stride() == C.stride() and B.stride(2) == 1:
-        return B, C
-    return tuple(t.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).transpose(2, 3)
-                 for t in (B, C))  # fmt: skip
+def _state_rows(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """B and C (B, 4, N, L) as the stepping kernel reads them: bc (B, 4, L, 2N) float32,
+    contiguous, each token's B then C in one row. bfloat16 projections are converted here,
+    once per token, rather than by every thread at every step (a third of the step's
+    instructions)."""
+    b, k, n, length = B.shape
+    bc = B.new_empty(b, k, length, 2 * n, dtype=torch.float32)
+    bc[..., :n] = B.transpose(2, 3)
+    bc[..., n:] = C.transpose(2, 3)
+    return bc
 
 
 def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None, ckpt=None):
@@ -372,17 +401,15 @@ def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None 
     x = x.contiguous()
     At = A.transpose(1, 2).contiguous()  # (4, N, d): see _ss2d_step
     bias = bias.contiguous()
-    B, C = _state_rows(B, C)
+    bc = _state_rows(B, C)
     block_d = block_d or _infer_block(d)
     block_n = triton.next_power_of_2(ns)
     y = x.new_empty(4, b, length, d, dtype=torch.float32)
     sdt = dts.stride()  # (4, d, B, L)
-    sB = B.stride()  # (B, 4, N, L)
-    strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], sB[0], sB[1], sB[3], sB[2],
-               b * length * d, length * d, d)  # fmt: skip
+    strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], b * length * d, length * d, d)
     grid = (b, triton.cdiv(d, block_d), 4)
     n_chunks = triton.cdiv(length, BLOCK_T)
-    _launch(_ss2d_step, grid, (x, dts, At, B, C, bias, y, y if ckpt is None else ckpt),
+    _launch(_ss2d_step, grid, (x, dts, At, bc, bias, y, y if ckpt is None else ckpt),
             (length, w, d, ns, d, n_chunks), strides, BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=block_n == ns,
             SAVE_CKPT=ckpt is not None, BLOCK_T=BLOCK_T,
             num_warps=max(1, block_d // 32))  # fmt: skip
