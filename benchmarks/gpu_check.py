@@ -236,9 +236,9 @@ def ss2d_inference(device: str) -> dict:
 
 def _projection_times(device: str, b: int = 32, side: int = 64, c: int = 512, d: int = 1024) -> dict:
     """ms of SS2D's in_proj at the encoder's first level (batch 32, channels-last map) as
-    ``F.linear`` (what ``token_linear`` runs on GPUs) and as a 1x1 convolution (what it runs on
-    CPUs), fp32 with PyTorch's default math settings (TF32 allowed for convolutions, not for
-    matmuls, so psp's convolutions and these differ there) and bf16."""
+    ``F.linear`` and as a 1x1 convolution, fp32 with PyTorch's default math settings (TF32
+    allowed for convolutions, not for matmuls: ``token_linear`` takes the convolution there)
+    and bf16 (``token_linear`` takes ``F.linear``)."""
     F = torch.nn.functional
     times = {}
     for dtype in (torch.float32, torch.bfloat16):

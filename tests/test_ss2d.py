@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from mambastyle.layers.selective_scan import available_backends
-from mambastyle.layers.ss2d import SS2D, VSSBlock, cross_merge, cross_scan, token_linear
+from mambastyle.layers.ss2d import (
+    SS2D,
+    VSSBlock,
+    cross_merge,
+    cross_scan,
+    projects_as_convolution,
+    token_linear,
+)
 
 
 def test_cross_scan_orders_of_a_known_tensor():
@@ -101,6 +108,27 @@ def test_token_linear_is_the_linear_map_on_every_layout(shape):
         # another order: ~1e-6 relative; the tolerances are 10x that
         for want, got in zip(results[0], results[1], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_projections_run_as_convolutions_where_convolutions_get_tf32(monkeypatch):
+    """On CUDA GPUs float32 projections follow the convolutions' TF32 setting; autocast and
+    other dtypes keep F.linear; CPUs always take the convolution."""
+    assert projects_as_convolution("cpu", torch.float32) and projects_as_convolution("cpu", torch.bfloat16)
+    assert not projects_as_convolution("mps", torch.float32)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for conv_tf32, matmul_tf32, want in ((True, False, True), (True, True, False), (False, False, False)):
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+            # (True, False) are PyTorch's defaults; with matmuls allowed TF32 F.linear gets it
+            # itself; with neither, full float32 was asked for everywhere
+            assert projects_as_convolution("cuda", torch.float32) is want, (conv_tf32, matmul_tf32)
+            assert not projects_as_convolution("cuda", torch.bfloat16)
+            assert not projects_as_convolution("cuda", torch.float16)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda device_type=None: device_type == "cuda")
+        assert not projects_as_convolution("cuda", torch.float32)  # autocast runs F.linear in bf16
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_vss_block_shapes_and_gradients():

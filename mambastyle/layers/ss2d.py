@@ -55,14 +55,32 @@ def direction_order(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def token_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for a (B, H, W, C) map of tokens -> (B, H, W, O).
 
-    On CPU it runs as a 1x1 convolution of the channels-last map: oneDNN's convolution
-    kernels use the full vector width of every x86 CPU, where the BLAS behind ``F.linear``
-    falls back to narrower code paths on some (2x slower in float32 on AMD's Zen CPUs).
-    The result is the same matrix product (float32 accumulation either way).
+    Where :func:`projects_as_convolution` says so it runs as a 1x1 convolution of the
+    channels-last map: the same matrix product (float32 accumulation either way), by the
+    library that runs the encoders' other convolutions.
     """
-    if x.device.type != "cpu" or x.dim() != 4:
+    if x.dim() != 4 or not projects_as_convolution(x.device.type, x.dtype):
         return F.linear(x, weight)
     return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None]).permute(0, 2, 3, 1)
+
+
+def projects_as_convolution(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`token_linear` runs as a 1x1 convolution for inputs of this device and dtype.
+
+    - CPUs: always. oneDNN's convolution kernels use the full vector width of every x86 CPU,
+      where the BLAS behind ``F.linear`` falls back to narrower code paths on some (2x slower
+      in float32 on AMD's Zen CPUs).
+    - CUDA GPUs, float32 outside autocast: when PyTorch lets convolutions use TF32 and not
+      matmuls (its defaults). The projections then get the tensor cores and the precision the
+      encoder's convolutions get (psp's all run that way), instead of plain float32 matmuls on
+      the CUDA cores, several times slower for SS2D's largest products. Under autocast, or with
+      TF32 set alike for both, ``F.linear`` stays.
+    """
+    if device_type == "cpu":
+        return True
+    if device_type != "cuda" or dtype != torch.float32 or torch.is_autocast_enabled("cuda"):
+        return False
+    return torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _check_scan_shapes(x, A, h, w, **got) -> None:
