@@ -28,10 +28,11 @@ thread with all its N states in that thread's registers, and walks the tokens on
 time, in the same index arithmetic. The chunked scan spends several warp shuffles per state
 update on its prefix scan; a step costs an exp2 and two multiply-adds per state and no
 communication between threads, and the four directions run side by side (each into its own
-slice of a (4, B, L, d) float32 buffer, summed afterwards, so the result does not depend on
-the order programs finish in; the buffer is the price: four times the output, 2 GiB at the
-encoder's 64x64 level at batch 32). Without gradients, the sum over directions, SS2D's
-output LayerNorm and its gate then run as one pass (:func:`ss2d_infer_gated`).
+slice of a (4, B, L, d) buffer, summed afterwards, so the result does not depend on the
+order programs finish in; the buffer is the price: four times the output, 2 GiB of float32
+at the encoder's 64x64 level at batch 32). Without gradients, the sum over directions,
+SS2D's output LayerNorm and its gate then run as one pass (:func:`ss2d_infer_gated`), and
+under autocast the buffer takes the 16-bit dtype of the result.
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
@@ -368,11 +369,11 @@ def _ss2d_step(
         pos1, ahead = _next_position(pos, step, wrap, L)
         u1, raw1, B1, C1 = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
         h, y = _state_step(h, u, raw, Bv, Cv, bias, A2)
-        tl.store(y_row + pos * sy_l, y, mask=mc)
+        tl.store(y_row + pos * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc)
         pos, ahead = _next_position(pos1, step, wrap, L)
         u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
         h, y = _state_step(h, u1, raw1, B1, C1, bias, A2)
-        tl.store(y_row + pos1 * sy_l, y, mask=mc & (i + 1 < L))
+        tl.store(y_row + pos1 * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc & (i + 1 < L))
 
 
 def _infer_block(dk: int) -> int:
@@ -392,10 +393,13 @@ def _state_rows(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return bc
 
 
-def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None, ckpt=None):
-    """Each direction's scan output, (4, B, L, d) float32 (see :func:`ss2d_infer` for the
-    arguments); ``ckpt`` (B, 4, ceil(L / BLOCK_T), N, d) float32: filled with the states
-    entering each chunk of BLOCK_T steps, for the backward pass."""
+def _ss2d_directions(
+    x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None, ckpt=None, dtype=torch.float32
+):
+    """Each direction's scan output, (4, B, L, d) in ``dtype`` (the states are float32 either
+    way; see :func:`ss2d_infer` for the arguments); ``ckpt`` (B, 4, ceil(L / BLOCK_T), N, d)
+    float32: filled with the states entering each chunk of BLOCK_T steps, for the backward
+    pass."""
     b, length, d = x.shape
     ns = A.shape[-1]
     x = x.contiguous()
@@ -404,7 +408,7 @@ def _ss2d_directions(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None 
     bc = _state_rows(B, C)
     block_d = block_d or _infer_block(d)
     block_n = triton.next_power_of_2(ns)
-    y = x.new_empty(4, b, length, d, dtype=torch.float32)
+    y = x.new_empty(4, b, length, d, dtype=dtype)
     sdt = dts.stride()  # (4, d, B, L)
     strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], b * length * d, length * d, d)
     grid = (b, triton.cdiv(d, block_d), 4)
@@ -439,7 +443,7 @@ def _merge_norm_gate(
     xv = tl.load(x_ptr + row, mask=m, other=0.0).to(tl.float32)
     s = tl.load(dsum_ptr + c, mask=m, other=0.0).to(tl.float32) * xv
     for k in tl.static_range(4):
-        s += tl.load(y_ptr + k * sk + row, mask=m, other=0.0)
+        s += tl.load(y_ptr + k * sk + row, mask=m, other=0.0).to(tl.float32)
     mean = tl.sum(s, axis=0) / D
     diff = tl.where(m, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
@@ -453,9 +457,15 @@ def ss2d_infer_gated(x, dts, bias, A, B, C, h: int, w: int, dsum, norm_weight, n
     """SS2D's scan and its output gate without gradients: LayerNorm(scan + dsum * x) * silu(z)
     as SS2D computes it, (B, L, d) in z's dtype, with the four directions' outputs summed,
     normalised and gated in one pass over them (no (B, L, d) float32 intermediates). z:
-    (B, H, W, d) or (B, L, d), channels contiguous; the rest as in :func:`ss2d_infer`."""
+    (B, H, W, d) or (B, L, d), channels contiguous; the rest as in :func:`ss2d_infer`.
+
+    With a 16-bit z (autocast) each direction's output is stored in z's dtype, the precision
+    the result takes: that buffer, four times the output, is most of the traffic around the
+    scan (2 GiB of float32 at the encoder's 64x64 level at batch 32). States, the sum over
+    directions and the LayerNorm stay float32."""
     b, length, d = x.shape
-    y = _ss2d_directions(x, dts, bias, A, B, C, h, w)
+    dtype = z.dtype if z.element_size() < 4 else torch.float32
+    y = _ss2d_directions(x, dts, bias, A, B, C, h, w, dtype=dtype)
     z = z.reshape(b * length, d)
     if z.stride(1) != 1:
         z = z.contiguous()
