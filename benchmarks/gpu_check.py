@@ -231,7 +231,31 @@ def ss2d_inference(device: str) -> dict:
         out[f"batch_{b}_ms"] = _ss2d_times(device, b)
         torch.cuda.empty_cache()
     out["projection_ms"] = _projection_times(device)
+    out["vss_block_ms"] = _vss_block_times(device)
     return out
+
+
+def _vss_block_times(device: str, b: int = 32, side: int = 64, c: int = 512) -> dict:
+    """ms of a VSS block at the encoder's first level (batch 32, bf16 autocast, no gradients)
+    per scan backend, its LayerNorms as Triton passes (the default on GPUs) and as PyTorch's."""
+    from mambastyle.layers.ss2d import VSSBlock
+
+    x = torch.randn(b, c, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    x = x.permute(0, 2, 3, 1)  # (B, H, W, C) as the encoder passes it
+    times = {}
+    for backend in GPU_BACKENDS:
+        if backend not in available_backends(device):
+            continue
+        block = VSSBlock(c, d_state=16, scan_backend=backend).to(device).eval()
+
+        def run(block=block):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                block(x)
+
+        times[f"fused_norms[{backend}]"] = cuda_ms(run)
+        block._fused_norms = lambda x: False
+        times[f"pytorch_norms[{backend}]"] = cuda_ms(run)
+    return times
 
 
 def _projection_times(device: str, b: int = 32, side: int = 64, c: int = 512, d: int = 1024) -> dict:

@@ -11,14 +11,14 @@ launch's. Triton's own ``ptxas`` and ``cuobjdump``
 make the SASS.
 
 Per kernel (SS2D's stepping scan for inference and for training, the inference's
-merge/LayerNorm/gate pass, and the plain scan's chunked training forward at the same size):
-registers; for the scans the innermost loop's instructions per iteration and warp,
-its exp2 (MUFU) and warp-shuffle counts, barriers, and warp instructions per 32 state updates
-(one per lane) on the path every iteration takes (the training forward's store of chunk
-states, once in BLOCK_T steps, is a block a branch skips otherwise); then the ratio of the
-chunked forward's to the stepping kernel's. That every kernel compiles for the GPU is
-itself a check the interpreter-run tests cannot make. Counts are a proxy for time, not a
-timing: `benchmarks/gpu_check.py` measures on a GPU.
+merge/LayerNorm/gate pass, the VSS block's residual LayerNorm, and the plain scan's chunked
+training forward at the same size): registers; for the scans the innermost loop's
+instructions per iteration and warp, its exp2 (MUFU) and warp-shuffle counts, barriers, and
+warp instructions per 32 state updates (one per lane) on the path every iteration takes
+(the training forward's store of chunk states, once in BLOCK_T steps, is a block a branch
+skips otherwise); then the ratio of the chunked forward's to the stepping kernel's. That
+every kernel compiles for the GPU is itself a check the interpreter-run tests cannot make.
+Counts are a proxy for time, not a timing: `benchmarks/gpu_check.py` measures on a GPU.
 
 Usage: .venv/bin/python benchmarks/triton_sass.py [--arch 90] [--batch 2] [--dump DIR] [--json out.json]
 """
@@ -159,6 +159,15 @@ def main() -> int:
             launches["stepping (inference)"] = (kernel, tensors, sizes, strides, flags, per_iteration)
         else:  # the directions' sum, LayerNorm and gate: no state updates
             launches["merge, LayerNorm and gate (inference)"] = (kernel, tensors, sizes, strides, flags, 0)
+    # The VSS block's output norm, residual formed inside, on its (B, H, W, C) map (C = d / 2)
+    side_map = inp["x"][..., : D_INNER // 2].reshape(args.batch, SIDE, SIDE, D_INNER // 2)
+    norm_params = tuple(t[: D_INNER // 2] for t in inp["gate"])
+    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(
+        lambda: kernels.scaled_add_norm(
+            side_map, *norm_params[1:], 1e-5, torch.float32, scale=norm_params[0], residual=side_map
+        )
+    )
+    launches["residual LayerNorm (VSS block, inference)"] = (kernel, tensors, sizes, strides, flags, 0)
     dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])  # training's (4, d, B, L)
 
     def ss2d_training():

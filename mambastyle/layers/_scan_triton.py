@@ -429,6 +429,16 @@ def ss2d_infer(x, dts, bias, A, B, C, h: int, w: int, block_d: int | None = None
 
 
 @triton.jit
+def _normalize(v, m, c, D, w_ptr, b_ptr, eps):
+    """LayerNorm of one row ``v`` (float32, zero outside ``m``) with weight and bias."""
+    mean = tl.sum(v, axis=0) / D
+    diff = tl.where(m, v - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
+    out = diff * rstd * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+    return out + tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _merge_norm_gate(
     y_ptr, x_ptr, dsum_ptr, w_ptr, b_ptr, z_ptr, out_ptr, D, eps, sy_k, sz_r,
     BLOCK: tl.constexpr,
@@ -444,13 +454,57 @@ def _merge_norm_gate(
     s = tl.load(dsum_ptr + c, mask=m, other=0.0).to(tl.float32) * xv
     for k in tl.static_range(4):
         s += tl.load(y_ptr + k * sk + row, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(s, axis=0) / D
-    diff = tl.where(m, s - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / D + eps)
-    out = diff * rstd * tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-    out += tl.load(b_ptr + c, mask=m, other=0.0).to(tl.float32)
+    out = _normalize(s, m, c, D, w_ptr, b_ptr, eps)
     z = tl.load(z_ptr + r * sz_r + c, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + row, (out * z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _scaled_add_norm(
+    a_ptr, s_ptr, r_ptr, w_ptr, b_ptr, out_ptr, D, eps, sa_r, sr_r,
+    HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row: LayerNorm(a * s + r) (s per channel, r a second row; each optional), float32
+    inside, stored in out's dtype."""
+    i = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    m = c < D
+    v = tl.load(a_ptr + i * sa_r + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        v = v * tl.load(s_ptr + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        v += tl.load(r_ptr + i * sr_r + c, mask=m, other=0.0).to(tl.float32)
+    out = _normalize(v, m, c, D, w_ptr, b_ptr, eps)
+    tl.store(out_ptr + i * D + c, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (rows, channels) with unit channel stride (a view where one exists)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _norm_warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def scaled_add_norm(
+    a, weight, bias, eps: float, dtype: torch.dtype, scale=None, residual=None
+) -> torch.Tensor:
+    """``F.layer_norm(a * scale + residual)`` over the last dimension (``scale`` per channel,
+    ``residual`` shaped like ``a``; each optional) in one pass, float32 inside, in ``dtype``:
+    no intermediate of the product or the sum, no separate cast of the result. Without
+    gradients."""
+    shape, d = a.shape, a.shape[-1]
+    rows = _rows(a)
+    res = rows if residual is None else _rows(residual)
+    out = torch.empty(shape, dtype=dtype, device=a.device)
+    block = triton.next_power_of_2(d)
+    tensors = (rows, rows if scale is None else scale.contiguous(), res, weight, bias, out)
+    _launch(_scaled_add_norm, (rows.shape[0],), tensors, (d, float(eps)), (rows.stride(0), res.stride(0)),
+            HAS_SCALE=scale is not None, HAS_RES=residual is not None, BLOCK=block,
+            num_warps=_norm_warps(block))  # fmt: skip
+    return out
 
 
 def ss2d_infer_gated(x, dts, bias, A, B, C, h: int, w: int, dsum, norm_weight, norm_bias, eps: float, z):
@@ -466,14 +520,12 @@ def ss2d_infer_gated(x, dts, bias, A, B, C, h: int, w: int, dsum, norm_weight, n
     b, length, d = x.shape
     dtype = z.dtype if z.element_size() < 4 else torch.float32
     y = _ss2d_directions(x, dts, bias, A, B, C, h, w, dtype=dtype)
-    z = z.reshape(b * length, d)
-    if z.stride(1) != 1:
-        z = z.contiguous()
+    z = _rows(z)
     out = torch.empty(b, length, d, dtype=z.dtype, device=x.device)
     block = triton.next_power_of_2(d)
     tensors = (y, x.contiguous(), dsum.contiguous(), norm_weight, norm_bias, z, out)
     _launch(_merge_norm_gate, (b * length,), tensors, (d, float(eps)), (b * length * d, z.stride(0)),
-            BLOCK=block, num_warps=max(1, min(8, block // 256)))  # fmt: skip
+            BLOCK=block, num_warps=_norm_warps(block))  # fmt: skip
     return out
 
 

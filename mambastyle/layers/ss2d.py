@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambastyle.layers.selective_scan import CHUNK, Backend, needs_grad, resolve_backend, selective_scan
+from mambastyle.layers.selective_scan import (
+    CHUNK,
+    Backend,
+    available_backends,
+    needs_grad,
+    resolve_backend,
+    selective_scan,
+)
 
 K_DIRECTIONS = 4
 
@@ -453,7 +460,44 @@ class VSSBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
+        if self._fused_norms(x):
+            return self._forward_fused(x)
         return self.norm(x * self.skip_scale + self.self_attention(self.ln_1(x)))
+
+    def _fused_norms(self, x: torch.Tensor) -> bool:
+        """Whether the LayerNorms run as Triton passes (see :meth:`_forward_fused`): on GPUs with
+        Triton (whichever scan backend), or where the SS2D runs on `triton`; without gradients."""
+        norms = (self.ln_1, self.norm)
+        triton_here = x.device.type == "cuda" and "triton" in available_backends(x.device)
+        return (
+            (triton_here or resolve_backend(self.self_attention.scan_backend, x.device) == "triton")
+            and all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None for m in norms)
+            and not needs_grad(x, self.skip_scale, *(p for m in norms for p in (m.weight, m.bias)))
+        )
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The block with each LayerNorm one pass over its rows: ``ln_1`` writes the dtype its
+        only reader, ``in_proj``, takes (autocast's, where autocast would have made it float32
+        and the matmul cast it back), and the residual ``x * skip_scale + ssm`` is formed inside
+        the output norm, in float32, never stored. The results' dtypes are the unfused block's."""
+        from mambastyle.layers.selective_scan import _triton_kernels
+
+        kernels = _triton_kernels()
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        ln1, norm = self.ln_1, self.norm
+        inner = (
+            torch.get_autocast_dtype(device) if autocast else torch.promote_types(x.dtype, ln1.weight.dtype)
+        )
+        ssm = self.self_attention(kernels.scaled_add_norm(x, ln1.weight, ln1.bias, ln1.eps, inner))
+        if autocast:  # LayerNorm's output is float32 under autocast
+            dtype = torch.float32
+        else:
+            dtype = torch.promote_types(torch.promote_types(x.dtype, self.skip_scale.dtype), ssm.dtype)
+            dtype = torch.promote_types(dtype, norm.weight.dtype)
+        return kernels.scaled_add_norm(
+            x, norm.weight, norm.bias, norm.eps, dtype, scale=self.skip_scale, residual=ssm
+        )
 
 
 def scan_backends(model: nn.Module, device: torch.device | str) -> list[str]:
