@@ -124,16 +124,35 @@ def scan_speed(device: str) -> dict:
         out[backend] = {"scan_fwd_bwd_ms": cuda_ms(plain), "ss2d_fwd_bwd_ms": cuda_ms(fused)}
         if backend == "triton":
             out["triton_channel_blocks"] = _training_blocks(plain, fused)
+            out["triton_ss2d_backward"] = _ss2d_backward_times(fused)
     if "triton" in out and "cuda" in out:
         out["triton_over_cuda"] = {key: out["triton"][key] / out["cuda"][key] for key in out["cuda"]}
     return out
 
 
+def _ss2d_backward_times(fused) -> dict:
+    """SS2D forward + backward ms on `triton` with each backward kernel: stepping (the default:
+    a thread per channel, as the forward) and chunked (prefix scans over 32-token chunks)."""
+    from mambastyle.layers.selective_scan import _triton_kernels
+
+    kernels = _triton_kernels()
+    default = kernels.SS2D_BACKWARD
+    times = {}
+    try:
+        for choice in ("stepping", "chunked"):
+            kernels.SS2D_BACKWARD = choice
+            times[choice] = cuda_ms(fused)
+    finally:
+        kernels.SS2D_BACKWARD = default
+    return times
+
+
 def _training_blocks(plain, fused) -> dict:
     """The same forward + backward ms with the chunked kernels' channel blocks capped at 2 and
     4 (the default takes the largest within their register budget: 8 at N 16, where the
-    backward's compiled loop needs 255 registers and spills; at 4 it needs 168, but the
-    atomic adds of the B/C gradients, one set per block, double)."""
+    backward's compiled loop needs 255 registers; at 4 it needs 168, but the atomic adds of
+    the B/C gradients, one set per block, double). SS2D's default backward is the stepping
+    kernel, which the caps do not touch."""
     from mambastyle.layers.selective_scan import _triton_kernels
 
     kernels = _triton_kernels()

@@ -101,17 +101,18 @@ def _sass_summary(cubin: bytes) -> dict:
         target = re.search(r"0x([0-9a-f]+)", rest)
         if op.startswith("BRA") and target:
             branches.append((addr, int(target.group(1), 16)))
-    # The innermost loop: the shortest backward branch's span (none: a kernel without loops).
+    # The innermost loops: backward branches' spans holding no other loop (a token passes each
+    # once: e.g. the backward's recomputation of a chunk's states, then its walk back).
     loops = [(to, at) for at, to in branches if to < at]
-    start, end = min(loops, key=lambda span: span[1] - span[0]) if loops else (1, 0)
-    # Blocks a forward branch inside the loop can skip (e.g. a store once in BLOCK_T steps).
-    skipped = [(at, to) for at, to in branches if start <= at < to <= end]
-    body = [op.split(".")[0] for addr, op, _ in code if start <= addr <= end]
-    conditional = sum(1 for addr, _, _ in code if any(at < addr < to for at, to in skipped))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    inside = [(addr, op) for addr, op, _ in code if any(a <= addr <= b for a, b in inner)]
+    # Blocks a forward branch inside a loop can skip (e.g. a store once in BLOCK_T steps).
+    skipped = [(at, to) for at, to in branches if any(a <= at < to <= b for a, b in inner)]
+    conditional = sum(1 for addr, _ in inside if any(at < addr < to for at, to in skipped))
     regs = re.search(r"REG:(\d+)", usage.stdout)
     return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None,
-            "loop": collections.Counter(body), "loop_length": len(body),
-            "conditional": conditional}  # fmt: skip
+            "loop": collections.Counter(op.split(".")[0] for _, op in inside), "loop_length": len(inside),
+            "loops": len(inner), "conditional": conditional}  # fmt: skip
 
 
 def _inputs(batch: int) -> dict:
@@ -180,6 +181,22 @@ def main() -> int:
         kernel, tensors, sizes, strides, flags, per_iteration
     )  # fmt: skip
 
+    def ss2d_backward():
+        x = inp["x"].clone().requires_grad_()
+        kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE).sum().backward()
+
+    default = kernels.SS2D_BACKWARD
+    for choice in ("stepping", "chunked"):
+        kernels.SS2D_BACKWARD = choice
+        try:
+            kernel, _, tensors, sizes, strides, flags = _captured_launches(ss2d_backward)[-1]
+        finally:
+            kernels.SS2D_BACKWARD = default
+        # a token passes each of the stepping kernel's two loops once; the chunked kernel's
+        # four directions' chunk loops (unrolled) take BLOCK_T tokens each
+        per_pass = flags["BLOCK_D"] * flags["BLOCK_N"] * (1 if choice == "stepping" else 4 * flags["BLOCK_T"])
+        launches[f"{choice} backward (SS2D training)"] = (kernel, tensors, sizes, strides, flags, per_pass)
+
     def plain_training():  # the four directions' channels as one scan of (B, 4 d, L), 4 groups
         length = SIDE * SIDE
         u = inp["x"].transpose(1, 2).repeat(1, 4, 1)
@@ -222,13 +239,13 @@ def main() -> int:
             continue
         main = summary["loop_length"] - summary["conditional"]  # what every iteration issues
         per_update[label] = main * warps * 32 / updates
-        tokens = updates // (flags["BLOCK_D"] * flags["BLOCK_N"])  # per iteration
+        tokens = updates // (flags["BLOCK_D"] * flags["BLOCK_N"])  # per pass through the loops
         report[label].update(
             loop=dict(loop), loop_length=summary["loop_length"], conditional=summary["conditional"],
-            per_32_updates=per_update[label], tokens_per_iteration=tokens,
+            per_32_updates=per_update[label], tokens_per_iteration=tokens, loops=summary["loops"],
         )  # fmt: skip
-        print(f"  innermost loop ({tokens} tokens): {summary['loop_length']} instructions per iteration "
-              "and warp, "
+        print(f"  innermost loops ({summary['loops']}, {tokens} tokens): {summary['loop_length']} "
+              "instructions per pass and warp, "
               f"{summary['conditional']} of them in blocks a branch skips "
               f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR in all); "
               f"{per_update[label]:.1f} warp instructions per 32 state updates, every iteration")  # fmt: skip

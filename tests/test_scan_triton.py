@@ -136,10 +136,13 @@ def test_scan_half_precision_inputs(interpreted, dtype):
         (2, 3, 9, 8, 66),
     ],
 )
-def test_fused_ss2d_matches_cross_scan_reference(interpreted, b, n, h, w, d):
+@pytest.mark.parametrize("backward", ["stepping", "chunked"])
+def test_fused_ss2d_matches_cross_scan_reference(interpreted, monkeypatch, backward, b, n, h, w, d):
+    monkeypatch.setattr(interpreted, "SS2D_BACKWARD", backward)
     (ref_y, ref_g), (got_y, got_g) = ss2d_against_reference("triton", b, n, h, w, d)
     # bound: float32 against float64 over <= 72 steps per direction: measured (20 seeds; the
-    # two-image case 6) y <= 3.3e-7, gradients <= 1.6e-6 of max |ref|; 1e-5 and 1e-4 leave >= 30x
+    # two-image case 6) y <= 3.6e-7, gradients <= 1.6e-6 of max |ref| (chunked backward), 2.9e-6
+    # (stepping); 1e-5 and 1e-4 leave >= 28x
     assert_close_rel(got_y, ref_y, 1e-5, "y")
     for k in ref_g:
         assert_close_rel(got_g[k], ref_g[k], 1e-4, f"d{k}")
@@ -359,5 +362,11 @@ def test_stepping_kernels_need_no_communication(tmp_path):
         assert 16 * tokens <= loop["MUFU"] <= 20 * tokens, (label, loop)
         chunked = kernels["chunked forward (plain scan, training)"]["per_32_updates"]
         assert kernels[label]["per_32_updates"] < chunked / 2, label
+    # SS2D's stepping backward: a thread's channel as in the forward, only the sums over
+    # channels (dB, dC) cross threads
+    stepping, chunked = (
+        kernels[f"{k} backward (SS2D training)"]["per_32_updates"] for k in ("stepping", "chunked")
+    )
+    assert stepping < chunked / 2, (stepping, chunked)
     for label in ("merge, LayerNorm and gate (inference)", "residual LayerNorm (VSS block, inference)"):
         assert kernels[label]["registers"] > 0, label  # it compiled too

@@ -15,8 +15,9 @@ chunk. Decays are in (0, 1] and nothing divides by a product of them.
 - Selective scan (``CROSS=False``, ``K=1``): u, delta, z, y are (Bt, D, L); B, C are
   (Bt, G, N, L) and channel d reads group d // (D / G). softplus, delta_bias, D and the
   z gate are applied in the kernels, as mamba-ssm's kernel does.
-- SS2D's backward (``CROSS=True``, ``K=4``): x and dx are (B, L, d) with tokens in
-  row-major order and the step sizes (4, d, B, L); direction k reads tokens in its own order
+- SS2D's chunked backward (``CROSS=True``, ``K=4``; ``SS2D_BACKWARD = "chunked"``, the
+  alternative to the stepping one below): x and dx are (B, L, d) with tokens in row-major
+  order and the step sizes (4, d, B, L); direction k reads tokens in its own order
   (row-major, column-major, both reversed) by index arithmetic, so the four scanned copies
   of the sequence never exist in memory. A program runs its channels' four directions one
   after the other and adds each into dx, so the sum over directions needs no atomics and is
@@ -36,9 +37,11 @@ under autocast the buffer takes the 16-bit dtype of the result.
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
-g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse prefix scan, chunk by chunk from the end.
-Gradients of B, C (summed over a group's channels), A and D are accumulated with atomic adds
-across programs; everything is float32 inside whatever the inputs' dtype.
+g_t = C_t dy_t + a_{t+1} g_{t+1} back through the chunk, chunk by chunk from the end: the
+chunked kernels as a reverse prefix scan, SS2D's stepping backward (:func:`_ss2d_step_bwd`,
+the default) token by token with a thread per channel, as its forward. Gradients of B and C
+(summed over a group's channels) are accumulated with atomic adds across programs, as are
+A's and D's in the chunked kernels; everything is float32 inside whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ TILE_BUDGET = 4096
 BLOCK_T = 32
 # Tokens per iteration of the stepping kernel's loop (see _ss2d_step).
 STEPS_PER_ITERATION = 2
+# SS2D's backward kernel: "stepping" (_ss2d_step_bwd) or "chunked" (_scan_bwd).
+SS2D_BACKWARD = "stepping"
 
 
 @triton.jit
@@ -264,14 +269,14 @@ def _scan_bwd(
                 go = b * sB_b + (k * (DK // CPG) + (tl.program_id(1) * BLOCK_D) // CPG) * sB_g
                 o2 = go + n[:, None] * sB_n + pos[None, :] * sB_l
                 m2n = (n < NS)[:, None] & (t < L)[None, :]
-                tl.atomic_add(dB_ptr + o2, tl.sum(dBv, axis=0), mask=m2n)
-                tl.atomic_add(dC_ptr + o2, tl.sum(dCv, axis=0), mask=m2n)
+                tl.atomic_add(dB_ptr + o2, tl.sum(dBv, axis=0), mask=m2n, sem="relaxed")
+                tl.atomic_add(dC_ptr + o2, tl.sum(dCv, axis=0), mask=m2n, sem="relaxed")
             else:
-                tl.atomic_add(dB_ptr + bo, dBv, mask=m3)
-                tl.atomic_add(dC_ptr + bo, dCv, mask=m3)
-        tl.atomic_add(dA_ptr + ch[:, None] * NS + n[None, :], dA, mask=mcn)
+                tl.atomic_add(dB_ptr + bo, dBv, mask=m3, sem="relaxed")
+                tl.atomic_add(dC_ptr + bo, dCv, mask=m3, sem="relaxed")
+        tl.atomic_add(dA_ptr + ch[:, None] * NS + n[None, :], dA, mask=mcn, sem="relaxed")
         if HAS_D:
-            tl.atomic_add(dD_ptr + ch, dD, mask=mc)
+            tl.atomic_add(dD_ptr + ch, dD, mask=mc, sem="relaxed")
         if k + 1 < K:
             tl.debug_barrier()  # the next direction adds to the dx this one stored
 
@@ -295,6 +300,44 @@ def _next_position(pos, step, wrap, L):
     nxt = pos + step
     nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
     return nxt, tl.minimum(tl.maximum(nxt, 0), L - 1)
+
+
+@triton.jit
+def _walk(k, L, W):
+    """Direction ``k``'s token order as steps: (first row, step, wrap). Rows (+1), columns (+W,
+    wrapping to the next column's top by 1 - L), and both reversed; a row-major walk leaves
+    [0, L) only after its last token."""
+    step = tl.where(k == 0, 1, tl.where(k == 1, W, tl.where(k == 2, -1, -W)))
+    wrap = tl.where(k == 1, 1 - L, tl.where(k == 3, L - 1, 0))
+    return tl.where(k >= 2, L - 1, 0), step, wrap
+
+
+@triton.jit
+def _token_at(t, k, L, H, W):
+    """Row of direction ``k``'s token ``t`` (a runtime ``k``; :func:`_position` takes a constant)."""
+    t = tl.where(k >= 2, L - 1 - t, t)
+    return tl.where(k % 2 == 1, (t % H) * W + t // H, t)
+
+
+@triton.jit
+def _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn):
+    """Direction ``k``'s (BLOCK_D, BLOCK_N) tile of A, float32, read through A's (4, N, d)
+    transpose, ``sA_n`` apart per state (see :func:`_ss2d_step` on the layout this gives)."""
+    A = tl.load(A_ptr + (k * NS + n[None, :]) * sA_n + c[:, None], mask=mc[:, None] & mn[None, :], other=0.0)
+    return A.to(tl.float32)
+
+
+@triton.jit
+def _bc_rows(bc_ptr, b, k, L, NS, n, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """Pointers to the B and C halves of direction ``k``'s rows of bc (B, 4, L, 2N), and the
+    rows' stride."""
+    s_l = 2 * NS
+    b_row = bc_ptr + (b * 4 + k) * L * s_l + n
+    if EVEN_N:  # a constant offset: the two halves' loads share one address
+        c_row = b_row + BLOCK_N
+    else:
+        c_row = b_row + NS
+    return b_row, c_row, s_l
 
 
 @triton.jit
@@ -342,22 +385,12 @@ def _ss2d_step(
     mc = c < DK
     mn = n < NS
     # exp(delta A) as exp2(delta A log2 e): one multiply fewer per state update.
-    A2 = tl.load(A_ptr + (k * NS + n[None, :]) * sA_n + c[:, None], mask=mc[:, None] & mn[None, :], other=0.0)
-    A2 = A2.to(tl.float32) * 1.4426950408889634
+    A2 = _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn) * 1.4426950408889634
     bias = tl.load(bias_ptr + k * DK + c, mask=mc, other=0.0).to(tl.float32)
-    # Token order by stepping: rows (+1), columns (+W, wrapping to the next column's top by
-    # 1 - L), and both reversed; a row-major walk leaves [0, L) only after its last token.
-    step = tl.where(k == 0, 1, tl.where(k == 1, W, tl.where(k == 2, -1, -W)))
-    wrap = tl.where(k == 1, 1 - L, tl.where(k == 3, L - 1, 0))
-    pos = tl.where(k >= 2, L - 1, 0)
+    pos, step, wrap = _walk(k, L, W)
     x_row = x_ptr + b * sx_b + c
     dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d  # d * B * L may pass 2**31
-    s_l = 2 * NS  # bc's rows
-    b_row = bc_ptr + (b * 4 + k) * L * s_l + n
-    if EVEN_N:
-        c_row = b_row + BLOCK_N
-    else:
-        c_row = b_row + NS
+    b_row, c_row, s_l = _bc_rows(bc_ptr, b, k, L, NS, n, BLOCK_N, EVEN_N)
     y_row = y_ptr + k.to(tl.int64) * sy_k + b * sy_b + c
     u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
@@ -374,6 +407,96 @@ def _ss2d_step(
         u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
         h, y = _state_step(h, u1, raw1, B1, C1, bias, A2)
         tl.store(y_row + pos1 * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc & (i + 1 < L))
+
+
+@triton.jit(do_not_specialize_on_alignment=["sA_n"])
+def _ss2d_step_bwd(
+    x_ptr, dt_ptr, A_ptr, bc_ptr, bias_ptr, dy_ptr, ckpt_ptr, hs_ptr,
+    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr,
+    L, H, W, DK, NS, sA_n, N_CHUNKS,
+    sx_b, sx_l, sdt_k, sdt_b, sdt_l, sdt_d, sg_k, sg_b, sg_l, sg_d, sB_b, sB_k, sB_n, sB_l,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """The backward pass of direction ``program_id(2)``'s scan for one batch element and
+    BLOCK_D channels, one channel per thread as in :func:`_ss2d_step`, chunk by chunk from the
+    end: the chunk's states are recomputed token by token from the state the forward pass
+    stored at its start and kept in ``hs`` (B, 4, BLOCK_T, N, d) float32 (each thread rereads
+    only its own entries), then the adjoint recurrence
+    g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1} runs back through them one token at a time.
+    Everything per channel (dx, the step sizes' gradient, dA) is a thread's own arithmetic;
+    dB and dC, sums over channels, are reduced over the block and added atomically.
+
+    Outputs: dx (4, B, L, d), this direction's share of x's gradient (summed by the caller);
+    the raw step sizes' gradient (4, d, B, L) at ``sg_*`` strides (softplus' derivative
+    applied); dA (B, 4, d, N), summed over batch by the caller; dB and dC (B, 4, N, L) added to.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    k = tl.program_id(2)
+    c = cb * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    mc = c < DK
+    mn = n < NS
+    A = _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn)
+    bias = tl.load(bias_ptr + k * DK + c, mask=mc, other=0.0).to(tl.float32)
+    _, step, wrap = _walk(k, L, W)
+    x_row = x_ptr + b * sx_b + c
+    dy_row = dy_ptr + b * sx_b + c
+    dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d
+    g_row = ddt_ptr + k.to(tl.int64) * sg_k + b * sg_b + c.to(tl.int64) * sg_d
+    dx_row = dx_ptr + (k * (tl.num_programs(0)) + b) * L * DK + c  # (4, B, L, d) contiguous
+    b_row, c_row, s_l = _bc_rows(bc_ptr, b, k, L, NS, n, BLOCK_N, EVEN_N)
+    grad_row = b * sB_b + k * sB_k + n * sB_n  # dB, dC
+    # The chunk's states (B, 4, BLOCK_T, N, d): channels adjacent, ``sA_n`` apart per state,
+    # so that the stores and loads keep the layout A's load gives (see _ckpt_offsets)
+    hs_tile = hs_ptr + (b * 4 + k) * BLOCK_T * NS * sA_n + n[None, :] * sA_n + c[:, None]
+    ag = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # exp(delta_{t+1} A) g_{t+1}
+    dA = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    for cc in range(N_CHUNKS):
+        ci = N_CHUNKS - 1 - cc
+        t0 = ci * BLOCK_T
+        count = tl.minimum(BLOCK_T, L - t0)
+        co = _ckpt_offsets(b, k, ci, c, n, 4, NS, N_CHUNKS, sA_n)
+        h = tl.load(ckpt_ptr + co, mask=mc[:, None] & mn[None, :], other=0.0)
+        pos = _token_at(t0, k, L, H, W)
+        for j in range(count):
+            u, raw, Bv, _ = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+            dt = _softplus(raw.to(tl.float32) + bias)
+            a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)  # exp(delta A); one multiply per channel
+            h = a * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+            tl.store(hs_tile + j * NS * sA_n, h, mask=mc[:, None] & mn[None, :])
+            pos, _ = _next_position(pos, step, wrap, L)
+        tl.debug_barrier()  # the chunk's states are read back below
+        pos = _token_at(t0 + count - 1, k, L, H, W)
+        for jj in range(count):
+            j = count - 1 - jj
+            u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+            dy = tl.load(dy_row + pos * sx_l, mask=mc, other=0.0).to(tl.float32)
+            u = u.to(tl.float32)
+            Bv = Bv.to(tl.float32)[None, :]
+            Cv = Cv.to(tl.float32)[None, :]
+            r = raw.to(tl.float32) + bias
+            dt = _softplus(r)
+            a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)
+            h = tl.load(hs_tile + j * NS * sA_n, mask=mc[:, None] & mn[None, :], other=0.0)
+            g = Cv * dy[:, None] + ag
+            uB = u[:, None] * Bv
+            decayed = h - dt[:, None] * uB  # exp(delta_t A) h_{t-1}
+            ddt = tl.sum(g * (uB + A * decayed), axis=1) * tl.sigmoid(r)
+            tl.store(g_row + pos * sg_l, ddt, mask=mc)
+            tl.store(dx_row + pos * DK, tl.sum(g * Bv, axis=1) * dt, mask=mc)
+            dA += g * dt[:, None] * decayed
+            tl.atomic_add(
+                dB_ptr + grad_row + pos * sB_l, tl.sum(g * (dt * u)[:, None], axis=0), mask=mn, sem="relaxed"
+            )
+            tl.atomic_add(
+                dC_ptr + grad_row + pos * sB_l, tl.sum(h * dy[:, None], axis=0), mask=mn, sem="relaxed"
+            )
+            ag = a * g
+            pos = pos - step
+            pos = tl.where((pos < 0) | (pos >= L), pos - wrap, pos)
+        tl.debug_barrier()  # before the next chunk's states overwrite these
+    tl.store(dA_ptr + ((b * 4 + k) * DK + c[:, None]) * NS + n[None, :], dA, mask=mc[:, None] & mn[None, :])
 
 
 def _infer_block(dk: int) -> int:
@@ -630,6 +753,7 @@ class SS2DScan(torch.autograd.Function):
         y = _ss2d_directions(x, dts, bias, A, B, C, h, w, ckpt=ckpt).sum(0)
         block_d, block_n, _ = _blocks(d, ns, d)
         ctx.save_for_backward(x, dts, bias, A, B, C, ckpt)
+        ctx.hw = (h, w)
         ctx.setup = (
             (b, triton.cdiv(d, block_d)),
             _cross_geometry(x, dts, B, h, w, ns, n_chunks),
@@ -641,18 +765,46 @@ class SS2DScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, dts, bias, A, B, C, ckpt = ctx.saved_tensors
-        grid, geometry, block_d, block_n = ctx.setup
         f32 = {"dtype": torch.float32, "device": x.device}
         dy = dy.contiguous()
-        dx, ddts = torch.empty(x.shape, **f32), torch.empty(dts.shape, **f32)
-        dA = torch.zeros(A.shape, **f32)
+        ddts = torch.empty(dts.shape, **f32)
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(B.shape, **f32)
-        tensors = (x, dts, A, B, C, x, bias, x, dy, ckpt, dy, dx, ddts, dA, dB, dC, dx, dx)
-        _launch(_scan_bwd, grid, tensors, *geometry, K=4, CROSS=True, HAS_D=False, HAS_Z=False,
-                HAS_BIAS=True, SOFTPLUS=True, HAS_DLAST=False, ONE_GROUP=True, BLOCK_D=block_d,
-                BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
+        if SS2D_BACKWARD == "stepping":
+            dx, dA = _ss2d_step_backward(x, dts, bias, A, B, C, dy, ckpt, ctx.hw, ddts, dB, dC)
+        else:
+            grid, geometry, block_d, block_n = ctx.setup
+            dx = torch.empty(x.shape, **f32)
+            dA = torch.zeros(A.shape, **f32)
+            tensors = (x, dts, A, B, C, x, bias, x, dy, ckpt, dy, dx, ddts, dA, dB, dC, dx, dx)
+            _launch(_scan_bwd, grid, tensors, *geometry, K=4, CROSS=True, HAS_D=False, HAS_Z=False,
+                    HAS_BIAS=True, SOFTPLUS=True, HAS_DLAST=False, ONE_GROUP=True, BLOCK_D=block_d,
+                    BLOCK_N=block_n, BLOCK_T=BLOCK_T)  # fmt: skip
         return (dx.to(x.dtype), ddts.to(dts.dtype), ddts.sum((2, 3)).to(bias.dtype), dA.to(A.dtype),
                 dB.to(B.dtype), dC.to(C.dtype), None, None)  # fmt: skip
+
+
+def _ss2d_step_backward(x, dts, bias, A, B, C, dy, ckpt, hw, ddts, dB, dC):
+    """SS2D's backward by :func:`_ss2d_step_bwd`: fills ``ddts``, adds to ``dB`` and ``dC``,
+    returns (dx, dA), summed over directions and batch here (deterministically)."""
+    b, length, d = x.shape
+    ns = A.shape[-1]
+    h, w = hw
+    block_d = min(32, triton.next_power_of_2(d))
+    block_n = triton.next_power_of_2(ns)
+    blocks = triton.cdiv(d, block_d)
+    f32 = {"dtype": torch.float32, "device": x.device}
+    states = torch.empty(b, 4, BLOCK_T, ns, d, **f32)  # the chunk being walked back
+    dx = torch.empty(4, b, length, d, **f32)
+    dA = torch.empty(b, 4, d, ns, **f32)
+    sdt, sg, sB = dts.stride(), ddts.stride(), dB.stride()
+    At = A.transpose(1, 2).contiguous()  # (4, N, d): see _ss2d_step
+    tensors = (x, dts, At, _state_rows(B, C), bias, dy, ckpt, states, dx, ddts, dA, dB, dC)
+    sizes = (length, h, w, d, ns, d, ckpt.shape[2])
+    strides = (length * d, d, sdt[0], sdt[2], sdt[3], sdt[1], sg[0], sg[2], sg[3], sg[1], sB[0], sB[1], sB[2],
+               sB[3])  # fmt: skip
+    _launch(_ss2d_step_bwd, (b, blocks, 4), tensors, sizes, strides, BLOCK_D=block_d, BLOCK_N=block_n,
+            EVEN_N=block_n == ns, BLOCK_T=BLOCK_T, num_warps=max(1, block_d // 32))  # fmt: skip
+    return dx.sum(0), dA.sum(0)
 
 
 def _cross_geometry(x, dts, B, h: int, w: int, ns: int, n_chunks: int):
