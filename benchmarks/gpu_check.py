@@ -104,7 +104,10 @@ def scan_speed(device: str) -> dict:
 
     bt, k, d, n, h, w = 8, 4, 384, 16, 32, 32
     inputs = {key: v.to(device) for key, v in scan_inputs(bt, k * d, n, h * w, k).items()}
-    ss2d = {"x": torch.randn(bt, h * w, d), "dts": torch.randn(k, d, bt, h * w), "A": -torch.rand(k, d, n),
+    # step sizes token-major in memory, as SS2D makes them for `triton` (others copy them into
+    # each direction's order anyway)
+    ss2d = {"x": torch.randn(bt, h * w, d), "dts": torch.randn(k, bt, h * w, d).permute(0, 3, 1, 2),
+            "A": -torch.rand(k, d, n),
             "B": torch.randn(bt, k, n, h * w), "C": torch.randn(bt, k, n, h * w), "D": torch.randn(k, d),
             "dt_bias": torch.randn(k, d) * 0.1}  # fmt: skip
     ss2d = {key: v.to(device) for key, v in ss2d.items()}

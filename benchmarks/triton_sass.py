@@ -171,9 +171,9 @@ def main() -> int:
     launches["residual LayerNorm (VSS block, inference)"] = (kernel, tensors, sizes, strides, flags, 0)
     dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])  # training's (4, d, B, L)
 
-    def ss2d_training():
+    def ss2d_training():  # step sizes token-major, as SS2D makes them
         x = inp["x"].requires_grad_()
-        kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
+        kernels.SS2DScan.apply(x, dts, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE)
 
     ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(ss2d_training)
     per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * kernels.STEPS_PER_ITERATION
@@ -183,7 +183,7 @@ def main() -> int:
 
     def ss2d_backward():
         x = inp["x"].clone().requires_grad_()
-        kernels.SS2DScan.apply(x, dts_major, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE).sum().backward()
+        kernels.SS2DScan.apply(x, dts, inp["dt_bias"], inp["A"], B, C, SIDE, SIDE).sum().backward()
 
     default = kernels.SS2D_BACKWARD
     for choice in ("stepping", "chunked"):

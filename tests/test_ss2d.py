@@ -241,8 +241,8 @@ def test_scan_backends_reports_what_each_model_runs():
         scan_backends(VSSBlock(8, d_state=2, scan_backend="cuda"), "cpu")
 
 
-def projected_against_reference(b: int, n: int, r: int, h: int, w: int, d: int):
-    """ss2d_scan_projected on ``cpu`` on fresh random inputs against the float64 reference."""
+def projected_against_reference(b: int, n: int, r: int, h: int, w: int, d: int, backend: str = "cpu"):
+    """ss2d_scan_projected on ``backend`` on fresh random inputs against the float64 reference."""
     from mambastyle.layers.ss2d import ss2d_scan_projected
 
     inputs = {
@@ -253,7 +253,7 @@ def projected_against_reference(b: int, n: int, r: int, h: int, w: int, d: int):
         "D": torch.randn(4, d, dtype=torch.float64),
         "dt_bias": torch.randn(4, d, dtype=torch.float64),
     }
-    return against_float64_reference(ss2d_scan_projected, "cpu", inputs, h, w)
+    return against_float64_reference(ss2d_scan_projected, backend, inputs, h, w)
 
 
 @pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="needs numba")

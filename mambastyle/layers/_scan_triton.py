@@ -738,14 +738,17 @@ def _plain_geometry(u, groups: int, ns: int, n_chunks: int):
 
 class SS2DScan(torch.autograd.Function):
     """The four-direction SS2D scan (no D term), summed over directions: x (B, L, d) -> (B, L, d)
-    float32; step sizes (4, d, B, L) raw (bias and softplus applied here), A (4, d, N),
-    B and C (B, 4, N, L), all in row-major token order."""
+    float32; step sizes (4, d, B, L) raw (bias and softplus applied here; token-major in
+    memory as SS2D makes them, or they are made contiguous), A (4, d, N), B and C
+    (B, 4, N, L), all in row-major token order."""
 
     @staticmethod
     def forward(ctx, x, dts, bias, A, B, C, h, w):
         b, length, d = x.shape
         ns = A.shape[-1]
-        x, dts, bias, A, B, C = (t.contiguous() for t in (x, dts, bias, A, B, C))
+        x, bias, A, B, C = (t.contiguous() for t in (x, bias, A, B, C))
+        if not dts.permute(0, 2, 3, 1).is_contiguous():  # token-major step sizes stay as they are
+            dts = dts.contiguous()
         n_chunks = triton.cdiv(length, BLOCK_T)
         # The forward steps through the tokens as inference does, storing the chunk states the
         # chunked backward recomputes from.
@@ -767,7 +770,9 @@ class SS2DScan(torch.autograd.Function):
         x, dts, bias, A, B, C, ckpt = ctx.saved_tensors
         f32 = {"dtype": torch.float32, "device": x.device}
         dy = dy.contiguous()
-        ddts = torch.empty(dts.shape, **f32)
+        ddts = torch.empty_like(
+            dts, dtype=torch.float32
+        )  # the step sizes' layout (the chunked kernel's strides)
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(B.shape, **f32)
         if SS2D_BACKWARD == "stepping":
             dx, dA = _ss2d_step_backward(x, dts, bias, A, B, C, dy, ckpt, ctx.hw, ddts, dB, dC)

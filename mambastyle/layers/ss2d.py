@@ -184,7 +184,7 @@ def ss2d_scan_projected(
     On ``cpu`` the kernel forms each token's step sizes from the factors as it scans (in
     float32; the (4, d, B, L) step sizes never exist in memory) and bfloat16 inputs are read
     as they are. ``triton`` gets them
-    materialised for :func:`ss2d_scan` (token-major in memory without gradients); ``cuda`` and
+    materialised for :func:`ss2d_scan`, token-major in memory; ``cuda`` and
     ``ref`` form them in each direction's scan order for the scan of cross-scanned copies.
     """
     _check_scan_shapes(x, A, h, w, proj=proj, dt_weight=dt_weight, D=D, dt_bias=dt_bias)
@@ -195,9 +195,8 @@ def ss2d_scan_projected(
     b, length, d = x.shape
     rank = dt_weight.shape[-1]
     if name == "triton":
-        # Without gradients the stepping kernel reads one token of every channel per step.
-        token_major = not needs_grad(x, proj, dt_weight, A, D, dt_bias)
-        dts, B, C = _triton_operands(dt_weight, proj, n, token_major)
+        # The stepping kernels (forward, and backward) read one token of every channel per step.
+        dts, B, C = _triton_operands(dt_weight, proj, n, token_major=True)
         return ss2d_scan(x, dts, A, B, C, D, dt_bias, h, w, backend)
     # Scans of cross-scanned copies: the projections (R + 2N per token and direction, against
     # d channels) are put in each direction's order, and the step sizes are formed from them
