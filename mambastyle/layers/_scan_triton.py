@@ -409,6 +409,18 @@ def _ss2d_step(
         tl.store(y_row + pos1 * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc & (i + 1 < L))
 
 
+@triton.jit
+def _token_grads_inputs(
+    x_row, dt_row, b_row, c_row, dy_row, hs_tile, pos, j, sx_l, sdt_l, s_l, s_j, mc, mn, EVEN_N: tl.constexpr
+):  # fmt: skip
+    """What the backward's walk reads for token ``pos``, the ``j``-th of its chunk: x, raw step
+    sizes, B and C rows (as stored), dy (float32) and the state after the token."""
+    u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+    dy = tl.load(dy_row + pos * sx_l, mask=mc, other=0.0).to(tl.float32)
+    h = tl.load(hs_tile + j * s_j, mask=mc[:, None] & mn[None, :], other=0.0)
+    return u, raw, Bv, Cv, dy, h
+
+
 @triton.jit(do_not_specialize_on_alignment=["sA_n"])
 def _ss2d_step_bwd(
     x_ptr, dt_ptr, A_ptr, bc_ptr, bias_ptr, dy_ptr, ckpt_ptr, hs_ptr,
@@ -439,7 +451,7 @@ def _ss2d_step_bwd(
     mn = n < NS
     A = _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn)
     bias = tl.load(bias_ptr + k * DK + c, mask=mc, other=0.0).to(tl.float32)
-    _, step, wrap = _walk(k, L, W)
+    _first, step, wrap = _walk(k, L, W)  # chunks start at _token_at
     x_row = x_ptr + b * sx_b + c
     dy_row = dy_ptr + b * sx_b + c
     dt_row = dt_ptr + k.to(tl.int64) * sdt_k + b * sdt_b + c.to(tl.int64) * sdt_d
@@ -458,27 +470,42 @@ def _ss2d_step_bwd(
         count = tl.minimum(BLOCK_T, L - t0)
         co = _ckpt_offsets(b, k, ci, c, n, 4, NS, N_CHUNKS, sA_n)
         h = tl.load(ckpt_ptr + co, mask=mc[:, None] & mn[None, :], other=0.0)
+        # Both walks load a token's inputs one step ahead, so their latency overlaps the math.
         pos = _token_at(t0, k, L, H, W)
+        u_n, raw_n, B_n, _ = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
         for j in range(count):
-            u, raw, Bv, _ = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
+            u, raw, Bv = u_n, raw_n, B_n
+            nxt, ahead = _next_position(pos, step, wrap, L)
+            u_n, raw_n, B_n, _ = _token_inputs(
+                x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N
+            )  # fmt: skip
             dt = _softplus(raw.to(tl.float32) + bias)
             a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)  # exp(delta A); one multiply per channel
             h = a * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
             tl.store(hs_tile + j * NS * sA_n, h, mask=mc[:, None] & mn[None, :])
-            pos, _ = _next_position(pos, step, wrap, L)
+            pos = nxt
         tl.debug_barrier()  # the chunk's states are read back below
         pos = _token_at(t0 + count - 1, k, L, H, W)
+        s_j = NS * sA_n  # hs's tokens
+        u_n, raw_n, B_n, C_n, dy_n, h_n = _token_grads_inputs(
+            x_row, dt_row, b_row, c_row, dy_row, hs_tile, pos, count - 1,
+            sx_l, sdt_l, s_l, s_j, mc, mn, EVEN_N,
+        )  # fmt: skip
         for jj in range(count):
-            j = count - 1 - jj
-            u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
-            dy = tl.load(dy_row + pos * sx_l, mask=mc, other=0.0).to(tl.float32)
+            u, raw, Bv, Cv, dy, h = u_n, raw_n, B_n, C_n, dy_n, h_n
+            prv = pos - step
+            prv = tl.where((prv < 0) | (prv >= L), prv - wrap, prv)
+            behind = tl.minimum(tl.maximum(prv, 0), L - 1)  # before the first token: a valid row, never used
+            u_n, raw_n, B_n, C_n, dy_n, h_n = _token_grads_inputs(
+                x_row, dt_row, b_row, c_row, dy_row, hs_tile, behind, tl.maximum(count - 2 - jj, 0),
+                sx_l, sdt_l, s_l, s_j, mc, mn, EVEN_N,
+            )  # fmt: skip
             u = u.to(tl.float32)
             Bv = Bv.to(tl.float32)[None, :]
             Cv = Cv.to(tl.float32)[None, :]
             r = raw.to(tl.float32) + bias
             dt = _softplus(r)
             a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)
-            h = tl.load(hs_tile + j * NS * sA_n, mask=mc[:, None] & mn[None, :], other=0.0)
             g = Cv * dy[:, None] + ag
             uB = u[:, None] * Bv
             decayed = h - dt[:, None] * uB  # exp(delta_t A) h_{t-1}
@@ -493,8 +520,7 @@ def _ss2d_step_bwd(
                 dC_ptr + grad_row + pos * sB_l, tl.sum(h * dy[:, None], axis=0), mask=mn, sem="relaxed"
             )
             ag = a * g
-            pos = pos - step
-            pos = tl.where((pos < 0) | (pos >= L), pos - wrap, pos)
+            pos = prv
         tl.debug_barrier()  # before the next chunk's states overwrite these
     tl.store(dA_ptr + ((b * 4 + k) * DK + c[:, None]) * NS + n[None, :], dA, mask=mc[:, None] & mn[None, :])
 
