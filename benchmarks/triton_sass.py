@@ -169,7 +169,7 @@ def main() -> int:
         )
     )
     launches["residual LayerNorm (VSS block, inference)"] = (kernel, tensors, sizes, strides, flags, 0)
-    dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])  # training's (4, d, B, L)
+    dts_major = _step_sizes(inp["dt_weight"].bfloat16(), inp["proj"])  # (4, d, B, L): the plain scan's
 
     def ss2d_training():  # step sizes token-major, as SS2D makes them
         x = inp["x"].requires_grad_()

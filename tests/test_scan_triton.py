@@ -241,6 +241,13 @@ def test_vss_block_norms_fused_on_triton_match_ref(interpreted, monkeypatch, dim
     bound = 0.03 if autocast else 1e-5
     assert_close_rel(got.double(), want.double(), bound, "VSS block, fused norms")
     assert_close_rel(with_grad.detach().double(), want.double(), bound, "VSS block, with gradients")
+    # Norms and residual scale frozen, the input without gradients, the SS2D trained: the
+    # block still needs its autograd path (the Triton norms have no backward).
+    block.self_attention.scan_backend = "triton"
+    for p in (block.ln_1.weight, block.ln_1.bias, block.norm.weight, block.norm.bias, block.skip_scale):
+        p.requires_grad_(False)
+    block(x).sum().backward()
+    assert len(calls) == 2 and block.self_attention.in_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ slice of a (4, B, L, d) buffer, summed afterwards, so the result does not depend
 order programs finish in; the buffer is the price: four times the output, 2 GiB of float32
 at the encoder's 64x64 level at batch 32). Without gradients, the sum over directions,
 SS2D's output LayerNorm and its gate then run as one pass (:func:`ss2d_infer_gated`), and
-under autocast the buffer takes the 16-bit dtype of the result.
+under bfloat16 autocast the buffer is bfloat16.
 
 The forward pass stores the state at the start of every chunk when gradients are needed;
 the backward pass recomputes each chunk's states from it and runs the adjoint recurrence
@@ -358,9 +358,9 @@ def _ss2d_step(
     SAVE_CKPT: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Direction ``program_id(2)``'s scan of SS2D for one batch element and BLOCK_D channels,
-    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), float32. With
+    one token per step: y[k, b, pos, c] = C_pos . h_pos (no D term), in y's dtype. With
     ``SAVE_CKPT`` it also stores the state entering every BLOCK_T steps of the direction, as
-    the chunked backward reads it (:func:`_ckpt_offsets`).
+    the backward kernels read it (:func:`_ckpt_offsets`).
 
     Each thread owns whole channels: A is read through its (4, N, d) transpose (``sA_n``
     apart per state), so the tile's threads run along channels and a channel's N states sit
@@ -662,12 +662,14 @@ def ss2d_infer_gated(x, dts, bias, A, B, C, h: int, w: int, dsum, norm_weight, n
     normalised and gated in one pass over them (no (B, L, d) float32 intermediates). z:
     (B, H, W, d) or (B, L, d), channels contiguous; the rest as in :func:`ss2d_infer`.
 
-    With a 16-bit z (autocast) each direction's output is stored in z's dtype, the precision
-    the result takes: that buffer, four times the output, is most of the traffic around the
-    scan (2 GiB of float32 at the encoder's 64x64 level at batch 32). States, the sum over
-    directions and the LayerNorm stay float32."""
+    With a bfloat16 z (autocast) each direction's output is stored in bfloat16: that buffer,
+    four times the output, is most of the traffic around the scan (2 GiB of float32 at the
+    encoder's 64x64 level at batch 32). Each direction's output is rounded to 2**-9 of itself,
+    then summed, normalised and gated in float32, and the result rounded to bfloat16 (with
+    float16, whose range a direction's output could leave, the buffer stays float32). States,
+    the sum over directions and the LayerNorm stay float32."""
     b, length, d = x.shape
-    dtype = z.dtype if z.element_size() < 4 else torch.float32
+    dtype = torch.bfloat16 if z.dtype == torch.bfloat16 else torch.float32
     y = _ss2d_directions(x, dts, bias, A, B, C, h, w, dtype=dtype)
     z = _rows(z)
     out = torch.empty(b, length, d, dtype=z.dtype, device=x.device)
@@ -777,7 +779,7 @@ class SS2DScan(torch.autograd.Function):
             dts = dts.contiguous()
         n_chunks = triton.cdiv(length, BLOCK_T)
         # The forward steps through the tokens as inference does, storing the chunk states the
-        # chunked backward recomputes from.
+        # backward recomputes from.
         ckpt = x.new_empty(b, 4, n_chunks, ns, d, dtype=torch.float32) if any(ctx.needs_input_grad) else None
         y = _ss2d_directions(x, dts, bias, A, B, C, h, w, ckpt=ckpt).sum(0)
         block_d, block_n, _ = _blocks(d, ns, d)
@@ -816,7 +818,8 @@ class SS2DScan(torch.autograd.Function):
 
 def _ss2d_step_backward(x, dts, bias, A, B, C, dy, ckpt, hw, ddts, dB, dC):
     """SS2D's backward by :func:`_ss2d_step_bwd`: fills ``ddts``, adds to ``dB`` and ``dC``,
-    returns (dx, dA), summed over directions and batch here (deterministically)."""
+    returns (dx, dA), summed over directions and batch here (deterministically; the price, as
+    in the forward, is a (4, B, L, d) float32 buffer for the directions' shares of dx)."""
     b, length, d = x.shape
     ns = A.shape[-1]
     h, w = hw

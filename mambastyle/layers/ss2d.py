@@ -87,7 +87,8 @@ def projects_as_convolution(device_type: str, dtype: torch.dtype) -> bool:
         return True
     if device_type != "cuda" or dtype != torch.float32 or torch.is_autocast_enabled("cuda"):
         return False
-    return torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn
+    return cudnn.enabled and cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _check_scan_shapes(x, A, h, w, **got) -> None:
@@ -471,29 +472,27 @@ class VSSBlock(nn.Module):
         return (
             (triton_here or resolve_backend(self.self_attention.scan_backend, x.device) == "triton")
             and all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None for m in norms)
-            and not needs_grad(x, self.skip_scale, *(p for m in norms for p in (m.weight, m.bias)))
+            and not needs_grad(x, *self.parameters())  # the Triton passes have no backward
         )
 
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The block with each LayerNorm one pass over its rows: ``ln_1`` writes the dtype its
         only reader, ``in_proj``, takes (autocast's, where autocast would have made it float32
         and the matmul cast it back), and the residual ``x * skip_scale + ssm`` is formed inside
-        the output norm, in float32, never stored. The results' dtypes are the unfused block's."""
+        the output norm, in float32, never stored. Each norm's result has the dtype
+        ``nn.LayerNorm`` gives its input (float32 under autocast)."""
         from mambastyle.layers.selective_scan import _triton_kernels
 
         kernels = _triton_kernels()
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         ln1, norm = self.ln_1, self.norm
-        inner = (
-            torch.get_autocast_dtype(device) if autocast else torch.promote_types(x.dtype, ln1.weight.dtype)
-        )
+        inner = torch.get_autocast_dtype(device) if autocast else x.dtype
         ssm = self.self_attention(kernels.scaled_add_norm(x, ln1.weight, ln1.bias, ln1.eps, inner))
         if autocast:  # LayerNorm's output is float32 under autocast
             dtype = torch.float32
-        else:
+        else:  # the residual's dtype, which LayerNorm keeps
             dtype = torch.promote_types(torch.promote_types(x.dtype, self.skip_scale.dtype), ssm.dtype)
-            dtype = torch.promote_types(dtype, norm.weight.dtype)
         return kernels.scaled_add_norm(
             x, norm.weight, norm.bias, norm.eps, dtype, scale=self.skip_scale, residual=ssm
         )
