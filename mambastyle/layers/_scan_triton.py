@@ -295,8 +295,9 @@ def _token_inputs(x_row, dt_row, b_row, c_row, pos, sx_l, sdt_l, s_l, mc, mn, EV
 
 @triton.jit
 def _next_position(pos, step, wrap, L):
-    """The token after ``pos`` in a direction's order, and a row to prefetch from (the next
-    token, or a valid row never used once the walk has left [0, L))."""
+    """The token after ``pos`` in a direction's order (with ``step`` and ``wrap`` negated, the
+    token before it), and a row to prefetch from (that token, or a valid row never used once
+    the walk has left [0, L))."""
     nxt = pos + step
     nxt = tl.where((nxt < 0) | (nxt >= L), nxt + wrap, nxt)
     return nxt, tl.minimum(tl.maximum(nxt, 0), L - 1)
@@ -341,12 +342,26 @@ def _bc_rows(bc_ptr, b, k, L, NS, n, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr
 
 
 @triton.jit
-def _state_step(h, u, raw, Bv, Cv, bias, A2):
-    """One token of the recurrence for a block of channels: h <- exp(delta A) h + delta u B and
-    y = C . h."""
-    dt = _softplus(raw.to(tl.float32) + bias)
-    h = tl.exp2(dt[:, None] * A2) * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
-    return h, tl.sum(h * Cv.to(tl.float32)[None, :], axis=1)
+def _decay(raw, bias, A):
+    """A token's raw step sizes plus bias r, the step sizes delta = softplus(r) (BLOCK_D,) and
+    the decays exp(delta A) (BLOCK_D, BLOCK_N), as exp2(delta log2(e) A): one multiply per
+    state."""
+    r = raw.to(tl.float32) + bias
+    dt = _softplus(r)
+    return r, dt, tl.exp2((dt * 1.4426950408889634)[:, None] * A)
+
+
+@triton.jit
+def _advance(h, u, raw, Bv, bias, A):
+    """One token of the recurrence for a block of channels: h <- exp(delta A) h + delta u B."""
+    _, dt, a = _decay(raw, bias, A)
+    return a * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _readout(h, Cv):
+    """y = C . h per channel (BLOCK_D,): a thread's own adds over its states."""
+    return tl.sum(h * Cv.to(tl.float32)[None, :], axis=1)
 
 
 @triton.jit(do_not_specialize_on_alignment=["sA_n"])
@@ -384,8 +399,7 @@ def _ss2d_step(
     n = tl.arange(0, BLOCK_N)
     mc = c < DK
     mn = n < NS
-    # exp(delta A) as exp2(delta A log2 e): one multiply fewer per state update.
-    A2 = _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn) * 1.4426950408889634
+    A = _channel_states(A_ptr, k, NS, sA_n, c, n, mc, mn)
     bias = tl.load(bias_ptr + k * DK + c, mask=mc, other=0.0).to(tl.float32)
     pos, step, wrap = _walk(k, L, W)
     x_row = x_ptr + b * sx_b + c
@@ -401,12 +415,12 @@ def _ss2d_step(
                 tl.store(ckpt_ptr + co, h, mask=mc[:, None] & mn[None, :])
         pos1, ahead = _next_position(pos, step, wrap, L)
         u1, raw1, B1, C1 = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
-        h, y = _state_step(h, u, raw, Bv, Cv, bias, A2)
-        tl.store(y_row + pos * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc)
+        h = _advance(h, u, raw, Bv, bias, A)
+        tl.store(y_row + pos * sy_l, _readout(h, Cv).to(y_ptr.dtype.element_ty), mask=mc)
         pos, ahead = _next_position(pos1, step, wrap, L)
         u, raw, Bv, Cv = _token_inputs(x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N)
-        h, y = _state_step(h, u1, raw1, B1, C1, bias, A2)
-        tl.store(y_row + pos1 * sy_l, y.to(y_ptr.dtype.element_ty), mask=mc & (i + 1 < L))
+        h = _advance(h, u1, raw1, B1, bias, A)
+        tl.store(y_row + pos1 * sy_l, _readout(h, C1).to(y_ptr.dtype.element_ty), mask=mc & (i + 1 < L))
 
 
 @triton.jit
@@ -479,9 +493,7 @@ def _ss2d_step_bwd(
             u_n, raw_n, B_n, _ = _token_inputs(
                 x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N
             )  # fmt: skip
-            dt = _softplus(raw.to(tl.float32) + bias)
-            a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)  # exp(delta A); one multiply per channel
-            h = a * h + (dt * u.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
+            h = _advance(h, u, raw, Bv, bias, A)
             tl.store(hs_tile + j * NS * sA_n, h, mask=mc[:, None] & mn[None, :])
             pos = nxt
         tl.debug_barrier()  # the chunk's states are read back below
@@ -493,9 +505,7 @@ def _ss2d_step_bwd(
         )  # fmt: skip
         for jj in range(count):
             u, raw, Bv, Cv, dy, h = u_n, raw_n, B_n, C_n, dy_n, h_n
-            prv = pos - step
-            prv = tl.where((prv < 0) | (prv >= L), prv - wrap, prv)
-            behind = tl.minimum(tl.maximum(prv, 0), L - 1)  # before the first token: a valid row, never used
+            prv, behind = _next_position(pos, -step, -wrap, L)  # the walk backwards
             u_n, raw_n, B_n, C_n, dy_n, h_n = _token_grads_inputs(
                 x_row, dt_row, b_row, c_row, dy_row, hs_tile, behind, tl.maximum(count - 2 - jj, 0),
                 sx_l, sdt_l, s_l, s_j, mc, mn, EVEN_N,
@@ -503,9 +513,7 @@ def _ss2d_step_bwd(
             u = u.to(tl.float32)
             Bv = Bv.to(tl.float32)[None, :]
             Cv = Cv.to(tl.float32)[None, :]
-            r = raw.to(tl.float32) + bias
-            dt = _softplus(r)
-            a = tl.exp2((dt * 1.4426950408889634)[:, None] * A)
+            r, dt, a = _decay(raw, bias, A)
             g = Cv * dy[:, None] + ag
             uB = u[:, None] * Bv
             decayed = h - dt[:, None] * uB  # exp(delta_t A) h_{t-1}

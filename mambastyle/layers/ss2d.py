@@ -403,9 +403,7 @@ class SS2D(nn.Module):
         norm = self.out_norm
         return (
             resolve_backend(self.scan_backend, x.device) == "triton"
-            and type(norm) is nn.LayerNorm
-            and norm.weight is not None
-            and norm.bias is not None
+            and _affine_layer_norm(norm)
             and not needs_grad(
                 x,
                 proj,
@@ -418,6 +416,12 @@ class SS2D(nn.Module):
                 norm.bias,
             )
         )
+
+
+def _affine_layer_norm(m: nn.Module) -> bool:
+    """Whether ``m`` is a plain ``nn.LayerNorm`` with weight and bias, as the Triton norm
+    kernels compute it."""
+    return type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None
 
 
 def _triton_gated(x, proj, dt_weight, A, D, dt_bias, h: int, w: int, norm: nn.LayerNorm, z) -> torch.Tensor:
@@ -471,7 +475,7 @@ class VSSBlock(nn.Module):
         triton_here = x.device.type == "cuda" and "triton" in available_backends(x.device)
         return (
             (triton_here or resolve_backend(self.self_attention.scan_backend, x.device) == "triton")
-            and all(type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None for m in norms)
+            and all(_affine_layer_norm(m) for m in norms)
             and not needs_grad(x, *self.parameters())  # the Triton passes have no backward
         )
 
