@@ -152,14 +152,16 @@ def _ss2d_backward_times(fused) -> dict:
 
 def _training_blocks(plain, fused) -> dict:
     """The same forward + backward ms with the chunked kernels' channel blocks capped at 2 and
-    4 (the default takes the largest within their register budget: 8 at N 16, where the
-    backward's compiled loop needs 255 registers; at 4 it needs 168, but the atomic adds of
-    the B/C gradients, one set per block, double). SS2D's default backward is the stepping
-    kernel, which the caps do not touch."""
+    4, and with the chunked backward in 8 warps instead of 4 (the default takes the largest
+    channel block within their register budget: 8 at N 16, where the backward's compiled loop
+    needs 255 registers and spills (`benchmarks/triton_sass.py` counts its local-memory loads
+    and stores); at 4 it needs 168, but the atomic adds of the B/C gradients, one set per
+    block, double; 8 warps hold the same block in 176 registers, with more cross-warp sums).
+    SS2D's default backward is the stepping kernel, which none of these touch."""
     from mambastyle.layers.selective_scan import _triton_kernels
 
     kernels = _triton_kernels()
-    default = kernels._blocks
+    default, launch = kernels._blocks, kernels._launch
     times = {}
     for cap in (2, 4):
 
@@ -173,6 +175,17 @@ def _training_blocks(plain, fused) -> dict:
             times[f"block_d<={cap}"] = {"scan_fwd_bwd_ms": cuda_ms(plain), "ss2d_fwd_bwd_ms": cuda_ms(fused)}
         finally:
             kernels._blocks = default
+
+    def wider(kernel, grid, tensors, sizes, strides, **flags):
+        if kernel is kernels._scan_bwd:
+            flags = {**flags, "num_warps": 8}
+        launch(kernel, grid, tensors, sizes, strides, **flags)
+
+    kernels._launch = wider
+    try:
+        times["backward_8_warps"] = {"scan_fwd_bwd_ms": cuda_ms(plain)}
+    finally:
+        kernels._launch = launch
     return times
 
 

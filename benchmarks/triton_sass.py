@@ -11,8 +11,9 @@ launch's. Triton's own ``ptxas`` and ``cuobjdump``
 make the SASS.
 
 Per kernel (SS2D's stepping scan for inference and for training, the inference's
-merge/LayerNorm/gate pass, the VSS block's residual LayerNorm, and the plain scan's chunked
-training forward at the same size): registers; for the scans the innermost loop's
+merge/LayerNorm/gate pass, the VSS block's residual LayerNorm, SS2D's two backward kernels,
+and the plain scan's chunked training forward and backward at the same size): registers and
+local-memory loads/stores (spilled registers); for the scans the innermost loop's
 instructions per iteration and warp, its exp2 (MUFU) and warp-shuffle counts, barriers, and
 warp instructions per 32 state updates (one per lane) on the path every iteration takes
 (the training forward's store of chunk states, once in BLOCK_T steps, is a block a branch
@@ -110,7 +111,9 @@ def _sass_summary(cubin: bytes) -> dict:
     skipped = [(at, to) for at, to in branches if any(a <= at < to <= b for a, b in inner)]
     conditional = sum(1 for addr, _ in inside if any(at < addr < to for at, to in skipped))
     regs = re.search(r"REG:(\d+)", usage.stdout)
-    return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None,
+    # Local-memory loads and stores: registers spilled (thread-private arrays would be too)
+    local = sum(1 for _, op, _ in code if op.split(".")[0] in ("LDL", "STL"))
+    return {"sass": sass.stdout, "registers": int(regs.group(1)) if regs else None, "local": local,
             "loop": collections.Counter(op.split(".")[0] for _, op in inside), "loop_length": len(inside),
             "loops": len(inner), "conditional": conditional}  # fmt: skip
 
@@ -201,22 +204,19 @@ def main() -> int:
         length = SIDE * SIDE
         u = inp["x"].transpose(1, 2).repeat(1, 4, 1)
         bc = inp["proj"][..., RANK:].permute(0, 2, 3, 1)  # (B, 4, 2N, L)
-        kernels.SelectiveScan.apply(
+        y, _ = kernels.SelectiveScan.apply(
             u.requires_grad_(), dts_major.permute(2, 0, 1, 3).reshape(args.batch, 4 * D_INNER, length),
             inp["A"].reshape(4 * D_INNER, n), bc[:, :, :n], bc[:, :, n:], None, None,
             inp["dt_bias"].reshape(-1), True, True,
         )  # fmt: skip
+        y.sum().backward()
 
-    ((kernel, _, tensors, sizes, strides, flags),) = _captured_launches(plain_training)
-    per_iteration = flags["BLOCK_D"] * flags["BLOCK_N"] * flags["BLOCK_T"]
-    launches["chunked forward (plain scan, training)"] = (
-        kernel,
-        tensors,
-        sizes,
-        strides,
-        flags,
-        per_iteration,
-    )
+    for (kernel, _, tensors, sizes, strides, flags), pass_ in zip(
+        _captured_launches(plain_training), ("forward", "backward"), strict=True
+    ):
+        updates = flags["BLOCK_D"] * flags["BLOCK_N"] * flags["BLOCK_T"]
+        label = f"chunked {pass_} (plain scan, training)"
+        launches[label] = (kernel, tensors, sizes, strides, flags, updates)
 
     print(
         f"triton SS2D kernels for sm_{args.arch}: d {D_INNER}, N {N_STATE}, {SIDE}x{SIDE} tokens, bf16 inputs"
@@ -227,11 +227,12 @@ def main() -> int:
         summary = _sass_summary(compiled.asm["cubin"])
         warps = flags.get("num_warps", 4)
         loop = summary["loop"]
-        report[label] = {"registers": summary["registers"], "warps": warps}
+        report[label] = {"registers": summary["registers"], "warps": warps, "local": summary["local"]}
         blocks = ", ".join(
             f"{k}={flags[k]}" for k in ("BLOCK", "BLOCK_D", "BLOCK_N", "BLOCK_T") if k in flags
         )
-        print(f"{label}: {blocks}, {warps} warps, {summary['registers']} registers")
+        print(f"{label}: {blocks}, {warps} warps, {summary['registers']} registers, "
+              f"{summary['local']} local-memory loads/stores (spills)")  # fmt: skip
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{kernel.__name__}.sass").write_text(summary["sass"])
@@ -247,7 +248,8 @@ def main() -> int:
         print(f"  innermost loops ({summary['loops']}, {tokens} tokens): {summary['loop_length']} "
               "instructions per pass and warp, "
               f"{summary['conditional']} of them in blocks a branch skips "
-              f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR in all); "
+              f"({loop['MUFU']} MUFU, {loop['SHFL']} SHFL, {loop['BAR']} BAR, "
+              f"{loop['LDL'] + loop['STL']} LDL/STL in all); "
               f"{per_update[label]:.1f} warp instructions per 32 state updates, every iteration")  # fmt: skip
         print("  most frequent:", ", ".join(f"{op} {c}" for op, c in loop.most_common(8)))
     stepping, chunked = "stepping (inference)", "chunked forward (plain scan, training)"
