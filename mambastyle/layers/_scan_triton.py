@@ -476,6 +476,7 @@ def _ss2d_step_bwd(
     # The chunk's states (B, 4, BLOCK_T, N, d): channels adjacent, ``sA_n`` apart per state,
     # so that the stores and loads keep the layout A's load gives (see _ckpt_offsets)
     hs_tile = hs_ptr + (b * 4 + k) * BLOCK_T * NS * sA_n + n[None, :] * sA_n + c[:, None]
+    s_j = NS * sA_n  # hs's tokens
     ag = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # exp(delta_{t+1} A) g_{t+1}
     dA = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
     for cc in range(N_CHUNKS):
@@ -494,11 +495,10 @@ def _ss2d_step_bwd(
                 x_row, dt_row, b_row, c_row, ahead, sx_l, sdt_l, s_l, mc, mn, EVEN_N
             )  # fmt: skip
             h = _advance(h, u, raw, Bv, bias, A)
-            tl.store(hs_tile + j * NS * sA_n, h, mask=mc[:, None] & mn[None, :])
+            tl.store(hs_tile + j * s_j, h, mask=mc[:, None] & mn[None, :])
             pos = nxt
         tl.debug_barrier()  # the chunk's states are read back below
         pos = _token_at(t0 + count - 1, k, L, H, W)
-        s_j = NS * sA_n  # hs's tokens
         u_n, raw_n, B_n, C_n, dy_n, h_n = _token_grads_inputs(
             x_row, dt_row, b_row, c_row, dy_row, hs_tile, pos, count - 1,
             sx_l, sdt_l, s_l, s_j, mc, mn, EVEN_N,
@@ -806,9 +806,8 @@ class SS2DScan(torch.autograd.Function):
         x, dts, bias, A, B, C, ckpt = ctx.saved_tensors
         f32 = {"dtype": torch.float32, "device": x.device}
         dy = dy.contiguous()
-        ddts = torch.empty_like(
-            dts, dtype=torch.float32
-        )  # the step sizes' layout (the chunked kernel's strides)
+        # in the step sizes' layout (the chunked kernel takes their strides)
+        ddts = torch.empty_like(dts, dtype=torch.float32)
         dB, dC = torch.zeros(B.shape, **f32), torch.zeros(B.shape, **f32)
         if SS2D_BACKWARD == "stepping":
             dx, dA = _ss2d_step_backward(x, dts, bias, A, B, C, dy, ckpt, ctx.hw, ddts, dB, dC)
